@@ -1,0 +1,1 @@
+"""Flower ClientApp: local TextGrad optimisation and evaluation over the FedTextGrad core."""

@@ -1,0 +1,97 @@
+"""The ``fedtextgrad`` command: what users do around a federated run.
+
+    fedtextgrad eval --task object_counting --prompt-file best.txt --split test [--backend openai ...]
+    fedtextgrad sim-server --port 8765 [--latency-ms 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import FedTextGradError
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import load_splits
+    from .evaluation import evaluate_prompt
+    from .llm import EndpointSettings, make_engine
+    from .settings import endpoint_settings
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    prompt_path = Path(args.prompt_file)
+    if not prompt_path.is_file():
+        raise FedTextGradError(f"--prompt-file '{prompt_path}' does not exist or is not a file")
+    prompt = prompt_path.read_text(encoding="utf-8").strip()
+    if not prompt:
+        raise FedTextGradError(f"--prompt-file '{prompt_path}' is empty")
+    config = {
+        "llm-backend": args.backend, "llm-base-url": args.base_url, "llm-model": args.model,
+        "llm-api-key-env": args.api_key_env, "llm-concurrency": args.concurrency,
+        "llm-max-tokens": args.max_tokens, "llm-timeout": args.timeout,
+    }
+    settings: EndpointSettings = endpoint_settings(config, "llm")
+    splits = load_splits(task.name, args.data_dir, seed=args.seed)
+    examples = getattr(splits, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    engine = make_engine(settings)
+    print(f"scoring {len(examples)} {args.split} examples of {task.name} with {settings.describe()} ...", flush=True)
+    scores = evaluate_prompt(engine, task, prompt, examples)
+    usage = engine.take_usage()
+    print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}), "
+          f"malformed replies {scores.malformed}, LLM calls {usage.calls}, "
+          f"tokens {usage.prompt_tokens + usage.completion_tokens}, {scores.seconds:.1f}s")
+    return 0
+
+
+def _sim_server(args: argparse.Namespace) -> int:
+    from .sim_server import serve_forever
+
+    serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtextgrad", description="FedTextGrad tools around a federated run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ev = commands.add_parser("eval", help="print the accuracy of a prompt on a task split")
+    ev.add_argument("--task", required=True, help="object_counting, word_sorting, multistep_arithmetic_two or gsm8k")
+    ev.add_argument("--prompt-file", required=True, help="a text file holding the system prompt")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--backend", default="sim", choices=["sim", "openai"])
+    ev.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--model", default="sim")
+    ev.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    ev.add_argument("--data-dir", default="synthetic", help="'synthetic' (default), 'hub', or a data file or folder")
+    ev.add_argument("--concurrency", type=int, default=8, help="parallel requests (default 8)")
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--timeout", type=float, default=60.0)
+    ev.add_argument("--limit", type=int, default=0, help="score only the first N examples")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(run=_eval)
+
+    sim = commands.add_parser("sim-server", help="serve the simulated LLM as an OpenAI-compatible endpoint")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="added delay per call, for benchmarks")
+    sim.set_defaults(run=_sim_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FedTextGradError as exc:
+        print(f"fedtextgrad {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

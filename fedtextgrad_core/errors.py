@@ -1,0 +1,33 @@
+"""Errors a user can act on, each phrased as one plain line."""
+
+from __future__ import annotations
+
+
+class FedTextGradError(Exception):
+    """Base class: anything raised on purpose by this project."""
+
+
+class ConfigError(FedTextGradError, ValueError):
+    """A setting has a value that is not accepted.
+
+    The message names the setting, the value given and what is accepted, so the
+    run stops at start with one line a user can fix without reading code.
+    """
+
+    def __init__(self, setting: str, value: object, accepted: str):
+        self.setting = setting
+        self.value = value
+        self.accepted = accepted
+        super().__init__(f"setting '{setting}' = {value!r} is not accepted; expected {accepted}")
+
+
+class DataError(FedTextGradError):
+    """A dataset file or folder is missing or not in the expected format."""
+
+
+class LLMError(FedTextGradError):
+    """An LLM endpoint could not give a usable answer (after retries, where retrying made sense)."""
+
+
+class SimUnsupportedError(LLMError):
+    """The simulated LLM was asked something it cannot answer (e.g. a GSM8K question)."""

@@ -1,0 +1,184 @@
+"""Run settings: Flower's flat run config turned into checked, typed data classes.
+
+Every value is checked once, at start, so a typo stops the run with one line that
+names the setting, the value and what is accepted, instead of failing rounds later.
+The keys are those of ``[tool.flwr.app.config]`` in pyproject.toml; a SuperNode's
+node config may override the client-side endpoint keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .llm import BACKENDS, EndpointSettings
+from .local_training import LocalSettings
+from .merging import check_method
+from .partitioning import PARTITIONINGS
+from .tasks import TASKS, format_for, get_task, start_prompt_for
+
+Config = Mapping[str, object]
+
+ENDPOINT_ROLES = ("llm", "backward", "server")
+
+
+def _get(config: Config, key: str, default: object = None) -> object:
+    return config.get(key, default)
+
+
+def _positive_int(config: Config, key: str, default: int) -> int:
+    value = _get(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ConfigError(key, value, "a whole number of at least 1")
+    return int(value)
+
+
+def _non_negative_number(config: Config, key: str, default: float) -> float:
+    value = _get(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(key, value, "a number of at least 0")
+    return float(value)
+
+
+def _fraction(config: Config, key: str, default: float) -> float:
+    value = _get(config, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(key, value, "a number in (0, 1]")
+    return float(value)
+
+
+def _bool(config: Config, key: str, default: bool) -> bool:
+    value = _get(config, key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def _text(config: Config, key: str, default: str) -> str:
+    value = _get(config, key, default)
+    if not isinstance(value, str):
+        raise ConfigError(key, value, "a text value in quotes")
+    return value.strip()
+
+
+def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | None = None) -> EndpointSettings:
+    """The endpoint for ``role`` ('llm', 'backward' or 'server') from flat config keys.
+
+    Empty keys inherit from ``fallback``: the backward model defaults to the forward one.
+    """
+    base = fallback or EndpointSettings()
+    backend = _text(config, f"{role}-backend", "") or base.backend
+    if backend not in BACKENDS:
+        raise ConfigError(f"{role}-backend", backend, " or ".join(BACKENDS))
+    settings = EndpointSettings(
+        backend=backend,
+        base_url=_text(config, f"{role}-base-url", "") or base.base_url,
+        model=_text(config, f"{role}-model", "") or base.model,
+        api_key_env=_text(config, f"{role}-api-key-env", "") or base.api_key_env,
+        temperature=_non_negative_number(config, "llm-temperature", base.temperature),
+        max_tokens=_positive_int(config, "llm-max-tokens", base.max_tokens),
+        timeout=_non_negative_number(config, "llm-timeout", base.timeout) or base.timeout,
+        concurrency=_positive_int(config, "llm-concurrency", base.concurrency),
+        sim_latency_ms=_non_negative_number(config, "sim-latency-ms", base.sim_latency_ms),
+    )
+    if settings.backend == "openai" and not settings.base_url:
+        raise ConfigError(f"{role}-base-url", "", "the URL of an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) when the backend is openai")
+    if settings.backend == "openai" and settings.model in ("", "sim"):
+        raise ConfigError(f"{role}-model", settings.model, "the model name the endpoint serves (e.g. the name given to vllm serve or ollama pull)")
+    return settings
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs, checked. Built from Flower's run config."""
+
+    num_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    seed: int = 0
+    task: str = "object_counting"
+    partitioning: str = "homogeneous"
+    heterogeneous_tasks: tuple[str, ...] = ("object_counting", "word_sorting", "multistep_arithmetic_two")
+    data_source: str = "synthetic"
+    synthetic_size: int = 250
+    local: LocalSettings = field(default_factory=LocalSettings)
+    client_val_eval: bool = True
+    merge: str = "summarize-uid"
+    forward: EndpointSettings = field(default_factory=EndpointSettings)
+    backward: EndpointSettings = field(default_factory=EndpointSettings)
+    server: EndpointSettings = field(default_factory=EndpointSettings)
+    results_dir: str = "results"
+    run_name: str = ""
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks in play: one per client when heterogeneous, else the one task."""
+        return list(self.heterogeneous_tasks) if self.partitioning == "heterogeneous" else [self.task]
+
+    @property
+    def format_instruction(self) -> str:
+        return format_for(self.tasks)
+
+    @property
+    def start_prompt(self) -> str:
+        return start_prompt_for(self.tasks)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RunSettings:
+        task = _text(config, "task", cls.task)
+        get_task(task)
+        partitioning = _text(config, "partitioning", cls.partitioning)
+        if partitioning not in PARTITIONINGS:
+            raise ConfigError("partitioning", partitioning, ", ".join(PARTITIONINGS))
+        hetero = tuple(t.strip() for t in _text(config, "heterogeneous-tasks", ",".join(cls.heterogeneous_tasks)).split(",") if t.strip())
+        if partitioning == "heterogeneous":
+            if not hetero:
+                raise ConfigError("heterogeneous-tasks", "", "a comma-separated list of tasks, one per client, from " + ", ".join(TASKS))
+            for name in hetero:
+                if name not in TASKS:
+                    raise ConfigError("heterogeneous-tasks", name, "task names from " + ", ".join(TASKS))
+        data_source = _text(config, "data-source", cls.data_source)
+        if data_source not in ("synthetic", "hub") and not Path(data_source).expanduser().exists():
+            raise ConfigError("data-source", data_source, "synthetic, hub, or an existing data file or folder")
+        forward = endpoint_settings(config, "llm")
+        return cls(
+            num_rounds=_positive_int(config, "num-server-rounds", cls.num_rounds),
+            fraction_train=_fraction(config, "fraction-train", cls.fraction_train),
+            min_train_clients=_positive_int(config, "min-train-clients", cls.min_train_clients),
+            seed=int(_non_negative_number(config, "seed", cls.seed)),
+            task=task,
+            partitioning=partitioning,
+            heterogeneous_tasks=hetero,
+            data_source=data_source,
+            synthetic_size=_positive_int(config, "synthetic-size", cls.synthetic_size),
+            local=LocalSettings(
+                steps=_positive_int(config, "local-steps", LocalSettings.steps),
+                batch_size=_positive_int(config, "batch-size", LocalSettings.batch_size),
+                proximal=_bool(config, "proximal", LocalSettings.proximal),
+                seed=int(_non_negative_number(config, "seed", 0)),
+            ),
+            client_val_eval=_bool(config, "client-val-eval", cls.client_val_eval),
+            merge=check_method(_text(config, "merge", cls.merge)),
+            forward=forward,
+            backward=endpoint_settings(config, "backward", fallback=forward),
+            server=endpoint_settings(config, "server"),
+            results_dir=_text(config, "results-dir", cls.results_dir) or cls.results_dir,
+            run_name=_text(config, "run-name", cls.run_name),
+        )
+
+
+def client_endpoints(run_config: Config, node_config: Config) -> tuple[EndpointSettings, EndpointSettings]:
+    """A client's (forward, backward) endpoints: its node config first, then the run config.
+
+    A site points its SuperNode at its own LLM server with node config such as
+    ``llm-backend='openai' llm-base-url='http://127.0.0.1:8000/v1' llm-model='…'``.
+    """
+    merged = dict(run_config)
+    merged.update({k: v for k, v in node_config.items() if k.startswith(("llm-", "backward-", "sim-"))})
+    forward = endpoint_settings(merged, "llm")
+    return forward, endpoint_settings(merged, "backward", fallback=forward)

@@ -1,0 +1,1 @@
+"""Flower ServerApp: the prompt strategy over the FedTextGrad core."""

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import FedTextGradError
+from .errors import ConfigError, FedTextGradError
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -21,6 +21,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .tasks import get_task
 
     task = get_task(args.task)
+    if args.limit < 0:
+        raise ConfigError("--limit", args.limit, "0 (score every example) or a positive number")
     prompt_path = Path(args.prompt_file)
     if not prompt_path.is_file():
         raise FedTextGradError(f"--prompt-file '{prompt_path}' does not exist or is not a file")

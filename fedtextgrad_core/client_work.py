@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .errors import ConfigError
 from .evaluation import evaluate_prompt
 from .llm import make_engine
 from .local_training import LocalSettings, train_prompt
@@ -29,14 +30,20 @@ class NodeIdentity:
 def node_identity(settings: RunSettings, node_config: Mapping[str, object]) -> NodeIdentity:
     """Which share of the data this node holds: simulation injects partition-id and
     num-partitions; a real SuperNode sets them (and optionally its own data-source)."""
-    try:
-        partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            "node config needs integer 'partition-id' and 'num-partitions' "
-            "(e.g. flower-supernode --node-config \"partition-id=0 num-partitions=2\")"
-        ) from None
+    ids = []
+    for key in ("partition-id", "num-partitions"):
+        value = node_config.get(key)
+        try:
+            if isinstance(value, bool):
+                raise TypeError(key)
+            ids.append(int(value))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                key, value,
+                "an integer in the node config: simulation sets 'partition-id' and 'num-partitions'; "
+                "a SuperNode needs e.g. flower-supernode --node-config \"partition-id=0 num-partitions=2\"",
+            ) from None
+    partition_id, num_partitions = ids
     source = str(node_config.get("data-source") or settings.data_source)
     return NodeIdentity(partition_id, num_partitions, source)
 

@@ -187,13 +187,32 @@ class PromptFederation:
             "final_prompt": self.global_prompt,
             "test_accuracy": test_accuracy,
             "test_examples": test_examples,
-            "llm_calls": sum(int(c["metrics"].get("llm_calls", 0)) for r in self.rounds for c in r["clients"]),
-            "tokens": sum(int(c["metrics"].get("prompt_tokens", 0) + c["metrics"].get("completion_tokens", 0))
-                          for r in self.rounds for c in r["clients"]),
+            "cost": self._cost(),
             "results_dir": str(self.recorder.path),
         }
         self.recorder.write_summary(summary)
         return summary
+
+    def _cost(self) -> dict[str, dict[str, int]]:
+        """LLM calls and tokens of the finished rounds, by where they were spent."""
+        cost = {part: {"llm_calls": 0, "tokens": 0}
+                for part in ("client_training", "client_evaluation", "server_merge", "total")}
+
+        def add(part: str, calls: float, tokens: float) -> None:
+            for key in (part, "total"):
+                cost[key]["llm_calls"] += int(calls)
+                cost[key]["tokens"] += int(tokens)
+
+        for record in self.rounds:
+            for client in record["clients"]:
+                m = client["metrics"]
+                add("client_training", m.get("llm_calls", 0), m.get("prompt_tokens", 0) + m.get("completion_tokens", 0))
+                add("client_evaluation", m.get("eval_llm_calls", 0), m.get("eval_tokens", 0))
+            for m in record.get("val_per_client", {}).values():
+                add("client_evaluation", m.get("llm_calls", 0), m.get("tokens", 0))
+            server = record.get("server_llm", {})
+            add("server_merge", server.get("calls", 0), server.get("prompt_tokens", 0) + server.get("completion_tokens", 0))
+        return cost
 
     def _plot(self) -> None:
         try:

@@ -122,7 +122,7 @@ def api_key_for(settings: EndpointSettings, setting_name: str) -> str:
         raise ConfigError(
             setting_name,
             settings.api_key_env,
-            "the name of an environment variable that is set in this process (it is not set)",
+            "the NAME of an environment variable that is set in this process (it is not set)",
         )
     return key
 

@@ -1,9 +1,11 @@
 """Merging client prompts into one global prompt: concat, summarize, summarize-uid.
 
 Following the paper's code, the task's answer-format instruction is stripped from
-the inputs and appended once to the result, so the format survives any merge. A
-summariser that returns nothing usable is not trusted: the merge falls back to
-concatenation and says why.
+the client prompts and appended once to the result, so the format survives any
+merge. The summariser sees each prompt ending with the format, as the merge request
+asks it to keep that final instruction; a reply that drops it is repaired and
+flagged. A summariser that returns nothing usable is not trusted: the merge falls
+back to concatenation and says why.
 """
 
 from __future__ import annotations
@@ -82,7 +84,10 @@ def merge_prompts(prompts: Sequence[str], method: str, format_instruction: str,
         return MergeResult(concatenated, method)
     if engine is None:
         raise ValueError(f"merge method {method} needs an LLM engine")
-    reply = _clean_reply(engine.generate(merge_request(bodies, uid=method == "summarize-uid"),
+    # Each prompt as a client holds it: its instructions, then the format as the last
+    # sentence, which the request asks the summariser to keep unchanged.
+    shown = [with_format(b, format_instruction) for b in bodies]
+    reply = _clean_reply(engine.generate(merge_request(shown, uid=method == "summarize-uid"),
                                          system_prompt=MERGER_SYSTEM_PROMPT))
     merged_body = strip_format(reply, format_instruction)
     if not merged_body:

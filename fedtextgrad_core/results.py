@@ -33,7 +33,12 @@ class RunRecorder:
     """Writes one run's folder under ``results_dir``."""
 
     def __init__(self, results_dir: str | Path, run_name: str, config: Mapping[str, object]):
-        self.path = Path(results_dir).expanduser().resolve() / (_safe(run_name) or "run")
+        base = Path(results_dir).expanduser().resolve()
+        name = _safe(run_name) or "run"
+        self.path, number = base / name, 1
+        while (self.path / "rounds.jsonl").exists():  # never overwrite an earlier run
+            number += 1
+            self.path = base / f"{name}-{number}"
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "prompts").mkdir(exist_ok=True)
         self.rounds_file = self.path / "rounds.jsonl"

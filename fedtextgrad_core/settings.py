@@ -8,9 +8,10 @@ node config may override the client-side endpoint keys.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .errors import ConfigError
 from .llm import BACKENDS, EndpointSettings
@@ -22,29 +23,35 @@ from .tasks import TASKS, format_for, get_task, start_prompt_for
 Config = Mapping[str, object]
 
 ENDPOINT_ROLES = ("llm", "backward", "server")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _get(config: Config, key: str, default: object = None) -> object:
     return config.get(key, default)
 
 
+def _finite(value: object) -> bool:
+    """A real number (not a bool, NaN or infinity), which TOML config may also hold."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _positive_int(config: Config, key: str, default: int) -> int:
     value = _get(config, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+    if not _finite(value) or int(value) != value or value < 1:
         raise ConfigError(key, value, "a whole number of at least 1")
     return int(value)
 
 
 def _non_negative_number(config: Config, key: str, default: float) -> float:
     value = _get(config, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if not _finite(value) or value < 0:
         raise ConfigError(key, value, "a number of at least 0")
     return float(value)
 
 
 def _fraction(config: Config, key: str, default: float) -> float:
     value = _get(config, key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if not _finite(value) or not 0 < value <= 1:
         raise ConfigError(key, value, "a number in (0, 1]")
     return float(value)
 
@@ -69,6 +76,11 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
     Empty keys inherit from ``fallback``: the backward model defaults to the forward one.
     """
     base = fallback or EndpointSettings()
+    key_env = _text(config, f"{role}-api-key-env", "")
+    if key_env and not _ENV_NAME.fullmatch(key_env):
+        # never repeat the value: it may be the key itself, pasted in the wrong place
+        raise ConfigError(f"{role}-api-key-env", "<not shown>",
+                          "the NAME of an environment variable (letters, digits and '_'), never the key itself")
     backend = _text(config, f"{role}-backend", "") or base.backend
     if backend not in BACKENDS:
         raise ConfigError(f"{role}-backend", backend, " or ".join(BACKENDS))
@@ -76,7 +88,7 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
         backend=backend,
         base_url=_text(config, f"{role}-base-url", "") or base.base_url,
         model=_text(config, f"{role}-model", "") or base.model,
-        api_key_env=_text(config, f"{role}-api-key-env", "") or base.api_key_env,
+        api_key_env=key_env or base.api_key_env,
         temperature=_non_negative_number(config, "llm-temperature", base.temperature),
         max_tokens=_positive_int(config, "llm-max-tokens", base.max_tokens),
         timeout=_non_negative_number(config, "llm-timeout", base.timeout) or base.timeout,
@@ -85,8 +97,6 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
     )
     if settings.backend == "openai" and not settings.base_url:
         raise ConfigError(f"{role}-base-url", "", "the URL of an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) when the backend is openai")
-    if settings.backend == "openai" and settings.model in ("", "sim"):
-        raise ConfigError(f"{role}-model", settings.model, "the model name the endpoint serves (e.g. the name given to vllm serve or ollama pull)")
     return settings
 
 
@@ -142,9 +152,11 @@ class RunSettings:
             for name in hetero:
                 if name not in TASKS:
                     raise ConfigError("heterogeneous-tasks", name, "task names from " + ", ".join(TASKS))
+        # A data path is checked where the data lives: on the clients, which may be other
+        # machines than this one (each SuperNode may also name its own data-source).
         data_source = _text(config, "data-source", cls.data_source)
-        if data_source not in ("synthetic", "hub") and not Path(data_source).expanduser().exists():
-            raise ConfigError("data-source", data_source, "synthetic, hub, or an existing data file or folder")
+        if not data_source:
+            raise ConfigError("data-source", data_source, "synthetic, hub, or a data file or folder")
         forward = endpoint_settings(config, "llm")
         return cls(
             num_rounds=_positive_int(config, "num-server-rounds", cls.num_rounds),

@@ -26,7 +26,7 @@ GENERIC_FORMAT = (
 )
 PROMPT_OPENING = "You will answer a reasoning question. Think step by step."
 
-_ANSWER_LINE = re.compile(r"answer\s*:\s*(.*)", re.IGNORECASE)
+_ANSWER_MARK = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -48,10 +48,14 @@ class Task:
 
         None marks a malformed reply: it is scored wrong and counted, never guessed at.
         """
-        matches = _ANSWER_LINE.findall(response or "")
-        if not matches:
+        text = response or ""
+        marks = list(_ANSWER_MARK.finditer(text))
+        if not marks:
             return None
-        answer = matches[-1].strip().strip("*").strip()
+        # From the last mark to the end of its line (or of the next line, when the
+        # mark ends a line), so "Answer: 5. Final answer: 6" gives "6", not "5".
+        rest = text[marks[-1].end():].lstrip()
+        answer = rest.split("\n", 1)[0].strip().strip("*").strip()
         return answer or None
 
     def normalize(self, answer: str) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.federation import PromptFederation
 from fedtextgrad_core.llm import make_engine
 from fedtextgrad_core.results import RunRecorder, default_run_name
@@ -23,8 +24,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
-    settings = RunSettings.from_config(run_config)
-    merger = make_engine(settings.server, "server-api-key-env") if settings.merge != "concat" else None
+    try:
+        settings = RunSettings.from_config(run_config)
+        merger = make_engine(settings.server, "server-api-key-env") if settings.merge != "concat" else None
+    except ConfigError as exc:
+        print(f"fedtextgrad: the run cannot start: {exc}", flush=True)
+        raise
     name = settings.run_name or default_run_name("+".join(settings.tasks), settings.partitioning, settings.merge)
     recorder = RunRecorder(Path(settings.results_dir), name, {"run_config": run_config, "settings": settings.as_dict()})
     print(f"results folder: {recorder.path}", flush=True)

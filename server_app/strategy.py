@@ -40,6 +40,11 @@ def error_reason(message: Message) -> str:
     return lines[-1] if lines else f"error code {message.error.code if message.error else '?'}"
 
 
+def _order(label: str) -> tuple[int, str]:
+    """Sort key: partition ids numerically, unknown nodes after them."""
+    return (int(label), "") if label.isdigit() else (1 << 62, label)
+
+
 class PromptStrategy(Strategy):
     """Federated prompt optimisation: send the prompt, merge the replies, evaluate, repeat."""
 
@@ -75,11 +80,19 @@ class PromptStrategy(Strategy):
             for node_id in self._sample(grid)
         ]
 
-    def _split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[ClientFailure]]:
+    def _split_replies(self, replies: Iterable[Message], needed: dict[str, tuple[str, ...]]
+                       ) -> tuple[list[Message], list[ClientFailure]]:
+        """Successful replies, and failures: error replies and replies missing ``needed`` fields."""
         ok, failures = [], []
         for reply in replies:
             if reply.has_error():
                 failures.append(ClientFailure(self.label(reply.metadata.src_node_id), error_reason(reply)))
+                continue
+            missing = [f"{record}.{key}" for record, keys in needed.items() for key in keys
+                       if record not in reply.content or key not in reply.content[record]]
+            if missing:
+                failures.append(ClientFailure(self.label(reply.metadata.src_node_id),
+                                              f"malformed reply: missing {', '.join(missing)}"))
                 continue
             metrics = reply.content["metrics"]
             if "partition_id" in metrics:
@@ -100,7 +113,7 @@ class PromptStrategy(Strategy):
         return self._messages(grid, MessageType.TRAIN, config)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, failures = self._split_replies(replies)
+        ok, failures = self._split_replies(replies, {"prompt": ("text",), "metrics": ()})
         required = min(self._wanted(), max(1, len(ok) + len(failures)))
         require_enough("training", server_round, len(ok), failures, required)
         client_replies = [
@@ -112,6 +125,8 @@ class PromptStrategy(Strategy):
             )
             for r in ok
         ]
+        # arrival order is timing; merge in a fixed order so a seed gives the same prompt
+        client_replies.sort(key=lambda reply: _order(reply.label))
         merged = self.federation.merge(server_round, client_replies, failures)
         return None, MetricRecord({"clients_ok": len(ok), "clients_failed": len(failures),
                                    "merged_prompt_chars": len(merged.prompt)})
@@ -126,10 +141,10 @@ class PromptStrategy(Strategy):
         return self._messages(grid, MessageType.EVALUATE, config)
 
     def evaluation_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[list[EvalReply], list[ClientFailure]]:
-        ok, failures = self._split_replies(replies)
+        ok, failures = self._split_replies(replies, {"metrics": ("correct", "total")})
         required = min(self._wanted(), max(1, len(ok) + len(failures)))
         require_enough("evaluation", server_round, len(ok), failures, required)
-        return [
+        evals = [
             EvalReply(
                 label=self.label(r.metadata.src_node_id),
                 correct=int(r.content["metrics"]["correct"]),
@@ -137,7 +152,8 @@ class PromptStrategy(Strategy):
                 metrics={k: float(v) for k, v in r.content["metrics"].items()},
             )
             for r in ok
-        ], failures
+        ]
+        return sorted(evals, key=lambda reply: _order(reply.label)), failures
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         evals, failures = self.evaluation_replies(server_round, replies)

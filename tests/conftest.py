@@ -1,0 +1,24 @@
+"""Shared fixtures: a real OpenAI-compatible sim server on loopback, for the openai backend path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from fedtextgrad_core.sim_server import make_server
+
+
+@pytest.fixture(scope="module")
+def sim_http() -> Iterator[str]:
+    """Base URL (``http://127.0.0.1:<port>/v1``) of a sim server serving in a thread."""
+    server = make_server(host="127.0.0.1", port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

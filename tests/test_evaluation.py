@@ -1,0 +1,134 @@
+"""Scoring prompts: counts against scripted replies, order, real concurrency; and a node's
+evaluate_split from plain dicts."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from fedtextgrad_core.client_work import evaluate_split
+from fedtextgrad_core.data import Example
+from fedtextgrad_core.evaluation import Scores, answer_all, evaluate_prompt
+from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.partitioning import client_data
+from fedtextgrad_core.tasks import get_task
+
+TASK = get_task("object_counting")
+
+
+def scripted(replies: dict[str, str], concurrency: int = 8) -> ChatEngine:
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        return replies[messages[-1]["content"]], 1, 1
+    return ChatEngine(EndpointSettings(concurrency=concurrency), chat)
+
+
+def test_accuracy_and_malformed_counts() -> None:
+    examples = [Example(f"q{i}", "6") for i in range(6)]
+    replies = {
+        "q0": "Counting...\nAnswer: 6",  # right
+        "q1": "**Answer:** 6.0",  # right, with markdown and a decimal
+        "q2": "Answer: 5",  # wrong
+        "q3": "There are 6 things.",  # malformed: no answer line
+        "q4": "",  # malformed: empty
+        "q5": "Answer: 4\nAnswer: 6",  # right: the last answer counts
+    }
+    scores = evaluate_prompt(scripted(replies), TASK, "a prompt", examples)
+    assert (scores.correct, scores.total, scores.malformed) == (3, 6, 2)
+    assert scores.accuracy == 0.5
+    assert scores.seconds >= 0
+
+
+def test_no_examples_score_zero_without_calls() -> None:
+    engine = scripted({})
+    scores = evaluate_prompt(engine, TASK, "a prompt", [])
+    assert (scores.correct, scores.total, scores.accuracy) == (0, 0, 0.0)
+    assert engine.take_usage().calls == 0
+    assert Scores(1, 4, 0, 0.0).accuracy == 0.25
+
+
+def test_the_prompt_is_sent_as_the_system_message() -> None:
+    seen: list[list[dict[str, str]]] = []
+
+    def chat(messages):
+        seen.append(messages)
+        return "Answer: 1", 1, 1
+
+    answer_all(ChatEngine(EndpointSettings(), chat), "SYSTEM PROMPT", ["q"])
+    assert seen == [[{"role": "system", "content": "SYSTEM PROMPT"}, {"role": "user", "content": "q"}]]
+
+
+def test_results_are_in_question_order_when_replies_arrive_out_of_order() -> None:
+    n = 8
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def chat(messages):
+        index = int(messages[-1]["content"][1:])
+        time.sleep(0.01 * (n - index))  # the first question takes longest
+        with lock:
+            finished.append(index)
+        return f"Answer: {index}", 1, 1
+
+    engine = ChatEngine(EndpointSettings(concurrency=n), chat)
+    examples = [Example(f"q{i}", str(i)) for i in range(n)]
+    replies = answer_all(engine, "p", [e.question for e in examples])
+    assert replies == [f"Answer: {i}" for i in range(n)]
+    assert finished != sorted(finished)  # they really did arrive out of order
+    scores = evaluate_prompt(engine, TASK, "p", examples)
+    assert scores.correct == n  # each reply was matched with its own target
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 5])
+def test_calls_overlap_up_to_the_configured_concurrency(concurrency: int) -> None:
+    in_flight = peak = 0
+    gave_up = False
+    condition = threading.Condition()
+
+    def chat(messages):
+        nonlocal in_flight, peak, gave_up
+        with condition:
+            in_flight += 1
+            peak = max(peak, in_flight)
+            condition.notify_all()
+            # Hold the first calls until the expected number are in flight at once (giving
+            # up after 2 s), so overlap is observed, not inferred from timing.
+            if not condition.wait_for(lambda: gave_up or peak >= concurrency, timeout=2):
+                gave_up = True
+        time.sleep(0.002)  # leave room for an extra call to sneak in if the limit leaked
+        with condition:
+            in_flight -= 1
+        return "Answer: 1", 1, 1
+
+    engine = ChatEngine(EndpointSettings(concurrency=concurrency), chat)
+    examples = [Example(f"q{i}", "1") for i in range(4 * concurrency)]
+    scores = evaluate_prompt(engine, TASK, "p", examples)
+    assert scores.correct == len(examples)
+    assert peak == concurrency
+    assert not gave_up
+
+
+# --- a node's evaluation from plain dicts ------------------------------------------------
+
+
+RUN_CONFIG = {"task": "object_counting", "synthetic-size": 100, "seed": 0}
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluate_split_scores_this_nodes_share(split: str) -> None:
+    node = {"partition-id": 0, "num-partitions": 3}
+    metrics = evaluate_split(RUN_CONFIG, node, TASK.start_prompt, split)
+    share = getattr(client_data("homogeneous", ["object_counting"], 0, 3, "synthetic", 0, 100), split)
+    expected = evaluate_prompt(make_engine(EndpointSettings()), TASK, TASK.start_prompt, share)
+    assert metrics["total"] == len(share) > 0
+    assert metrics["correct"] == expected.correct
+    assert metrics["accuracy"] == expected.accuracy
+    assert metrics["malformed"] == 0
+    assert metrics["llm_calls"] == len(share)
+    assert metrics["tokens"] > 0 and metrics["partition_id"] == 0.0
+
+
+def test_evaluate_split_rejects_the_training_split() -> None:
+    with pytest.raises(ValueError, match="unknown split 'train'"):
+        evaluate_split(RUN_CONFIG, {"partition-id": 0, "num-partitions": 2}, TASK.start_prompt, "train")

@@ -76,6 +76,8 @@ def local_round(run_config: Mapping[str, object], node_config: Mapping[str, obje
         spent = forward.take_usage()
         metrics["eval_llm_calls"] = float(spent.calls)
         metrics["eval_tokens"] = float(spent.prompt_tokens + spent.completion_tokens)
+        metrics["eval_llm_retries"] = float(spent.retries)
+        metrics["eval_cache_hits"] = float(spent.cache_hits)
     return result.prompt, metrics, len(data.train)
 
 
@@ -100,5 +102,7 @@ def evaluate_split(run_config: Mapping[str, object], node_config: Mapping[str, o
         "partition_id": float(node.partition_id),
         "llm_calls": float(spent.calls),
         "tokens": float(spent.prompt_tokens + spent.completion_tokens),
+        "llm_retries": float(spent.retries),
+        "cache_hits": float(spent.cache_hits),
         "seconds": scores.seconds,
     }

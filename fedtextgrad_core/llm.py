@@ -2,22 +2,28 @@
 
 Everything above this module asks an engine for text and never cares which backend
 answers: vLLM, Ollama, SGLang, llama.cpp's server and hosted APIs all speak the
-OpenAI chat protocol, and the simulated LLM answers in-process through the same class.
-Each engine counts its own calls and tokens (thread-safe) so clients can report cost.
+OpenAI chat protocol (``openai_backend.py``), and the simulated LLM answers in-process
+through the same class. The engine owns what every backend needs alike: a
+per-endpoint limit on requests in flight, bounded retries with exponential backoff
+and jitter, the optional reply cache, and thread-safe counts of calls, tokens,
+retries and seconds, so clients can report what a round cost.
 """
 
 from __future__ import annotations
 
-import os
+import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .errors import ConfigError, LLMError
+from .errors import ConfigError
+from .openai_backend import OpenAIChat, TransientLLMError, api_key_for, check_once
+from .response_cache import cache_key, open_cache
 from .textgrad_import import tg
 
 BACKENDS = ("sim", "openai")
+BACKOFF_CAP_SECONDS = 8.0
 
 # (messages) -> (reply text, prompt tokens, completion tokens)
 ChatFn = Callable[[list[dict[str, str]]], tuple[str, int, int]]
@@ -35,6 +41,9 @@ class EndpointSettings:
     max_tokens: int = 512
     timeout: float = 60.0
     concurrency: int = 8
+    max_retries: int = 3
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    cache_path: str = ""  # empty: no reply cache
     sim_latency_ms: float = 0.0
 
     def describe(self) -> str:
@@ -50,11 +59,28 @@ class Usage:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    errors: int = 0
+    retries: int = 0
+    errors: int = 0  # calls that failed after their retries
+    cache_hits: int = 0
     seconds: float = 0.0
+
+    def add(self, other: Usage) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
 
     def as_metrics(self, prefix: str = "") -> dict[str, float]:
         return {f"{prefix}{key}": value for key, value in asdict(self).items()}
+
+
+_slots: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def endpoint_slots(settings: EndpointSettings) -> threading.BoundedSemaphore:
+    """One limit on requests in flight per endpoint per process, shared by all its engines."""
+    key = (settings.backend, settings.base_url, settings.model, settings.concurrency)
+    with _slots_lock:
+        return _slots.setdefault(key, threading.BoundedSemaphore(settings.concurrency))
 
 
 class ChatEngine(tg.EngineLM):
@@ -65,25 +91,50 @@ class ChatEngine(tg.EngineLM):
         self.model_string = settings.model
         self._chat = chat
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(settings.concurrency)
+        self._slots = endpoint_slots(settings)
+        self._cache = open_cache(settings.cache_path) if settings.cache_path else None
         self.usage = Usage()
 
-    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
-        messages = [{"role": "system", "content": system_prompt or self.system_prompt}]
-        messages.append({"role": "user", "content": prompt})
-        start = time.perf_counter()
-        with self._slots:
-            try:
-                text, prompt_tokens, completion_tokens = self._chat(messages)
-            except Exception:
-                with self._lock:
-                    self.usage.errors += 1
-                raise
+    def _count(self, **spent: float) -> None:
         with self._lock:
-            self.usage.calls += 1
-            self.usage.prompt_tokens += prompt_tokens
-            self.usage.completion_tokens += completion_tokens
-            self.usage.seconds += time.perf_counter() - start
+            for key, value in spent.items():
+                setattr(self.usage, key, getattr(self.usage, key) + value)
+
+    def _call_with_retries(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        attempt = 0
+        while True:
+            try:
+                with self._slots:
+                    return self._chat(messages)
+            except TransientLLMError:
+                if attempt >= self.settings.max_retries:
+                    raise
+                delay = min(BACKOFF_CAP_SECONDS, self.settings.retry_backoff * 2 ** attempt)
+                time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: clients do not retry in lockstep
+                attempt += 1
+                self._count(retries=1)
+
+    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+        messages = [{"role": "system", "content": system_prompt or self.system_prompt},
+                    {"role": "user", "content": prompt}]
+        key = None
+        if self._cache is not None:
+            s = self.settings
+            key = cache_key(s.backend, s.base_url, s.model, s.temperature, s.max_tokens, messages)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._count(cache_hits=1)
+                return cached[0]
+        start = time.perf_counter()
+        try:
+            text, prompt_tokens, completion_tokens = self._call_with_retries(messages)
+        except Exception:
+            self._count(errors=1)
+            raise
+        self._count(calls=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    seconds=time.perf_counter() - start)
+        if key is not None:
+            self._cache.put(key, text or "", prompt_tokens, completion_tokens)
         return text or ""
 
     def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
@@ -109,53 +160,6 @@ def _sim_chat(settings: EndpointSettings) -> ChatFn:
     return chat
 
 
-def api_key_for(settings: EndpointSettings, setting_name: str) -> str:
-    """The API key from the environment variable the config names.
-
-    Local servers (vLLM, Ollama, llama.cpp) accept any key, so no variable means a
-    placeholder; a named variable that is not set is a configuration error.
-    """
-    if not settings.api_key_env:
-        return "EMPTY"
-    key = os.environ.get(settings.api_key_env)
-    if not key:
-        raise ConfigError(
-            setting_name,
-            settings.api_key_env,
-            "the NAME of an environment variable that is set in this process (it is not set)",
-        )
-    return key
-
-
-def _openai_chat(settings: EndpointSettings, key_setting: str) -> ChatFn:
-    import openai
-
-    client = openai.OpenAI(
-        base_url=settings.base_url,
-        api_key=api_key_for(settings, key_setting),
-        timeout=settings.timeout,
-        max_retries=2,
-    )
-
-    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
-        try:
-            response = client.chat.completions.create(
-                model=settings.model,
-                messages=messages,
-                temperature=settings.temperature,
-                max_tokens=settings.max_tokens,
-            )
-        except openai.APIError as exc:
-            raise LLMError(f"LLM endpoint {settings.base_url} (model {settings.model}) failed: {exc}") from exc
-        if not response.choices:
-            raise LLMError(f"LLM endpoint {settings.base_url} returned no choices")
-        usage = response.usage
-        text = response.choices[0].message.content or ""
-        return text, (usage.prompt_tokens if usage else 0), (usage.completion_tokens if usage else 0)
-
-    return chat
-
-
 def make_engine(settings: EndpointSettings, key_setting: str = "llm-api-key-env") -> ChatEngine:
     """The one way to get an engine; ``key_setting`` names the config key in errors."""
     if settings.backend == "sim":
@@ -163,5 +167,8 @@ def make_engine(settings: EndpointSettings, key_setting: str = "llm-api-key-env"
     if settings.backend == "openai":
         if not settings.base_url:
             raise ConfigError(key_setting.replace("api-key-env", "base-url"), "", "the URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        return ChatEngine(settings, _openai_chat(settings, key_setting))
+        chat = OpenAIChat(settings.base_url, settings.model, api_key_for(settings.api_key_env, key_setting),
+                          settings.temperature, settings.max_tokens, settings.timeout)
+        check_once(chat, key_setting.replace("api-key-env", "base-url"))
+        return ChatEngine(settings, chat)
     raise ConfigError(key_setting.replace("api-key-env", "backend"), settings.backend, "sim or openai")

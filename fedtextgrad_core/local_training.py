@@ -53,7 +53,9 @@ class LocalMetrics:
     llm_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    llm_retries: int = 0
     llm_errors: int = 0
+    cache_hits: int = 0
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
@@ -162,18 +164,12 @@ def train_prompt(prompt: str, task: Task, train: Sequence[Example], forward: Cha
 
 
 def _add_usage(metrics: LocalMetrics, *engines: ChatEngine) -> None:
-    seen: set[int] = set()
     total = Usage()
-    for engine in engines:
-        if id(engine) in seen:
-            continue
-        seen.add(id(engine))
-        spent = engine.take_usage()
-        total.calls += spent.calls
-        total.prompt_tokens += spent.prompt_tokens
-        total.completion_tokens += spent.completion_tokens
-        total.errors += spent.errors
+    for engine in {id(e): e for e in engines}.values():  # forward and backward may be one engine
+        total.add(engine.take_usage())
     metrics.llm_calls = total.calls
     metrics.prompt_tokens = total.prompt_tokens
     metrics.completion_tokens = total.completion_tokens
+    metrics.llm_retries = total.retries
     metrics.llm_errors = total.errors
+    metrics.cache_hits = total.cache_hits

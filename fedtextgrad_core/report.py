@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 COLUMNS = (
     ("round", 5), ("who", 22), ("batch acc", 15), ("val acc", 7), ("steps kept", 11),
-    ("calls", 6), ("tokens", 8), ("secs", 6), ("prompt chars", 12),
+    ("calls", 6), ("retries", 7), ("tokens", 8), ("secs", 6), ("prompt chars", 12),
 )
 
 
@@ -33,17 +33,17 @@ def client_row(server_round: int, label: str, metrics: Mapping[str, float], prom
     return _row([
         server_round, f"client {label}", f"{percent(before)}>{percent(after)}", percent(metrics.get("val_accuracy")),
         f"{int(metrics.get('steps_accepted', 0))}/{int(metrics.get('steps', 0))}",
-        int(metrics.get("llm_calls", 0)), tokens, f"{metrics.get('seconds', 0):.1f}", len(prompt),
+        int(metrics.get("llm_calls", 0)), int(metrics.get("llm_retries", 0)), tokens, f"{metrics.get('seconds', 0):.1f}", len(prompt),
     ])
 
 
 def failure_row(server_round: int, label: str, reason: str) -> str:
-    return _row([server_round, f"client {label}", "FAILED", "", "", "", "", "", ""]) + f"  {reason}"
+    return _row([server_round, f"client {label}", "FAILED"] + [""] * (len(COLUMNS) - 3)) + f"  {reason}"
 
 
 def merged_row(server_round: int, method: str, val_accuracy: float | None, best: float | None,
                prompt: str, seconds: float) -> str:
     return _row([
         server_round, f"merged ({method})", "", percent(val_accuracy), f"best {percent(best)}",
-        "", "", f"{seconds:.1f}", len(prompt),
+        "", "", "", f"{seconds:.1f}", len(prompt),
     ])

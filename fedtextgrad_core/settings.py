@@ -42,6 +42,13 @@ def _positive_int(config: Config, key: str, default: int) -> int:
     return int(value)
 
 
+def _whole(config: Config, key: str, default: int) -> int:
+    value = _get(config, key, default)
+    if not _finite(value) or int(value) != value or value < 0:
+        raise ConfigError(key, value, "a whole number of at least 0")
+    return int(value)
+
+
 def _non_negative_number(config: Config, key: str, default: float) -> float:
     value = _get(config, key, default)
     if not _finite(value) or value < 0:
@@ -93,6 +100,9 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
         max_tokens=_positive_int(config, "llm-max-tokens", base.max_tokens),
         timeout=_non_negative_number(config, "llm-timeout", base.timeout) or base.timeout,
         concurrency=_positive_int(config, "llm-concurrency", base.concurrency),
+        max_retries=_whole(config, "llm-max-retries", base.max_retries),
+        retry_backoff=_non_negative_number(config, "llm-retry-backoff", base.retry_backoff),
+        cache_path=_text(config, "llm-cache-path", base.cache_path),
         sim_latency_ms=_non_negative_number(config, "sim-latency-ms", base.sim_latency_ms),
     )
     if settings.backend == "openai" and not settings.base_url:

@@ -37,6 +37,9 @@ class _BadRequest(Exception):
 class _Handler(BaseHTTPRequestHandler):
     server_version = "FedTextGradSim/1.0"
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client (httpx) expects
+    # headers and body go out in two writes; without TCP_NODELAY each reply waits ~40 ms
+    # for the client's delayed ACK
+    disable_nagle_algorithm = True
     sim: SimLLM  # set on the subclass made by make_server
 
     # -- routing

@@ -84,22 +84,21 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_endpoint_raises_llm_error_naming_the_url() -> None:
+def test_unreachable_endpoint_fails_at_the_start_naming_the_url_and_the_setting() -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    engine = make_engine(EndpointSettings(backend="openai", base_url=url, model="m", timeout=1))
     started = time.monotonic()
     with pytest.raises(LLMError) as info:
-        engine.generate(QUESTION, system_prompt=TASK.start_prompt)
-    assert url in str(info.value) and "model m" in str(info.value)
-    assert time.monotonic() - started < 20  # retried briefly, never hung
-    usage = engine.take_usage()
-    assert (usage.calls, usage.errors) == (0, 1)
+        make_engine(EndpointSettings(backend="openai", base_url=url, model="m", timeout=1))
+    message = str(info.value)
+    assert url in message and "model m" in message and "unreachable" in message
+    assert "GET " + url + "/models" in message and "'llm-base-url'" in message
+    assert time.monotonic() - started < 10  # one quick check, not a timeout per call
 
 
 def test_http_error_from_the_endpoint_is_an_llm_error(sim_http: str) -> None:
     # The sim refuses a GSM8K-style question with HTTP 400; the client must surface it.
     engine = openai_engine(sim_http)
-    with pytest.raises(LLMError, match="failed") as info:
+    with pytest.raises(LLMError, match="refused the request with HTTP 400") as info:
         engine.generate("Natalia sold clips to 48 of her friends. How many clips did she sell?", system_prompt="p")
     assert sim_http in str(info.value)
 

@@ -6,12 +6,11 @@ tests and in multi-process deployments, without a GPU, a network or an API key.
 Only what that client needs is implemented: ``GET /v1/models`` and
 ``POST /v1/chat/completions`` (no streaming, no tools).
 
-Run it with ``python -m fedtextgrad_core.sim_server --port 8000``.
+Run it with ``fedtextgrad sim-server --port 8765``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -165,7 +164,6 @@ def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1") -
     """Serve until Ctrl-C or SIGTERM, after printing where the server listens."""
     server = make_server(host, port, latency_ms)
     bound_host, bound_port = server.server_address[:2]
-    print(f"sim LLM serving on http://{bound_host}:{bound_port}/v1 (latency {latency_ms:g} ms)", flush=True)
 
     def stop(signum: int, frame: object) -> None:
         # shutdown() blocks until serve_forever returns, so call it from another thread.
@@ -173,22 +171,11 @@ def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1") -
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+    # announced only once SIGTERM is handled, so whoever waits for this line may stop us
+    print(f"sim LLM serving on http://{bound_host}:{bound_port}/v1 (latency {latency_ms:g} ms)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the deterministic sim LLM over an OpenAI-compatible API.")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    serve_forever(args.port, latency_ms=args.latency_ms, host=args.host)
-
-
-if __name__ == "__main__":
-    main()

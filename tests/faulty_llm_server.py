@@ -4,7 +4,8 @@ The fault tests point the real ``openai`` client path (``make_engine`` with the
 openai backend) at this server and switch its ``mode`` per test:
 
 =============  ==========================================================================
-``ok``         a valid ``chat.completion`` with usage; text ``reply_text``
+``ok``         a valid ``chat.completion`` with usage; text ``reply_text`` (``{n}`` in it
+               becomes the number of the request, so a fresh answer differs from a cached one)
 ``http500``    always HTTP 500 with an OpenAI-style error body
 ``flaky500``   HTTP 500 for the first ``fail_first`` requests, then ``ok``
 ``http429``    HTTP 429 for the first ``fail_first`` requests, then ``ok``
@@ -126,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "ok" or mode == "no_answer":
             if faulty.delay:
                 faulty._stopping.wait(faulty.delay)
-            text = faulty.reply_text if mode == "ok" else NO_ANSWER_TEXT
+            text = faulty.reply_text.replace("{n}", str(number)) if mode == "ok" else NO_ANSWER_TEXT
             self._send_json(200, _completion(body, text))
         elif mode in ("http500", "flaky500"):
             self._error(500, "The server had an error while processing your request.", "server_error")

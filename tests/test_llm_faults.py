@@ -1,0 +1,340 @@
+"""Faults of a real HTTP LLM endpoint, from one call up to a federated round.
+
+A real local server (``faulty_llm_server.py``) answers the real ``openai`` client
+path with 5xx, 429, 4xx, hangs, empty and non-JSON bodies, replies without an answer
+line, dropped connections and refused connections. What must hold: retryable faults
+are retried exactly ``max_retries`` times with growing backoff, final ones are not
+retried, every error names the endpoint in one plain line, a client's error reaches
+the server's round record, and a round with too few clients fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fedtextgrad_core import openai_backend
+from fedtextgrad_core.client_work import evaluate_split, local_round
+from fedtextgrad_core.data import Example
+from fedtextgrad_core.errors import LLMError
+from fedtextgrad_core.evaluation import evaluate_prompt
+from fedtextgrad_core.federation import RoundFailed
+from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.openai_backend import TransientLLMError
+from fedtextgrad_core.tasks import get_task
+
+from .faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
+from .flower_loopback import LoopbackGrid, default_run_config
+from .test_strategy import make_strategy
+
+TASK = get_task("object_counting")
+
+
+@pytest.fixture(autouse=True)
+def fresh_endpoint_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test checks its endpoints afresh (a reused port must not skip the start-up check)."""
+    monkeypatch.setattr(openai_backend, "_checked", set())
+
+
+@pytest.fixture
+def faulty() -> Iterator[FaultyLLMServer]:
+    with FaultyLLMServer() as server:
+        yield server
+
+
+def engine_for(url: str, **overrides: object) -> ChatEngine:
+    settings = {"backend": "openai", "base_url": url, "model": "m", "timeout": 1.0, "max_retries": 2,
+                "retry_backoff": 0.01, **overrides}
+    return make_engine(EndpointSettings(**settings))  # type: ignore[arg-type]
+
+
+def assert_plain(message: str, url: str) -> None:
+    """One line a user can act on: names the endpoint and model, no library internals."""
+    assert url in message and "(model m)" in message
+    assert "\n" not in message and "Traceback" not in message
+    for internal in ("AttributeError", "JSONDecodeError", "httpx", "httpcore", "openai."):
+        assert internal not in message
+    assert len(message) < 400
+
+
+# --- one call: what is retried, how often, and what the error says ----------------------------
+
+@pytest.mark.parametrize(("mode", "phrase"), [
+    ("http500", "answered HTTP 500"),
+    ("http429", "answered HTTP 429"),  # a rate limit that does not lift
+    ("die", "is unreachable: Server disconnected without sending a response"),
+])
+def test_retryable_faults_are_retried_exactly_max_retries_times_then_name_the_endpoint(
+        faulty: FaultyLLMServer, mode: str, phrase: str) -> None:
+    faulty.mode, faulty.fail_first = mode, 1000
+    engine = engine_for(faulty.url)
+    with pytest.raises(TransientLLMError) as info:
+        engine.generate("How many?", system_prompt="p")
+    assert faulty.chat_requests == 3  # the first try and max_retries=2 retries
+    usage = engine.take_usage()
+    assert (usage.retries, usage.errors, usage.calls) == (2, 1, 0)
+    message = str(info.value)
+    assert phrase in message
+    assert_plain(message, faulty.url)
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 4])
+def test_the_number_of_tries_follows_max_retries(faulty: FaultyLLMServer, max_retries: int) -> None:
+    faulty.mode = "http500"
+    engine = engine_for(faulty.url, max_retries=max_retries, retry_backoff=0.001)
+    with pytest.raises(LLMError):
+        engine.generate("q")
+    assert faulty.chat_requests == max_retries + 1
+    assert engine.usage.retries == max_retries
+
+
+@pytest.mark.parametrize("mode", ["flaky500", "http429"])
+def test_passing_faults_recover_within_the_retries(faulty: FaultyLLMServer, mode: str) -> None:
+    faulty.mode, faulty.fail_first = mode, 2
+    engine = engine_for(faulty.url)
+    assert engine.generate("How many?", system_prompt="p") == OK_TEXT
+    assert faulty.chat_requests == 3
+    usage = engine.take_usage()
+    assert (usage.calls, usage.retries, usage.errors) == (1, 2, 0)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (11, 7)  # the answer's usage, counted once
+
+
+def test_a_fault_outlasting_the_retries_is_an_error(faulty: FaultyLLMServer) -> None:
+    faulty.mode, faulty.fail_first = "flaky500", 3  # one more failure than max_retries allows
+    engine = engine_for(faulty.url)
+    with pytest.raises(TransientLLMError, match="HTTP 500"):
+        engine.generate("q")
+    assert faulty.chat_requests == 3
+    assert engine.generate("q") == OK_TEXT  # the fourth request passes: a new call starts afresh
+    assert engine.usage.errors == 1 and engine.usage.calls == 1
+
+
+@pytest.mark.parametrize(("mode", "status", "detail"), [
+    ("http400", 400, "maximum context length is 4096 tokens"),
+    ("http404", 404, "The model 'm' does not exist"),
+])
+def test_client_errors_are_final_and_never_retried(faulty: FaultyLLMServer, mode: str, status: int,
+                                                   detail: str) -> None:
+    faulty.mode = mode
+    engine = engine_for(faulty.url)
+    with pytest.raises(LLMError) as info:
+        engine.generate("q")
+    assert not isinstance(info.value, TransientLLMError)
+    assert faulty.chat_requests == 1
+    assert (engine.usage.retries, engine.usage.errors) == (0, 1)
+    message = str(info.value)
+    assert f"refused the request with HTTP {status}" in message and detail in message
+    assert_plain(message, faulty.url)
+
+
+@pytest.mark.parametrize(("mode", "phrase"), [
+    ("empty", "returned an empty body instead of a JSON answer"),
+    ("garbage", "returned a body that is not an OpenAI-style JSON answer: '<html><body><h1>Welcome to nginx!"),
+])
+def test_unusable_bodies_are_final_with_a_plain_message(faulty: FaultyLLMServer, mode: str, phrase: str) -> None:
+    # A 200 whose body is not a chat completion will not improve on asking again: not retried.
+    faulty.mode = mode
+    engine = engine_for(faulty.url)
+    with pytest.raises(LLMError) as info:
+        engine.generate("q")
+    assert not isinstance(info.value, TransientLLMError)
+    assert faulty.chat_requests == 1 and engine.usage.retries == 0 and engine.usage.errors == 1
+    assert phrase in str(info.value)
+    assert_plain(str(info.value), faulty.url)
+
+
+def test_a_hanging_endpoint_times_out_naming_it_in_bounded_time() -> None:
+    with FaultyLLMServer("hang", hang_seconds=5.0) as server:
+        engine = engine_for(server.url, timeout=0.5, max_retries=1)
+        started = time.monotonic()
+        with pytest.raises(TransientLLMError) as info:
+            engine.generate("q")
+        elapsed = time.monotonic() - started
+        assert server.chat_requests == 2
+    assert 0.9 <= elapsed < 3.0  # two timeouts of 0.5 s, not the server's 5 s
+    assert "did not answer in time" in str(info.value)
+    assert_plain(str(info.value), server.url)
+    assert engine.usage.retries == 1 and engine.usage.errors == 1
+
+
+def test_a_reply_without_an_answer_line_is_scored_malformed_not_a_crash(faulty: FaultyLLMServer) -> None:
+    faulty.mode = "no_answer"
+    engine = engine_for(faulty.url)
+    reply = engine.generate("How many?", system_prompt=TASK.start_prompt)
+    assert reply == NO_ANSWER_TEXT
+    assert TASK.score(reply, "3") == (False, True)  # wrong and malformed
+    examples = [Example(f"I have {n} apples. How many fruits do I have?", str(n)) for n in range(1, 5)]
+    scores = evaluate_prompt(engine, TASK, TASK.start_prompt, examples)
+    assert (scores.correct, scores.total, scores.malformed) == (0, 4, 4)
+    assert engine.usage.errors == 0
+
+
+# --- refused connections: at start-up and mid-run ---------------------------------------------
+
+def test_a_closed_port_fails_at_engine_creation_quickly_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    started = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        engine_for(url)
+    assert time.monotonic() - started < 5
+    message = str(info.value)
+    assert url in message and "unreachable" in message and f"GET {url}/models" in message
+    assert "'llm-base-url'" in message
+
+
+@pytest.mark.parametrize(("models_mode", "phrase"), [
+    ("http500", "answered HTTP 500"),
+    ("http404", "refused the request with HTTP 404"),
+    ("garbage", "not an OpenAI-style JSON answer"),  # e.g. a web page where the API root should be
+])
+def test_a_broken_models_route_fails_at_engine_creation(faulty: FaultyLLMServer, models_mode: str,
+                                                        phrase: str) -> None:
+    faulty.models_mode = models_mode
+    with pytest.raises(LLMError) as info:
+        engine_for(faulty.url, backend="openai")
+    message = str(info.value)
+    assert phrase in message and f"GET {faulty.url}/models" in message and "'llm-base-url'" in message
+    assert_plain(message, faulty.url)
+    assert faulty.models_requests == 1 and faulty.chat_requests == 0
+
+
+def test_the_start_up_check_names_the_setting_of_the_role() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    with pytest.raises(LLMError, match="'backward-base-url'"):
+        make_engine(EndpointSettings(backend="openai", base_url=url, model="m"), "backward-api-key-env")
+
+
+def test_an_endpoint_that_goes_away_mid_run_is_retried_then_named() -> None:
+    server = FaultyLLMServer().start()
+    try:
+        engine = engine_for(server.url)
+        assert engine.generate("q") == OK_TEXT  # a pooled keep-alive connection now exists
+    finally:
+        server.stop()
+    started = time.monotonic()
+    with pytest.raises(TransientLLMError) as info:
+        engine.generate("q again")
+    assert time.monotonic() - started < 5
+    assert server.chat_requests == 1  # nothing more reached the stopped server
+    usage = engine.take_usage()
+    assert (usage.calls, usage.retries, usage.errors) == (1, 2, 1)
+    assert "is unreachable" in str(info.value) and "Connection refused" in str(info.value)
+    assert_plain(str(info.value), server.url)
+
+
+# --- backoff ---------------------------------------------------------------------------------
+
+def test_backoff_between_retries_grows() -> None:
+    with FaultyLLMServer("http500") as server:
+        engine = engine_for(server.url, max_retries=3, retry_backoff=0.05)
+        with pytest.raises(LLMError):
+            engine.generate("q")
+        arrivals = list(server.arrivals)
+    assert len(arrivals) == 4
+    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    for k, gap in enumerate(gaps):
+        # the k-th delay is 0.05 * 2**k seconds times a jitter in [0.5, 1]
+        assert gap >= 0.5 * 0.05 * 2 ** k, gaps
+    assert gaps[2] > gaps[0], gaps  # 0.1-0.2 s after 0.025-0.05 s: it grew
+    assert sum(gaps) < 0.05 * (1 + 2 + 4) + 1.0, gaps  # and it is not wildly longer than asked
+
+
+# --- a client's work: the error reaches the caller, naming the endpoint ------------------------
+
+def fault_config(**overrides: object) -> dict[str, object]:
+    return default_run_config(**{"num-server-rounds": 1, "llm-max-retries": 1, "llm-retry-backoff": 0.01,
+                                 "llm-timeout": 1.0, **overrides})
+
+
+def faulty_node(url: str, partition: int = 0, **extra: object) -> dict[str, object]:
+    return {"partition-id": partition, "num-partitions": 3, "llm-backend": "openai", "llm-base-url": url,
+            "llm-model": "m", **extra}
+
+
+def test_client_evaluation_against_a_failing_endpoint_raises_naming_it(faulty: FaultyLLMServer) -> None:
+    faulty.mode = "http500"
+    with pytest.raises(LLMError) as info:
+        evaluate_split(fault_config(), faulty_node(faulty.url), TASK.start_prompt, "val")
+    assert faulty.url in str(info.value) and "HTTP 500" in str(info.value)
+    # every question that was started was tried twice (llm-max-retries=1); the rest were cancelled
+    assert faulty.chat_requests > 0 and faulty.chat_requests % 2 == 0
+
+
+@pytest.mark.parametrize(("node_retries", "requests"), [(None, 6), (0, 3)])
+def test_client_training_against_a_failing_endpoint_raises_naming_it(
+        faulty: FaultyLLMServer, node_retries: int | None, requests: int) -> None:
+    faulty.mode = "http500"
+    extra = {} if node_retries is None else {"llm-max-retries": node_retries}  # a node may set its own
+    with pytest.raises(LLMError) as info:
+        local_round(fault_config(), faulty_node(faulty.url, **extra), TASK.start_prompt, 1, {})
+    assert faulty.url in str(info.value) and "HTTP 500" in str(info.value)
+    assert faulty.chat_requests == requests  # the first batch of 3 questions, each tried 1 + retries times
+
+
+# --- a federated round: one faulty node is reported, two fail the round ------------------------
+
+def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
+        tmp_path, faulty: FaultyLLMServer) -> None:
+    faulty.mode = "http500"
+    strategy, run_config, recorder, lines = make_strategy(tmp_path, **fault_config())
+    grid = LoopbackGrid(run_config, node_overrides={2: faulty_node(faulty.url, partition=2)})
+    strategy.start(grid)
+    summary = json.loads((recorder.path / "summary.json").read_text())
+    assert summary["finished"] is True
+    record = json.loads((recorder.path / "rounds.jsonl").read_text().splitlines()[0])
+    assert {c["label"] for c in record["clients"]} == {"0", "1"}
+    failures = {(f["label"], f["stage"]): f["reason"] for f in record["failures"]}
+    assert set(failures) == {("node102", "train"), ("node102", "evaluate")}
+    for reason in failures.values():
+        assert faulty.url in reason and "(model m)" in reason and "HTTP 500" in reason
+    assert any("FAILED" in line and faulty.url in line for line in lines)
+    assert faulty.chat_requests > 0
+
+
+def test_too_many_nodes_with_failing_endpoints_fail_the_round_naming_them(
+        tmp_path, faulty: FaultyLLMServer) -> None:
+    faulty.mode = "http500"
+    strategy, run_config, _, _ = make_strategy(tmp_path, **fault_config(**{"min-train-clients": 2}))
+    overrides = {p: faulty_node(faulty.url, partition=p) for p in (1, 2)}
+    grid = LoopbackGrid(run_config, node_overrides=overrides)
+    with pytest.raises(RoundFailed) as failed:
+        strategy.start(grid)
+    message = str(failed.value)
+    assert "at least 2 required" in message
+    assert "client node101:" in message and "client node102:" in message
+    assert message.count(faulty.url) == 2
+
+
+# --- the per-endpoint limit on requests in flight, seen by the server --------------------------
+
+def run_many(engines: list[ChatEngine], per_engine: int) -> list[str]:
+    jobs = [(engine, f"question {i}") for engine in engines for i in range(per_engine)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: job[0].generate(job[1]), jobs))
+
+
+def test_the_server_never_sees_more_requests_in_flight_than_the_concurrency() -> None:
+    with FaultyLLMServer("ok", delay=0.15) as server:
+        replies = run_many([engine_for(server.url, concurrency=3)], per_engine=12)
+        assert replies == [OK_TEXT] * 12 and server.chat_requests == 12
+        assert server.max_in_flight == 3
+
+
+def test_engines_on_the_same_endpoint_share_one_limit() -> None:
+    with FaultyLLMServer("ok", delay=0.15) as server:
+        engines = [engine_for(server.url, concurrency=3), engine_for(server.url, concurrency=3, temperature=0.7)]
+        run_many(engines, per_engine=6)
+        assert server.chat_requests == 12
+        assert server.max_in_flight == 3
+        assert [e.usage.calls for e in engines] == [6, 6]
+
+
+def test_the_server_does_see_parallel_requests_when_the_limit_allows() -> None:
+    # the measurement itself works: without a tight limit, requests do overlap
+    with FaultyLLMServer("ok", delay=0.3) as server:
+        run_many([engine_for(server.url, concurrency=12)], per_engine=8)
+        assert server.max_in_flight > 3

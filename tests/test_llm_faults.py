@@ -22,14 +22,16 @@ from fedtextgrad_core.client_work import evaluate_split, local_round
 from fedtextgrad_core.data import Example
 from fedtextgrad_core.errors import LLMError
 from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.federation import RoundFailed
+from fedtextgrad_core.federation import PromptFederation, RoundFailed
 from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
 from fedtextgrad_core.openai_backend import TransientLLMError
+from fedtextgrad_core.results import RunRecorder
+from fedtextgrad_core.settings import RunSettings
 from fedtextgrad_core.tasks import get_task
+from server_app.strategy import PromptStrategy
 
 from .faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
 from .flower_loopback import LoopbackGrid, default_run_config
-from .test_strategy import make_strategy
 
 TASK = get_task("object_counting")
 
@@ -277,10 +279,20 @@ def test_client_training_against_a_failing_endpoint_raises_naming_it(
 
 # --- a federated round: one faulty node is reported, two fail the round ------------------------
 
+def make_strategy(tmp_path, run_config: dict[str, object]):
+    settings = RunSettings.from_config(run_config)
+    recorder = RunRecorder(tmp_path, "run", {"run_config": run_config})
+    lines: list[str] = []
+    merger = make_engine(settings.server) if settings.merge != "concat" else None
+    federation = PromptFederation(settings, recorder, merger, echo=lines.append)
+    return PromptStrategy(settings, federation), recorder, lines
+
+
 def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
         tmp_path, faulty: FaultyLLMServer) -> None:
     faulty.mode = "http500"
-    strategy, run_config, recorder, lines = make_strategy(tmp_path, **fault_config())
+    run_config = fault_config()
+    strategy, recorder, lines = make_strategy(tmp_path, run_config)
     grid = LoopbackGrid(run_config, node_overrides={2: faulty_node(faulty.url, partition=2)})
     strategy.start(grid)
     summary = json.loads((recorder.path / "summary.json").read_text())
@@ -298,12 +310,14 @@ def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
 def test_too_many_nodes_with_failing_endpoints_fail_the_round_naming_them(
         tmp_path, faulty: FaultyLLMServer) -> None:
     faulty.mode = "http500"
-    strategy, run_config, _, _ = make_strategy(tmp_path, **fault_config(**{"min-train-clients": 2}))
+    run_config = fault_config(**{"min-train-clients": 2})
+    strategy, _, _ = make_strategy(tmp_path, run_config)
     overrides = {p: faulty_node(faulty.url, partition=p) for p in (1, 2)}
     grid = LoopbackGrid(run_config, node_overrides=overrides)
     with pytest.raises(RoundFailed) as failed:
         strategy.start(grid)
     message = str(failed.value)
+    print(message)
     assert "at least 2 required" in message
     assert "client node101:" in message and "client node102:" in message
     assert message.count(faulty.url) == 2

@@ -146,3 +146,22 @@ def test_reply_without_a_prompt_is_a_reported_failure_not_a_crash(tmp_path):
     _, metrics = strategy.aggregate_train(1, good + [bad])
     assert metrics["clients_ok"] == 2 and metrics["clients_failed"] == 1
     assert any("FAILED" in line and "malformed reply: missing prompt.text" in line for line in lines)
+
+
+def test_more_clients_than_examples_stops_the_run_at_round_zero_naming_the_setting(tmp_path):
+    strategy, run_config, recorder, _ = make_strategy(tmp_path, **{"synthetic-size": 5})  # 1 training example
+    with pytest.raises(RoundFailed) as failed:
+        strategy.start(LoopbackGrid(run_config))
+    message = str(failed.value)
+    assert message.startswith("round 0 evaluation: only 0 client(s) succeeded")
+    assert "setting 'num-partitions' = 3 is not accepted; expected at most 1" in message
+    assert not (recorder.path / "rounds.jsonl").read_text()  # no round was run
+
+
+def test_missing_api_key_variable_on_the_clients_stops_the_run_at_round_zero(tmp_path, monkeypatch, sim_http):
+    monkeypatch.delenv("FEDTEXTGRAD_TEST_KEY", raising=False)
+    strategy, run_config, _, _ = make_strategy(tmp_path, **{
+        "llm-backend": "openai", "llm-base-url": sim_http, "llm-api-key-env": "FEDTEXTGRAD_TEST_KEY"})
+    with pytest.raises(RoundFailed) as failed:
+        strategy.start(LoopbackGrid(run_config))
+    assert "setting 'llm-api-key-env' = 'FEDTEXTGRAD_TEST_KEY' is not accepted" in str(failed.value)

@@ -241,8 +241,7 @@ def test_backoff_between_retries_grows() -> None:
     for k, gap in enumerate(gaps):
         # the k-th delay is 0.05 * 2**k seconds times a jitter in [0.5, 1]
         assert gap >= 0.5 * 0.05 * 2 ** k, gaps
-    assert gaps[2] > gaps[0], gaps  # 0.1-0.2 s after 0.025-0.05 s: it grew
-    assert sum(gaps) < 0.05 * (1 + 2 + 4) + 1.0, gaps  # and it is not wildly longer than asked
+    assert sum(gaps) < 0.05 * (1 + 2 + 4) + 1.5, gaps  # and it is not wildly longer than asked
 
 
 # --- a client's work: the error reaches the caller, naming the endpoint ------------------------
@@ -317,7 +316,6 @@ def test_too_many_nodes_with_failing_endpoints_fail_the_round_naming_them(
     with pytest.raises(RoundFailed) as failed:
         strategy.start(grid)
     message = str(failed.value)
-    print(message)
     assert "at least 2 required" in message
     assert "client node101:" in message and "client node102:" in message
     assert message.count(faulty.url) == 2

@@ -72,13 +72,17 @@ class Usage:
         return {f"{prefix}{key}": value for key, value in asdict(self).items()}
 
 
-_slots: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
+_slots: dict[tuple[str, str, int], threading.BoundedSemaphore] = {}
 _slots_lock = threading.Lock()
 
 
 def endpoint_slots(settings: EndpointSettings) -> threading.BoundedSemaphore:
-    """One limit on requests in flight per endpoint per process, shared by all its engines."""
-    key = (settings.backend, settings.base_url, settings.model, settings.concurrency)
+    """One limit on requests in flight per endpoint per process, shared by all its engines.
+
+    Keyed by the server, not the model: forward and backward models served by one
+    server share its limit.
+    """
+    key = (settings.backend, settings.base_url, settings.concurrency)
     with _slots_lock:
         return _slots.setdefault(key, threading.BoundedSemaphore(settings.concurrency))
 
@@ -106,9 +110,9 @@ class ChatEngine(tg.EngineLM):
             try:
                 with self._slots:
                     return self._chat(messages)
-            except TransientLLMError:
+            except TransientLLMError as exc:
                 if attempt >= self.settings.max_retries:
-                    raise
+                    raise TransientLLMError(f"{exc} (gave up after {attempt + 1} attempts)") from exc
                 delay = min(BACKOFF_CAP_SECONDS, self.settings.retry_backoff * 2 ** attempt)
                 time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: clients do not retry in lockstep
                 attempt += 1

@@ -80,7 +80,7 @@ def test_retryable_faults_are_retried_exactly_max_retries_times_then_name_the_en
     usage = engine.take_usage()
     assert (usage.retries, usage.errors, usage.calls) == (2, 1, 0)
     message = str(info.value)
-    assert phrase in message
+    assert phrase in message and message.endswith("(gave up after 3 attempts)")
     assert_plain(message, faulty.url)
 
 

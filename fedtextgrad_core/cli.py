@@ -2,6 +2,8 @@
 
     fedtextgrad eval --task object_counting --prompt-file best.txt --split test [--backend openai ...]
     fedtextgrad sim-server --port 8765 [--latency-ms 200]
+    fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
+    fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
 """
 
 from __future__ import annotations
@@ -49,6 +51,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompt_file(name: str) -> str:
+    path = Path(name)
+    if not path.is_file():
+        raise FedTextGradError(f"'{path}' does not exist or is not a file")
+    text = path.read_text(encoding="utf-8")
+    text = text[:-1] if text.endswith("\n") else text  # prompts/*.txt end with one added newline
+    if not text.strip():
+        raise FedTextGradError(f"'{path}' is empty")
+    return text
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .prompt_metrics import SurprisalClient, analyze, format_metrics_table
+
+    prompts = [(name, _read_prompt_file(name)) for name in args.prompt_files]
+    client = None
+    if args.base_url:
+        if not args.model:
+            raise ConfigError("--model", "", "the name of the model served at --base-url")
+        client = SurprisalClient(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
+                                 bos_text=args.bos_text, key_setting="--api-key-env")
+    print(format_metrics_table([(name, analyze(text, client)) for name, text in prompts]))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .run_comparison import compare_runs, format_table, load_run, plot_comparison
+
+    runs = [load_run(folder) for folder in args.run_dirs]
+    rows = compare_runs(runs)
+    print(format_table(rows))
+    if args.out:
+        path = plot_comparison(rows, {row["run"]: run["rounds"] for row, run in zip(rows, runs)}, args.out)
+        print(f"plot: {path}")
+    return 0
+
+
 def _sim_server(args: argparse.Namespace) -> int:
     from .sim_server import serve_forever
 
@@ -81,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     sim.add_argument("--latency-ms", type=float, default=0.0, help="added delay per call, for benchmarks")
     sim.set_defaults(run=_sim_server)
+
+    an = commands.add_parser("analyze", help="print information-density metrics of prompt files")
+    an.add_argument("prompt_files", nargs="+", metavar="PROMPT_FILE", help="text files holding one prompt each")
+    an.add_argument("--base-url", default="", help="an OpenAI-compatible completions endpoint that returns prompt "
+                    "token log-probabilities (vLLM, llama.cpp) for surprisal; without it: text metrics only")
+    an.add_argument("--model", default="", help="the model name at --base-url")
+    an.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    an.add_argument("--timeout", type=float, default=120.0)
+    an.add_argument("--bos-text", default=None, help="text of the model's BOS token to put before each prompt "
+                    "(default: detect whether the server needs one)")
+    an.set_defaults(run=_analyze)
+
+    cmp_ = commands.add_parser("compare", help="compare run folders: a table and a PNG")
+    cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding summary.json)")
+    cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
+    cmp_.set_defaults(run=_compare)
     return parser
 
 

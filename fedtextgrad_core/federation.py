@@ -16,6 +16,7 @@ from . import report
 from .errors import FedTextGradError
 from .llm import ChatEngine
 from .merging import MergeResult, merge_prompts
+from .prompt_metrics import SurprisalClient, analyze
 from .results import RunRecorder
 from .settings import RunSettings
 
@@ -67,8 +68,14 @@ def require_enough(stage: str, server_round: int, ok: int, failures: Sequence[Cl
 class PromptFederation:
     """Holds the run's prompts and writes the run folder as the rounds go."""
 
-    def __init__(self, settings: RunSettings, recorder: RunRecorder, merger: ChatEngine | None, echo=print):
+    def __init__(self, settings: RunSettings, recorder: RunRecorder, merger: ChatEngine | None, echo=print,
+                 surprisal: SurprisalClient | None = None):
         self.settings = settings
+        # per-token surprisal of merged prompts from the server's own endpoint, when it is a real
+        # one (the sim has no token probabilities); text metrics need no LLM and are always taken
+        if surprisal is None and settings.server.backend == "openai":
+            surprisal = SurprisalClient.from_endpoint(settings.server, "server-api-key-env")
+        self.surprisal = surprisal
         self.recorder = recorder
         self.merger = merger
         self.echo = echo
@@ -82,6 +89,7 @@ class PromptFederation:
         self._pending: dict = {}
         self.error = ""
         recorder.save_prompt("round-000-initial", self.global_prompt)
+        self.initial_metrics = self._prompt_metrics(self.global_prompt, with_surprisal=True)
 
     # --- round 0 -----------------------------------------------------------------
     def record_initial(self, replies: Sequence[EvalReply]) -> float | None:
@@ -100,7 +108,8 @@ class PromptFederation:
         for reply in replies:
             path = self.recorder.save_prompt(f"round-{server_round:03d}-client-{reply.label}", reply.prompt)
             clients.append({"label": reply.label, "num_examples": reply.num_examples,
-                            "metrics": reply.metrics, "prompt": reply.prompt, "prompt_file": path})
+                            "metrics": reply.metrics, "prompt": reply.prompt, "prompt_file": path,
+                            "prompt_metrics": self._prompt_metrics(reply.prompt, with_surprisal=False)})
             self.echo(report.client_row(server_round, reply.label, reply.metrics, reply.prompt))
         for failure in failures:
             self.echo(report.failure_row(server_round, failure.label, failure.reason))
@@ -119,6 +128,7 @@ class PromptFederation:
             "merge_format_repaired": merged.format_repaired,
             "merged_prompt": merged.prompt,
             "merged_prompt_file": self.recorder.save_prompt(f"round-{server_round:03d}-merged", merged.prompt),
+            "merged_prompt_metrics": self._prompt_metrics(merged.prompt, with_surprisal=True),
             "server_llm": merger_usage.as_metrics() if merger_usage else {},
         }
         return merged
@@ -180,6 +190,7 @@ class PromptFederation:
             "partitioning": self.settings.partitioning,
             "merge": self.settings.merge,
             "initial_prompt": self.settings.start_prompt,
+            "initial_prompt_metrics": self.initial_metrics,
             "initial_val_accuracy": self.initial_accuracy,
             "best_val_accuracy": self.best_accuracy,
             "best_round": self.best_round,
@@ -214,8 +225,21 @@ class PromptFederation:
             add("server_merge", server.get("calls", 0), server.get("prompt_tokens", 0) + server.get("completion_tokens", 0))
         return cost
 
+    def _prompt_metrics(self, prompt: str, with_surprisal: bool) -> dict | None:
+        """Information-density metrics of a prompt (prompt_metrics.py); never fails the run."""
+        try:
+            return analyze(prompt, self.surprisal if with_surprisal else None).as_dict()
+        except Exception as exc:
+            log.warning("could not measure a prompt: %s: %s", type(exc).__name__, exc)
+            return None
+
     def _plot(self) -> None:
         try:
             self.recorder.plot_accuracy(self.rounds, self.initial_accuracy)
         except Exception as exc:  # a plot must never cost the run its results
             log.warning("could not draw accuracy.png: %s", exc)
+        try:
+            self.recorder.plot_prompt_metrics(self.rounds, self.initial_accuracy, self.settings.start_prompt,
+                                              self.initial_metrics)
+        except Exception as exc:
+            log.warning("could not draw prompt_metrics.png: %s", exc)

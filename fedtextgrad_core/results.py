@@ -104,3 +104,14 @@ class RunRecorder:
         fig.savefig(target, dpi=110)
         plt.close(fig)
         return target
+
+    def plot_prompt_metrics(self, rounds: Sequence[Mapping[str, object]], initial_accuracy: float | None,
+                            initial_prompt: str | None = None,
+                            initial_metrics: Mapping[str, object] | None = None) -> Path:
+        """prompt_metrics.png: merged-prompt length and surprisal variance per round beside
+        validation accuracy (one thin line per client's own prompt)."""
+        from .run_comparison import plot_prompt_dynamics
+
+        return plot_prompt_dynamics(rounds, self.path / "prompt_metrics.png", initial_accuracy=initial_accuracy,
+                                    initial_prompt=initial_prompt, initial_metrics=initial_metrics,
+                                    title=self.path.name)

@@ -120,3 +120,31 @@ def test_bad_input_exits_2_with_one_line(prompt_file: Path, extra: list[str], ne
     args = ["eval", "--task", "object_counting", "--prompt-file", str(prompt_file), *extra]
     assert main(args) == 2
     assert needle in one_line_error(capsys)
+
+
+def test_analyze_prints_metrics_of_each_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_text("Think step by step.\n")
+    long.write_text(full_prompt("object_counting") + "\n")
+    assert main(["analyze", str(short), str(long)]) == 0
+    out = capsys.readouterr().out
+    assert "short.txt" in out and "long.txt" in out
+    assert str(len("Think step by step.")) in out  # the character count of the first prompt
+
+
+def test_compare_two_runs_prints_a_table_and_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from .flower_loopback import LoopbackGrid
+    from .test_strategy import make_strategy
+
+    folders = []
+    for merge in ("summarize", "summarize-uid"):
+        strategy, run_config, recorder, _ = make_strategy(tmp_path / merge, **{"merge": merge, "num-server-rounds": 1})
+        strategy.start(LoopbackGrid(run_config))
+        folders.append(str(recorder.path))
+    png = tmp_path / "cmp.png"
+    assert main(["compare", *folders, "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "summarize-uid" in out and "summarize " in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["compare", str(tmp_path)]) == 2  # not a run folder: one line, exit 2
+    assert "is not a run folder" in capsys.readouterr().err

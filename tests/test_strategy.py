@@ -60,6 +60,12 @@ def test_full_run_improves_and_writes_results(tmp_path):
     assert all(c["metrics"]["llm_calls"] > 0 for c in rounds[0]["clients"])
     assert rounds[0]["val_examples"] == 100  # federated evaluation covers every client's validation share
     assert any("merged (summarize-uid)" in line for line in lines)
+    # every prompt is measured; the sim gives no token log-probabilities, so surprisal is absent, not 0
+    merged_metrics = rounds[0]["merged_prompt_metrics"]
+    assert merged_metrics["chars"] == len(rounds[0]["merged_prompt"]) and merged_metrics["char_entropy"] > 0
+    assert merged_metrics["surprisal_variance"] is None
+    assert all(c["prompt_metrics"]["chars"] == len(c["prompt"]) for c in rounds[0]["clients"])
+    assert (recorder.path / "prompt_metrics.png").read_bytes()[:4] == b"\x89PNG"
     # the last messages evaluated the best prompt on the test split
     assert grid.sent[-1].content["config"]["split"] == "test"
     assert grid.sent[-1].content["config"]["prompt"] == summary["best_prompt"]

@@ -1,0 +1,147 @@
+"""Comparing run folders: two real (sim) runs, plain summarisation vs the UID merge."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedtextgrad_core.prompt_metrics import text_metrics
+from fedtextgrad_core.run_comparison import (
+    NotARunFolder,
+    compare_runs,
+    format_table,
+    load_run,
+    plot_comparison,
+    plot_prompt_dynamics,
+)
+from fedtextgrad_core.sim_llm import instructions_in
+
+from .flower_loopback import LoopbackGrid
+from .test_strategy import make_strategy
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MERGES = ("summarize", "summarize-uid")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two finished 2-round runs that differ only in the merge (one local step, so clients differ)."""
+    base = tmp_path_factory.mktemp("runs")
+    folders = {}
+    for merge in MERGES:
+        strategy, run_config, recorder, _ = make_strategy(
+            base / merge, **{"merge": merge, "num-server-rounds": 2, "local-steps": 1})
+        strategy.start(LoopbackGrid(run_config))
+        folders[merge] = recorder.path
+    return folders
+
+
+def test_load_run_reads_summary_rounds_and_config(runs) -> None:
+    run = load_run(runs["summarize"])
+    assert run["name"] == "run" and run["path"] == str(runs["summarize"])
+    assert run["summary"]["finished"] is True and run["summary"]["merge"] == "summarize"
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    assert run["config"] is not None
+
+
+def test_a_folder_that_is_not_a_run_is_named_in_the_error(tmp_path) -> None:
+    with pytest.raises(NotARunFolder, match=f"'{tmp_path / 'nowhere'}' is not a run folder: there is no such folder"):
+        load_run(tmp_path / "nowhere")
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(NotARunFolder, match=f"'{tmp_path / 'prompts'}' is not a run folder: it has no "
+                                            "summary.json and no rounds.jsonl"):
+        load_run(tmp_path / "prompts")
+
+
+def test_a_cut_short_last_line_is_skipped_but_a_broken_line_is_an_error(runs, tmp_path) -> None:
+    copy = shutil.copytree(runs["summarize"], tmp_path / "copy")
+    rounds_file = copy / "rounds.jsonl"
+    good = rounds_file.read_text()
+    rounds_file.write_text(good + '{"round": 3, "val_acc')  # a write cut short by a crash
+    assert [r["round"] for r in load_run(copy)["rounds"]] == [1, 2]
+    rounds_file.write_text("not json\n" + good)
+    with pytest.raises(NotARunFolder, match="rounds.jsonl line 1"):
+        load_run(copy)
+
+
+def test_compare_table_and_plot_of_two_runs(runs, tmp_path) -> None:
+    rows = compare_runs([runs[m] for m in MERGES])
+    assert [row["run"] for row in rows] == ["summarize/run", "summarize-uid/run"]  # same folder name: parent added
+    for row, merge in zip(rows, MERGES):
+        summary = json.loads((runs[merge] / "summary.json").read_text())
+        assert row["merge"] == merge and row["task"] == "object_counting" and row["rounds"] == 2
+        assert row["finished"] is True
+        assert row["initial_val_accuracy"] == summary["initial_val_accuracy"]
+        assert row["best_val_accuracy"] == summary["best_val_accuracy"]
+        assert row["test_accuracy"] == summary["test_accuracy"] is not None
+        assert row["final_prompt_chars"] == len(summary["final_prompt"])
+        assert row["final_prompt_tokens"] == text_metrics(summary["final_prompt"]).tokens
+        assert row["uniformity"] is None  # these rounds carry no merged_prompt_metrics
+        assert row["llm_calls"] == summary["cost"]["total"]["llm_calls"] > 0
+        assert row["llm_tokens"] == summary["cost"]["total"]["tokens"] > 0
+
+    table = format_table(rows)
+    print("\n" + table)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["run", "merge", "task"] and "uniformity" in lines[0]
+    assert lines[2].startswith("summarize/run ") and lines[3].startswith("summarize-uid/run ")
+    columns = lines[0].index("uniformity")
+    assert lines[2][columns] == "-" and lines[3][columns] == "-"
+    assert f"{100 * rows[1]['best_val_accuracy']:.1f}%" in lines[3]
+
+    runs_loaded = [load_run(runs[m]) for m in MERGES]
+    png = plot_comparison(rows, {row["run"]: run["rounds"] for row, run in zip(rows, runs_loaded)},
+                          tmp_path / "out" / "compare.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    # the paper's finding on the sim: the UID merge keeps at least the instructions plain summarisation keeps
+    final = {m: json.loads((runs[m] / "summary.json").read_text())["final_prompt"] for m in MERGES}
+    kept = {m: instructions_in(final[m], "object_counting") for m in MERGES}
+    print(f"catalogue instructions kept: {kept}")
+    assert len(kept["summarize-uid"]) >= len(kept["summarize"])
+
+
+def _with_prompt_metrics(run_dir: Path, target: Path) -> Path:
+    """A copy of a run whose rounds carry metrics as the integrated federation records them."""
+    copy = shutil.copytree(run_dir, target)
+    records = [json.loads(line) for line in (copy / "rounds.jsonl").read_text().splitlines()]
+    for number, record in enumerate(records, start=1):
+        record["merged_prompt_metrics"] = {**text_metrics(record["merged_prompt"]).as_dict(),
+                                           "surprisal_mean": 3.0, "surprisal_max": 9.0,
+                                           "surprisal_variance": 4.0 / number}
+        for client in record["clients"]:
+            client["prompt_metrics"] = text_metrics(client["prompt"]).as_dict()
+    (copy / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return copy
+
+
+def test_recorded_surprisal_shows_as_uniformity_and_in_the_plots(runs, tmp_path) -> None:
+    measured = _with_prompt_metrics(runs["summarize-uid"], tmp_path / "measured")
+    rows = compare_runs([runs["summarize"], measured])
+    assert rows[0]["uniformity"] is None and rows[1]["uniformity"] == pytest.approx(2.0)
+    assert rows[1]["final_surprisal_mean"] == 3.0
+    table = format_table(rows)
+    assert "2.00" in table.splitlines()[3]
+
+    loaded = [load_run(runs["summarize"]), load_run(measured)]
+    png = plot_comparison(rows, {row["run"]: run["rounds"] for row, run in zip(rows, loaded)}, tmp_path / "c.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    for run in loaded:  # with metrics, and an older run without them
+        summary = run["summary"]
+        out = plot_prompt_dynamics(run["rounds"], tmp_path / f"{run['name']}-prompt_metrics.png",
+                                   initial_accuracy=summary["initial_val_accuracy"],
+                                   initial_prompt=summary["initial_prompt"], title=run["name"])
+        assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_an_unfinished_run_is_marked(runs, tmp_path) -> None:
+    copy = shutil.copytree(runs["summarize"], tmp_path / "stopped")
+    summary = json.loads((copy / "summary.json").read_text())
+    summary.update(finished=False, test_accuracy=None, error="RoundFailed: round 3 train: only 1 client(s) succeeded")
+    (copy / "summary.json").write_text(json.dumps(summary))
+    table = format_table(compare_runs([copy]))
+    assert "2*" in table.splitlines()[2] and "*: the run did not finish" in table

@@ -97,7 +97,12 @@ class ChatEngine(tg.EngineLM):
         self._lock = threading.Lock()
         self._slots = endpoint_slots(settings)
         self._cache = open_cache(settings.cache_path) if settings.cache_path else None
+        self._last = threading.local()
         self.usage = Usage()
+
+    def last_reply(self) -> str:
+        """The last reply this thread got: how callers inspect what a library call received."""
+        return getattr(self._last, "reply", "")
 
     def _count(self, **spent: float) -> None:
         with self._lock:
@@ -128,6 +133,7 @@ class ChatEngine(tg.EngineLM):
             cached = self._cache.get(key)
             if cached is not None:
                 self._count(cache_hits=1)
+                self._last.reply = cached[0]
                 return cached[0]
         start = time.perf_counter()
         try:
@@ -139,6 +145,7 @@ class ChatEngine(tg.EngineLM):
                     seconds=time.perf_counter() - start)
         if key is not None:
             self._cache.put(key, text or "", prompt_tokens, completion_tokens)
+        self._last.reply = text or ""
         return text or ""
 
     def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:

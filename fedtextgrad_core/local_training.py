@@ -28,6 +28,7 @@ PROMPT_ROLE = (
     "structured system prompt to a somewhat capable language model that specifies "
     "the behavior and strategies for the QA task"
 )
+CLOSING_TAG = "</IMPROVED_VARIABLE>"
 SCORER_PURPOSE = "The runtime of a string-based function that checks if the prediction is correct."
 
 
@@ -105,9 +106,14 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
     )
     try:
         optimizer.step()
+        # TextGrad keeps everything after an opening tag whose closing tag never came (a reply
+        # cut off at max tokens): such a half-prompt must not replace the prompt
+        complete = CLOSING_TAG in backward.last_reply()
     except IndexError:
+        complete = False
+    if not complete:
         metrics.malformed_updates += 1
-        log.info("optimizer reply had no <IMPROVED_VARIABLE> tags; keeping the prompt")
+        log.info("optimizer reply had no complete <IMPROVED_VARIABLE> span; keeping the prompt")
         return prompt, accuracy
     candidate = variable.value.strip()
     if not candidate:

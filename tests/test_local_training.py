@@ -197,7 +197,8 @@ def test_proximal_keeps_a_rewrite_that_scores_the_same() -> None:
     "Here is a better prompt: be careful when counting.",  # no tags at all
     "<IMPROVED_VARIABLE>   </IMPROVED_VARIABLE>",  # empty tags
     "",  # empty reply
-], ids=["no-tags", "empty-tags", "empty-reply"])
+    "<IMPROVED_VARIABLE>You will answer a reasoning question. List every",  # cut off at max tokens
+], ids=["no-tags", "empty-tags", "empty-reply", "no-closing-tag"])
 def test_malformed_optimizer_output_is_counted_and_the_prompt_kept(reply: str) -> None:
     batch = mixed_batch()
     forward, backward = sim_engine(), sim_engine(optimizer_reply=reply)

@@ -265,15 +265,17 @@ def test_client_evaluation_against_a_failing_endpoint_raises_naming_it(faulty: F
     assert faulty.chat_requests > 0 and faulty.chat_requests % 2 == 0
 
 
-@pytest.mark.parametrize(("node_retries", "requests"), [(None, 6), (0, 3)])
+@pytest.mark.parametrize(("node_retries", "tries"), [(None, 2), (0, 1)])
 def test_client_training_against_a_failing_endpoint_raises_naming_it(
-        faulty: FaultyLLMServer, node_retries: int | None, requests: int) -> None:
+        faulty: FaultyLLMServer, node_retries: int | None, tries: int) -> None:
     faulty.mode = "http500"
     extra = {} if node_retries is None else {"llm-max-retries": node_retries}  # a node may set its own
     with pytest.raises(LLMError) as info:
         local_round(fault_config(), faulty_node(faulty.url, **extra), TASK.start_prompt, 1, {})
     assert faulty.url in str(info.value) and "HTTP 500" in str(info.value)
-    assert faulty.chat_requests == requests  # the first batch of 3 questions, each tried 1 + retries times
+    # the first batch's questions (at most 3) were each tried 1 + retries times; how many of them
+    # started before the first failure ended the step depends on thread timing
+    assert 0 < faulty.chat_requests <= 3 * tries and faulty.chat_requests % tries == 0
 
 
 # --- a federated round: one faulty node is reported, two fail the round ------------------------

@@ -15,6 +15,8 @@ from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
 from fedtextgrad_core.partitioning import client_data
 from fedtextgrad_core.tasks import get_task
 
+from .concurrency_probe import InFlightProbe
+
 TASK = get_task("object_counting")
 
 
@@ -82,31 +84,13 @@ def test_results_are_in_question_order_when_replies_arrive_out_of_order() -> Non
 
 @pytest.mark.parametrize("concurrency", [1, 3, 5])
 def test_calls_overlap_up_to_the_configured_concurrency(concurrency: int) -> None:
-    in_flight = peak = 0
-    gave_up = False
-    condition = threading.Condition()
-
-    def chat(messages):
-        nonlocal in_flight, peak, gave_up
-        with condition:
-            in_flight += 1
-            peak = max(peak, in_flight)
-            condition.notify_all()
-            # Hold the first calls until the expected number are in flight at once (giving
-            # up after 2 s), so overlap is observed, not inferred from timing.
-            if not condition.wait_for(lambda: gave_up or peak >= concurrency, timeout=2):
-                gave_up = True
-        time.sleep(0.002)  # leave room for an extra call to sneak in if the limit leaked
-        with condition:
-            in_flight -= 1
-        return "Answer: 1", 1, 1
-
-    engine = ChatEngine(EndpointSettings(concurrency=concurrency), chat)
+    probe = InFlightProbe(concurrency, reply="Answer: 1")
+    engine = ChatEngine(EndpointSettings(concurrency=concurrency), probe)
     examples = [Example(f"q{i}", "1") for i in range(4 * concurrency)]
     scores = evaluate_prompt(engine, TASK, "p", examples)
     assert scores.correct == len(examples)
-    assert peak == concurrency
-    assert not gave_up
+    assert probe.peak == concurrency
+    assert not probe.gave_up
 
 
 # --- a node's evaluation from plain dicts ------------------------------------------------

@@ -15,6 +15,8 @@ from fedtextgrad_core.sim_llm import SimLLM, approx_tokens
 from fedtextgrad_core.sim_server import make_server
 from fedtextgrad_core.tasks import get_task
 
+from .concurrency_probe import InFlightProbe
+
 TASK = get_task("object_counting")
 QUESTION = "I have a flute, a piano, four stoves, and two violins. How many musical instruments do I have?"
 
@@ -144,30 +146,14 @@ def test_default_system_prompt_is_used_when_none_is_given() -> None:
 
 @pytest.mark.parametrize("concurrency", [1, 2, 4])
 def test_engine_never_exceeds_its_concurrency(concurrency: int) -> None:
-    in_flight = peak = 0
-    gave_up = False
-    condition = threading.Condition()
-
-    def chat(messages):
-        nonlocal in_flight, peak, gave_up
-        with condition:
-            in_flight += 1
-            peak = max(peak, in_flight)
-            condition.notify_all()
-            if not condition.wait_for(lambda: gave_up or peak >= concurrency, timeout=2):
-                gave_up = True
-        time.sleep(0.005)  # a leaking limit would let more callers in meanwhile
-        with condition:
-            in_flight -= 1
-        return "ok", 1, 1
-
-    engine = ChatEngine(EndpointSettings(concurrency=concurrency), chat)
+    probe = InFlightProbe(concurrency)
+    engine = ChatEngine(EndpointSettings(concurrency=concurrency), probe)
     callers = [threading.Thread(target=engine.generate, args=("q",)) for _ in range(3 * concurrency + 2)]
     for caller in callers:
         caller.start()
     for caller in callers:
         caller.join(timeout=10)
-    assert peak == concurrency and not gave_up
+    assert probe.peak == concurrency and not probe.gave_up
     assert engine.take_usage().calls == len(callers)
 
 

@@ -72,6 +72,41 @@ def classify(exc: Exception, base_url: str, model: str) -> LLMError:
     return LLMError(f"{where} returned an unusable response: {type(exc).__name__}: {str(exc)[:300]}")
 
 
+_models_lock = threading.Lock()
+_models_built = False
+
+
+def _build_response_models() -> None:
+    """Build the client's chat response models once per process, before any concurrent call.
+
+    The openai package defers building its pydantic models until first use, and that
+    deferred build is not thread-safe: the first concurrent replies of a fresh process
+    failed once with "BaseModel cannot be instantiated directly".
+    """
+    global _models_built
+    import typing
+
+    import pydantic
+    from openai.types.chat import ChatCompletion
+
+    def build(cls: type, seen: set[type]) -> None:
+        if cls in seen:
+            return
+        seen.add(cls)
+        cls.__pydantic_core_schema__["type"]  # reading a deferred schema builds it
+        todo = [field.annotation for field in cls.model_fields.values()]
+        while todo:
+            kind = todo.pop()
+            if isinstance(kind, type) and issubclass(kind, pydantic.BaseModel):
+                build(kind, seen)
+            todo.extend(typing.get_args(kind))
+
+    with _models_lock:
+        if not _models_built:
+            build(ChatCompletion, set())
+            _models_built = True
+
+
 class OpenAIChat:
     """Chat completions against one endpoint; a callable ``messages -> (text, tokens in, tokens out)``."""
 
@@ -83,6 +118,7 @@ class OpenAIChat:
         self.temperature, self.max_tokens = temperature, max_tokens
         # retries are ours (counted, with jitter); the client must not retry on its own
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        _build_response_models()
 
     def __call__(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
         try:

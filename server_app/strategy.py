@@ -53,6 +53,7 @@ class PromptStrategy(Strategy):
         self.federation = federation
         self.rng = random.Random(settings.seed)
         self.labels: dict[int, str] = {}  # node id -> "partition id" once a node has answered
+        self.sent_to: dict[str, int] = {}  # message id -> the node it was sent to
 
     # --- sampling ------------------------------------------------------------------
     def _wanted(self) -> int:
@@ -74,6 +75,17 @@ class PromptStrategy(Strategy):
     def label(self, node_id: int) -> str:
         return self.labels.get(node_id, f"node{node_id}")
 
+    def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+        """Send and wait, remembering where each message went: the SuperLink answers for a node
+        that vanished (NODE_UNAVAILABLE) with its own id as the sender, not the node's."""
+        messages = list(messages)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
+        return replies
+
+    def _sender(self, reply: Message) -> int:
+        return self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _messages(self, grid: Grid, message_type: str, config: ConfigRecord) -> list[Message]:
         return [
             Message(content=RecordDict({"config": config}), message_type=message_type, dst_node_id=node_id)
@@ -86,7 +98,7 @@ class PromptStrategy(Strategy):
         ok, failures = [], []
         for reply in replies:
             if reply.has_error():
-                failures.append(ClientFailure(self.label(reply.metadata.src_node_id), error_reason(reply)))
+                failures.append(ClientFailure(self.label(self._sender(reply)), error_reason(reply)))
                 continue
             missing = [f"{record}.{key}" for record, keys in needed.items() for key in keys
                        if record not in reply.content or key not in reply.content[record]]
@@ -174,7 +186,7 @@ class PromptStrategy(Strategy):
     # --- the run -------------------------------------------------------------------
     def _evaluate(self, grid: Grid, server_round: int, prompt: str, split: str, timeout: float):
         messages = self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord({"prompt": prompt, "split": split}), grid)
-        return self.evaluation_replies(server_round, grid.send_and_receive(messages, timeout=timeout))
+        return self.evaluation_replies(server_round, self._send(grid, messages, timeout))
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
@@ -191,12 +203,12 @@ class PromptStrategy(Strategy):
         result = Result()
         for server_round in range(1, num_rounds + 1):
             train_messages = self.configure_train(server_round, ArrayRecord(), train_config or ConfigRecord(), grid)
-            replies = grid.send_and_receive(train_messages, timeout=timeout)
+            replies = self._send(grid, train_messages, timeout)
             _, train_metrics = self.aggregate_train(server_round, replies)
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             eval_messages = self.configure_evaluate(server_round, ArrayRecord(), evaluate_config or ConfigRecord(), grid)
-            eval_metrics = self.aggregate_evaluate(server_round, grid.send_and_receive(eval_messages, timeout=timeout))
+            eval_metrics = self.aggregate_evaluate(server_round, self._send(grid, eval_messages, timeout))
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_metrics
         test, _ = self._evaluate(grid, num_rounds + 1, self.federation.best_prompt, "test", timeout)

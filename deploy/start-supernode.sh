@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Start a SuperNode: one data owner's client, next to its own LLM server (on a client machine).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+    cat <<EOF
+Usage: $PROG --superlink HOST:PORT (--ca CA_CRT --auth-key KEY | --insecure)
+             --partition-id N --num-partitions M [LLM options] [options]
+
+Starts flower-supernode in the background and prints its PID, log and state folder. The
+SuperNode connects to the SuperLink (retrying until it is up), runs the ClientApp for each
+message it receives, and points it at this site's own LLM endpoint through its node config
+(the node config wins over the run config for the llm-* and backward-* keys).
+
+Connection:
+  --superlink HOST:PORT   the SuperLink's address, e.g. superlink.example.org:9093
+  --ca FILE               the CA certificate of the SuperLink (ca.crt from gen-certs.sh)
+  --auth-key FILE         this node's private key (gen-node-keys.sh); its .pub must be registered
+  --no-node-auth          TLS without a node key (only for a SuperLink started with --no-node-auth)
+  --insecure              no TLS and no node authentication (prints a warning); test networks only
+Data:
+  --partition-id N        this node's share of the data (0-based)
+  --num-partitions M      how many shares there are (the number of sites)
+  --data-source SRC       this node's data: synthetic, hub, or a local file/folder (default: the run's)
+LLM endpoint of this site (all optional; without them the run config decides, 'sim' by default):
+  --llm-base-url URL      OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (sets llm-backend='openai')
+  --llm-model NAME        the model name the server knows
+  --llm-api-key-env VAR   NAME of the environment variable holding the API key (never the key)
+  --backward-base-url URL, --backward-model NAME, --backward-api-key-env VAR
+                          the same for the model writing feedback and rewriting the prompt
+  --node-config "k=v ..." more node config, appended as given
+Process:
+  --port PORT             port of this SuperNode's local Runtime API (default 9094; 127.0.0.1 only)
+  --isolation MODE        subprocess (default: the SuperNode starts its own ClientApp runner) or
+                          process (start one with start-superexec.sh, as the compose demo does)
+  --name NAME             name of the state folder (default supernode-<partition-id>)
+  --state-root DIR        where state folders go (default ./deploy-state, or \$FEDTEXTGRAD_DEPLOY_STATE)
+  --state-dir DIR         use exactly this state folder (overrides --name/--state-root)
+  --wait-connected SECS   also wait until the SuperLink accepted this node (default 0: do not wait;
+                          the node keeps retrying while the SuperLink is down)
+  --max-wait-time SECS    give up reconnecting after SECS (default: retry forever)
+  --foreground            run in the foreground as this process (containers, systemd)
+  -h, --help              this text
+Anything after '--' goes to flower-supernode unchanged.
+
+Example (site 0 of 2, its vLLM server on the same machine):
+  $PROG --superlink superlink.example.org:9093 --ca ca.crt --auth-key keys/site-0 \\
+    --partition-id 0 --num-partitions 2 \\
+    --llm-base-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
+EOF
+}
+
+SUPERLINK=""
+CA=""
+AUTH_KEY=""
+NODE_AUTH=1
+INSECURE=0
+PARTITION=""
+NUM_PARTITIONS=""
+DATA_SOURCE=""
+LLM_URL=""
+LLM_MODEL=""
+LLM_KEY_ENV=""
+BW_URL=""
+BW_MODEL=""
+BW_KEY_ENV=""
+EXTRA_NODE_CONFIG=""
+PORT=9094
+ISOLATION=subprocess
+NAME=""
+STATE=""
+WAIT_CONNECTED=0
+MAX_WAIT=""
+FOREGROUND=0
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --superlink) need_value "$1" $#; SUPERLINK="$2"; shift 2 ;;
+        --ca) need_value "$1" $#; CA="$2"; shift 2 ;;
+        --auth-key) need_value "$1" $#; AUTH_KEY="$2"; shift 2 ;;
+        --no-node-auth) NODE_AUTH=0; shift ;;
+        --insecure) INSECURE=1; shift ;;
+        --partition-id) need_value "$1" $#; PARTITION="$2"; shift 2 ;;
+        --num-partitions) need_value "$1" $#; NUM_PARTITIONS="$2"; shift 2 ;;
+        --data-source) need_value "$1" $#; DATA_SOURCE="$2"; shift 2 ;;
+        --llm-base-url) need_value "$1" $#; LLM_URL="$2"; shift 2 ;;
+        --llm-model) need_value "$1" $#; LLM_MODEL="$2"; shift 2 ;;
+        --llm-api-key-env) need_value "$1" $#; LLM_KEY_ENV="$2"; shift 2 ;;
+        --backward-base-url) need_value "$1" $#; BW_URL="$2"; shift 2 ;;
+        --backward-model) need_value "$1" $#; BW_MODEL="$2"; shift 2 ;;
+        --backward-api-key-env) need_value "$1" $#; BW_KEY_ENV="$2"; shift 2 ;;
+        --node-config) need_value "$1" $#; EXTRA_NODE_CONFIG="$2"; shift 2 ;;
+        --port) need_value "$1" $#; PORT="$2"; shift 2 ;;
+        --isolation) need_value "$1" $#; ISOLATION="$2"; shift 2 ;;
+        --name) need_value "$1" $#; NAME="$2"; shift 2 ;;
+        --state-root) need_value "$1" $#; STATE_ROOT="$2"; shift 2 ;;
+        --state-dir) need_value "$1" $#; STATE="$2"; shift 2 ;;
+        --wait-connected) need_value "$1" $#; WAIT_CONNECTED="$2"; shift 2 ;;
+        --max-wait-time) need_value "$1" $#; MAX_WAIT="$2"; shift 2 ;;
+        --foreground) FOREGROUND=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+
+# --- checks: everything that can be wrong is said here, before anything starts ------
+[[ -n "$SUPERLINK" ]] || die "--superlink HOST:PORT is required (see --help)"
+split_address "$SUPERLINK" --superlink
+resolves "$ADDR_HOST" || die "--superlink '$SUPERLINK': the host name '$ADDR_HOST' does not resolve on this machine (a typo? use its DNS name or IP address)"
+[[ "$PARTITION" =~ ^[0-9]+$ ]] || die "--partition-id is required: a whole number from 0 (got '${PARTITION}')"
+if ! [[ "$NUM_PARTITIONS" =~ ^[0-9]+$ ]] || ((10#$NUM_PARTITIONS < 1)); then
+    die "--num-partitions is required: a whole number of at least 1 (got '${NUM_PARTITIONS}')"
+fi
+PARTITION=$((10#$PARTITION))
+NUM_PARTITIONS=$((10#$NUM_PARTITIONS))
+((PARTITION < NUM_PARTITIONS)) \
+    || die "--partition-id $PARTITION must be below --num-partitions $NUM_PARTITIONS (ids start at 0)"
+check_port "$PORT" --port
+[[ "$ISOLATION" == subprocess || "$ISOLATION" == process ]] \
+    || die "--isolation '$ISOLATION' is not accepted; expected subprocess or process"
+[[ "$WAIT_CONNECTED" =~ ^[0-9]+$ ]] || die "--wait-connected '$WAIT_CONNECTED' is not a whole number of seconds"
+[[ -z "$MAX_WAIT" || "$MAX_WAIT" =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--max-wait-time '$MAX_WAIT' is not a number of seconds"
+for pair in "--llm-base-url:$LLM_URL" "--backward-base-url:$BW_URL"; do
+    url="${pair#*:}"
+    [[ -z "$url" || "$url" =~ ^https?://[^[:space:]]+$ ]] \
+        || die "${pair%%:*} '$url' is not an http(s) URL, e.g. http://127.0.0.1:8000/v1"
+done
+for pair in "--llm-api-key-env:$LLM_KEY_ENV" "--backward-api-key-env:$BW_KEY_ENV"; do
+    var="${pair#*:}"
+    [[ -z "$var" || "$var" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] \
+        || die "${pair%%:*} takes the NAME of an environment variable (letters, digits, '_'), never the key itself"
+done
+NAME="${NAME:-supernode-$PARTITION}"
+check_name "$NAME"
+need_command flower-supernode "install the app and Flower on this machine first: pip install ."
+check_flwr_version
+python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("client_app") is None)' 2>/dev/null \
+    || die "the FedTextGrad ClientApp is not importable here: install the app on this machine (pip install .)"
+
+CMD=(flower-supernode --superlink "$SUPERLINK" --host 127.0.0.1 --port "$PORT" --isolation "$ISOLATION")
+if [[ "$INSECURE" == 1 ]]; then
+    [[ -z "$CA" && -z "$AUTH_KEY" ]] || die "--insecure excludes --ca and --auth-key"
+    insecure_warning "this SuperNode's connection to $SUPERLINK"
+    CMD+=(--insecure)
+else
+    [[ -n "$CA" ]] || die "--ca CA_CRT is required: the certificate of the CA that signed the SuperLink's certificate (ca.crt from gen-certs.sh); or --insecure for a loopback test"
+    need_file "$CA" "--ca certificate"
+    CA="$(abs_path "$CA")"
+    grep -q "BEGIN CERTIFICATE" "$CA" || die "--ca '$CA' is not a PEM certificate"
+    CMD+=(--root-certificates "$CA")
+    if [[ "$NODE_AUTH" == 1 ]]; then
+        [[ -n "$AUTH_KEY" ]] || die "--auth-key KEY is required: this node's private key (gen-node-keys.sh), registered with the SuperLink; or --no-node-auth if the SuperLink runs without node authentication"
+        need_file "$AUTH_KEY" "--auth-key private key"
+        AUTH_KEY="$(abs_path "$AUTH_KEY")"
+        grep -q "BEGIN OPENSSH PRIVATE KEY" "$AUTH_KEY" \
+            || die "--auth-key '$AUTH_KEY' is not an OpenSSH private key: create one with gen-node-keys.sh (give the private key, not the .pub)"
+        CMD+=(--auth-supernode-private-key "$AUTH_KEY")
+    else
+        [[ -z "$AUTH_KEY" ]] || die "--no-node-auth excludes --auth-key"
+    fi
+fi
+[[ -z "$MAX_WAIT" ]] || CMD+=(--max-wait-time "$MAX_WAIT")
+
+NODE_CONFIG="partition-id=$PARTITION num-partitions=$NUM_PARTITIONS"
+[[ -z "$DATA_SOURCE" ]] || NODE_CONFIG+=" data-source=$(node_config_value --data-source "$DATA_SOURCE")"
+if [[ -n "$LLM_URL" ]]; then
+    NODE_CONFIG+=" llm-backend='openai' llm-base-url=$(node_config_value --llm-base-url "$LLM_URL")"
+    [[ -n "$LLM_MODEL" ]] || die "--llm-base-url needs --llm-model (the model name the server serves)"
+fi
+[[ -z "$LLM_MODEL" ]] || NODE_CONFIG+=" llm-model=$(node_config_value --llm-model "$LLM_MODEL")"
+[[ -z "$LLM_KEY_ENV" ]] || NODE_CONFIG+=" llm-api-key-env='$LLM_KEY_ENV'"
+if [[ -n "$BW_URL" ]]; then
+    NODE_CONFIG+=" backward-backend='openai' backward-base-url=$(node_config_value --backward-base-url "$BW_URL")"
+    [[ -n "$BW_MODEL" ]] || die "--backward-base-url needs --backward-model"
+fi
+[[ -z "$BW_MODEL" ]] || NODE_CONFIG+=" backward-model=$(node_config_value --backward-model "$BW_MODEL")"
+[[ -z "$BW_KEY_ENV" ]] || NODE_CONFIG+=" backward-api-key-env='$BW_KEY_ENV'"
+[[ -z "$EXTRA_NODE_CONFIG" ]] || NODE_CONFIG+=" $EXTRA_NODE_CONFIG"
+CMD+=(--node-config "$NODE_CONFIG" "${EXTRA[@]}")
+
+if [[ -z "$STATE" ]]; then
+    STATE="$(state_dir_for "$NAME")"
+else
+    mkdir -p "$STATE/flwr-home" || die "cannot create state folder '$STATE'"
+    STATE="$(cd "$STATE" && pwd)"
+fi
+[[ "$FOREGROUND" == 1 ]] || refuse_if_running "$STATE" "a SuperNode"  # a container restart reuses its old pid file
+if [[ "$FOREGROUND" == 0 ]] && ! port_bindable 127.0.0.1 "$PORT"; then
+    die "--port $PORT is in use on 127.0.0.1: every SuperNode on a machine needs its own --port"
+fi
+if [[ "$FOREGROUND" == 0 ]] && ! port_open "$ADDR_HOST" "$ADDR_PORT"; then
+    warn "nothing answers on $SUPERLINK yet; the SuperNode starts anyway and keeps retrying until the SuperLink is up"
+fi
+
+LOG_START=0
+[[ -f "$STATE/log" ]] && LOG_START="$(wc -l <"$STATE/log")"
+start_process "$STATE" "$FOREGROUND" "${CMD[@]}"
+wait_for_port "$STARTED_PID" 127.0.0.1 "$PORT" 120 "the SuperNode" "$STATE"
+
+say "started SuperNode '$NAME', PID $STARTED_PID, for SuperLink $SUPERLINK ($([[ "$INSECURE" == 1 ]] && echo "NO TLS" || echo "TLS$([[ "$NODE_AUTH" == 1 ]] && echo ", node key $AUTH_KEY")"), isolation $ISOLATION)"
+say "  node config: $NODE_CONFIG"
+say "  log:       $STATE/log"
+say "  state:     $STATE (pid file $STATE/pid, FLWR_HOME $STATE/flwr-home, Runtime API 127.0.0.1:$PORT)"
+say "  stop with: $DEPLOY_DIR/stop.sh --state-dir $STATE"
+if [[ "$ISOLATION" == process ]]; then
+    say "  next: start its ClientApp runner: $DEPLOY_DIR/start-superexec.sh --runtime 127.0.0.1:$PORT --insecure --name $NAME-runner"
+fi
+
+if ((WAIT_CONNECTED > 0)); then
+    deadline=$((SECONDS + WAIT_CONNECTED))
+    while ! tail -n +"$((LOG_START + 1))" "$STATE/log" | grep -q "SuperNode ID:"; do
+        if ! pid_alive "$STARTED_PID"; then
+            echo "--- last lines of $STATE/log:" >&2
+            tail -n 15 "$STATE/log" >&2
+            die "SuperNode '$NAME' (PID $STARTED_PID) stopped before the SuperLink accepted it; see $STATE/log"
+        fi
+        if ((SECONDS >= deadline)); then
+            die "SuperNode '$NAME' (PID $STARTED_PID) is not connected after ${WAIT_CONNECTED}s (it keeps retrying); see $STATE/log"
+        fi
+        sleep 0.5
+    done
+    say "  connected: $(tail -n +"$((LOG_START + 1))" "$STATE/log" | grep -m1 -o "SuperNode ID: [0-9]*")"
+fi

@@ -1,0 +1,414 @@
+"""A real multi-process deployment on 127.0.0.1, driven by the deploy/ scripts as an operator runs them.
+
+Two deployments, each started once for its test class and stopped by PID afterwards:
+
+* ``plain`` (TestPlainDeployment): an insecure SuperLink and three SuperNodes (``--insecure``,
+  loopback only), the nodes started *before* the SuperLink (they must retry and connect when it
+  comes up). One 2-round run with ``min-train-clients=2`` in which SuperNode 2 is killed by PID
+  (SIGKILL, with its app processes) during round 1's training: two clients answer every round,
+  the round reports the missing one, the run goes on.
+* ``secure`` (TestSecureDeployment): TLS and node authentication, certificates and keys made by
+  gen-certs.sh and gen-node-keys.sh, keys registered with register-node.sh, and the process
+  isolation of the docker compose demo: SuperLink + ServerApp runner, two SuperNodes + their
+  ClientApp runners (deploy/compose/compose.yaml has the same processes with the same flags).
+  A node with an unregistered key, a node and a ``flwr run`` without the CA are refused.
+
+Every SuperNode has its own FLWR_HOME (its state folder) and its own LLM server: a separate sim
+server process per node (``python -m tests.deployment_helpers sim-server``, which counts the
+requests it answers), named in that node's ``--node-config`` only; the run config keeps
+``llm-backend='sim'`` (in-process). So requests reaching every node's server prove each node's
+own config was used. Runs are submitted with ``flwr run . <connection>`` from a separate
+FLWR_HOME and checked by the results folder, since ``flwr run`` may exit 0 when the run failed.
+TestStartChecks covers what the scripts refuse before starting anything.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .deployment_helpers import (
+    DEPLOY,
+    ROOT,
+    Deployment,
+    alive,
+    cmdline,
+    descendants,
+    free_ports,
+    kill_pids,
+    read_results,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),
+    reason="needs openssl, ssh-keygen (openssh-client) and Flower's flower-superlink",
+)
+
+CONNECT_TIMEOUT = 120  # a SuperNode retries with backoff (up to 20 s between tries)
+RUN_TIMEOUT = 540
+# Short runs: 2 rounds, one local step, small synthetic splits.
+RUN_CONFIG = "num-server-rounds=2 min-train-clients=2 local-steps=1 batch-size=2 synthetic-size=60"
+
+
+def _connected(started) -> bool:
+    return "SuperNode ID:" in started.log
+
+
+def _said_it_stopped(started) -> bool:
+    """The start script's line for a SuperNode that the SuperLink refused (early or late in its start)."""
+    return (f"'{started.name}' (PID {started.pid}) stopped before the SuperLink accepted it" in started.output
+            or f"the SuperNode (PID {started.pid}) exited during start" in started.output)
+
+
+def _run(deployment: Deployment, flwr_home: Path, connection: str, results: Path, name: str, extra: str = ""):
+    """``flwr run . CONNECTION`` with a short config; returns (output, seconds)."""
+    began = time.monotonic()
+    done = deployment.flwr(flwr_home, "run", ".", connection, "--stream", "--run-config",
+                           f"{RUN_CONFIG} results-dir='{results}' run-name='{name}' {extra}".strip(),
+                           timeout=RUN_TIMEOUT)
+    return done.stdout + done.stderr, time.monotonic() - began
+
+
+def _check_complete_run(run_dir: Path, output: str, clients: set[str]) -> tuple[dict, list[dict]]:
+    assert (run_dir / "summary.json").exists(), output[-4000:]
+    summary, rounds = read_results(run_dir)
+    assert summary["finished"] is True, (summary.get("error"), output[-4000:])
+    assert summary["rounds"] == 2
+    assert len(rounds) == 2
+    for record in rounds:
+        assert {c["label"] for c in record["clients"]} == clients, record["failures"]
+        assert record["failures"] == []
+    assert summary["test_accuracy"] is not None
+    return summary, rounds
+
+
+# --- the plain deployment -----------------------------------------------------------------
+
+@pytest.fixture(scope="class")
+def plain(tmp_path_factory):
+    """An insecure SuperLink and three SuperNodes, each node with its own sim server; the nodes start first."""
+    deployment = Deployment(tmp_path_factory.mktemp("plain"))
+    try:
+        sims = [deployment.sim_server(f"sim-{i}") for i in range(3)]
+        link_port, *node_ports = free_ports(4)
+        superlink = f"127.0.0.1:{link_port}"
+        # the SuperNodes first: nothing answers yet, they must keep retrying
+        nodes = deployment.start_many(*[
+            ("start-supernode.sh", f"supernode-{i}", "--insecure", "--superlink", superlink,
+             "--partition-id", str(i), "--num-partitions", "3", "--llm-base-url", sims[i].url, "--llm-model", "sim",
+             "--port", str(node_ports[i]))
+            for i in range(3)
+        ])
+        link = deployment.start("start-superlink.sh", "superlink", "--insecure", "--port", str(link_port))
+        for node in nodes:
+            assert wait_until(lambda node=node: _connected(node), CONNECT_TIMEOUT), node.log[-3000:]
+        home = deployment.root / "submitter"
+        deployment.script("add-connection.sh", "--name", "plain", "--superlink", superlink, "--insecure",
+                          "--flwr-home", str(home))
+        yield {"deployment": deployment, "sims": sims, "nodes": nodes, "superlink": link,
+               "address": superlink, "home": home}
+    finally:
+        deployment.stop_all()
+        assert not [pid for pid in deployment.all_pids() if alive(pid)]
+
+
+@pytest.fixture(scope="class")
+def plain_run(plain, tmp_path_factory):
+    """One 2-round run (min-train-clients=2) in which SuperNode 2 is killed by PID during round 1's training."""
+    deployment, victim = plain["deployment"], plain["nodes"][2]
+    results = tmp_path_factory.mktemp("plain-results")
+    before = [sim.served() for sim in plain["sims"]]
+    env = dict(deployment.env, FLWR_HOME=str(plain["home"]))
+    began = time.monotonic()
+    run = subprocess.Popen(
+        ["flwr", "run", ".", "plain", "--stream", "--run-config",
+         f"{RUN_CONFIG} results-dir='{results}' run-name='plain'"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deployment.extra_pids.append(run.pid)
+    killed = []
+    try:
+        # the victim has answered the initial evaluation and now received round 1's training message
+        assert wait_until(lambda: "Receiving: train message" in victim.log, RUN_TIMEOUT), victim.log[-3000:]
+        killed = [victim.pid, *descendants(victim.pid)]
+        kill_pids(killed, signal.SIGKILL)  # a site that crashes mid-round: no goodbye to the SuperLink
+        assert wait_until(lambda: not any(alive(pid) for pid in killed), 10)
+        output, _ = run.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    seconds = time.monotonic() - began
+    print(f"\nplain deployment: 2-round run with one SuperNode killed took {seconds:.1f} s")
+    served = [sim.served() - b for sim, b in zip(plain["sims"], before)]
+    return {"dir": results / "plain", "output": output, "served": served, "killed": killed}
+
+
+class TestPlainDeployment:
+    """Insecure SuperLink and SuperNodes on loopback; the nodes start first; one node dies mid-round."""
+
+    def test_scripts_report_pid_log_and_state_and_warn_about_insecure_mode(self, plain):
+        for started in [plain["superlink"], *plain["nodes"]]:
+            assert f"PID {started.pid}" in started.output
+            assert f"log:       {started.state}/log" in started.output
+            assert f"state:     {started.state}" in started.output
+            assert "runs WITHOUT TLS and WITHOUT node authentication" in started.output
+            assert alive(started.pid)
+            assert (started.state / "flwr-home").is_dir()  # every process has its own FLWR_HOME
+        # runtime dependency installation is off: the machines have the app installed
+        assert "--disable-runtime-dependency-installation" in (plain["superlink"].state / "command").read_text()
+
+    def test_supernodes_started_before_the_superlink_retry_and_connect_when_it_comes_up(self, plain):
+        for node in plain["nodes"]:
+            assert f"nothing answers on {plain['address']} yet" in node.output
+            log = node.log
+            assert "Connection attempt failed, retrying" in log
+            assert log.index("Connection attempt failed") < log.index("SuperNode ID:")
+
+    def test_plain_deployment_runs_two_rounds_with_each_node_on_its_own_llm_server(self, plain_run):
+        output = plain_run["output"]
+        assert (plain_run["dir"] / "summary.json").exists(), output[-4000:]
+        summary, rounds = read_results(plain_run["dir"])
+        assert summary["finished"] is True, (summary.get("error"), output[-4000:])
+        assert summary["rounds"] == 2 and len(rounds) == 2
+        for record in rounds:  # two clients answered every round
+            assert {c["label"] for c in record["clients"]} == {"0", "1"}, record["failures"]
+            assert all(c["metrics"]["llm_calls"] > 0 for c in record["clients"])
+        assert summary["test_accuracy"] is not None
+        # each node's requests went to its own server, named only in that node's --node-config
+        assert all(count > 0 for count in plain_run["served"]), plain_run["served"]
+
+    def test_a_supernode_killed_during_a_round_is_reported_and_the_run_goes_on(self, plain_run):
+        summary, (first, second) = read_results(plain_run["dir"])
+        missing = [f for f in first["failures"] if f["stage"] == "train"]
+        assert len(missing) == 1, first["failures"]
+        assert "Node Unavailable" in missing[0]["reason"]
+        # the SuperLink answers for a vanished node with its own id; the strategy still names the victim
+        assert missing[0]["label"] == "2", missing
+        assert "FAILED" in plain_run["output"]  # the round table showed it
+        assert second["failures"] == []  # the run went on with the nodes that were left
+        assert summary["finished"] is True
+        assert not any(alive(pid) for pid in plain_run["killed"])
+
+
+# --- checks the scripts make before anything starts -----------------------------------------
+
+@pytest.fixture(scope="class")
+def offline(tmp_path_factory):
+    deployment = Deployment(tmp_path_factory.mktemp("offline"))
+    yield deployment
+    deployment.stop_all()
+
+
+class TestStartChecks:
+    """What the scripts refuse before anything starts."""
+
+    def test_every_script_explains_itself(self, offline):
+        scripts = sorted(DEPLOY.glob("*.sh"))
+        assert {p.name for p in scripts} >= {"start-superlink.sh", "start-supernode.sh", "start-superexec.sh",
+                                             "gen-certs.sh", "gen-node-keys.sh", "register-node.sh",
+                                             "add-connection.sh", "stop.sh"}
+        for script in scripts:
+            if script.name == "lib.sh":
+                continue
+            text = script.read_text()
+            assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text, script.name
+            assert script.stat().st_mode & 0o111, f"{script.name} is not executable"
+            done = offline.script(script.name, "--help", timeout=60)
+            assert done.stdout.startswith("Usage: "), script.name
+            done = offline.script(script.name, "--no-such-flag", check=False, timeout=60)
+            assert done.returncode != 0 and "unknown argument '--no-such-flag'" in done.stderr, script.name
+
+    @pytest.mark.parametrize("address, says", [
+        ("127.0.0.1", "is not HOST:PORT"),
+        ("http://127.0.0.1:9093", "without a scheme"),
+        ("127.0.0.1:99999", "is not a port number"),
+        (":9093", "is not HOST:PORT"),
+    ])
+    def test_a_wrong_superlink_address_fails_at_start_with_a_clear_line(self, offline, address, says):
+        began = time.monotonic()
+        done = offline.script("start-supernode.sh", "--insecure", "--superlink", address, "--partition-id", "0",
+                              "--num-partitions", "2", "--name", "bad-address", check=False, timeout=60)
+        assert done.returncode != 0
+        assert says in done.stderr and "--superlink" in done.stderr, done.stderr
+        assert time.monotonic() - began < 30
+        assert not (offline.state_root / "bad-address" / "pid").exists()  # nothing was started
+
+
+    def test_a_missing_certificate_or_key_file_fails_at_start_with_a_clear_line(self, offline, tmp_path):
+        certs = tmp_path / "certs"
+        offline.script("gen-certs.sh", "--out", str(certs))
+        offline.script("gen-node-keys.sh", "--name", "site", "--out", str(tmp_path / "keys"))
+        (port,) = free_ports(1)
+        cases = [
+            (("start-superlink.sh", "--certs", str(tmp_path / "nowhere"), "--port", str(port)),
+             f"certificate folder '{tmp_path / 'nowhere'}' does not exist"),
+            (("start-superlink.sh", "--certs", str(tmp_path / "partial"), "--port", str(port)),
+             f"certificate file '{tmp_path / 'partial'}/server.pem' does not exist"),
+            (("start-supernode.sh", "--superlink", f"127.0.0.1:{port}", "--ca", str(tmp_path / "missing.crt"),
+              "--auth-key", str(tmp_path / "keys" / "site"), "--partition-id", "0", "--num-partitions", "1"),
+             f"--ca certificate '{tmp_path / 'missing.crt'}' does not exist"),
+            (("start-supernode.sh", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+              "--auth-key", str(tmp_path / "keys" / "gone"), "--partition-id", "0", "--num-partitions", "1"),
+             f"--auth-key private key '{tmp_path / 'keys' / 'gone'}' does not exist"),
+            (("start-supernode.sh", "--superlink", f"127.0.0.1:{port}", "--auth-key", str(tmp_path / "keys" / "site"),
+              "--partition-id", "0", "--num-partitions", "1"),
+             "--ca CA_CRT is required"),
+            (("start-supernode.sh", "--superlink", f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"),
+              "--auth-key", str(tmp_path / "keys" / "site.pub"), "--partition-id", "0", "--num-partitions", "1"),
+             "is not an OpenSSH private key"),
+        ]
+        (tmp_path / "partial").mkdir()
+        shutil.copy(certs / "ca.crt", tmp_path / "partial" / "ca.crt")
+        for args, says in cases:
+            done = offline.script(*args, "--name", "bad-file", check=False, timeout=60)
+            assert done.returncode != 0, args
+            assert says in done.stderr, (args, done.stderr)
+            assert not (offline.state_root / "bad-file" / "pid").exists()
+
+
+    def test_insecure_mode_needs_the_explicit_flag_and_says_so(self, offline, tmp_path):
+        (port,) = free_ports(1)
+        # no flag, no certificates: refused, naming both ways out
+        done = offline.script("start-superlink.sh", "--port", str(port), "--name", "no-certs", check=False, timeout=60)
+        assert done.returncode != 0
+        assert "gen-certs.sh" in done.stderr and "--insecure" in done.stderr
+        done = offline.script("add-connection.sh", "--name", "x", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                              "--flwr-home", str(tmp_path), timeout=60)
+        assert "WITHOUT TLS" in done.stderr
+        assert 'insecure = true' in (tmp_path / "config.toml").read_text()
+
+
+# --- the secure deployment: TLS and node authentication ----------------------------------------
+
+@pytest.fixture(scope="class")
+def secure(tmp_path_factory):
+    deployment = Deployment(tmp_path_factory.mktemp("secure"))
+    root = deployment.root
+    try:
+        certs, keys = root / "certs", root / "keys"
+        deployment.script("gen-certs.sh", "--out", str(certs), "--host", "localhost")
+        for name in ("site-0", "site-1", "stranger"):
+            deployment.script("gen-node-keys.sh", "--name", name, "--out", str(keys))
+        sims = [deployment.sim_server(f"sim-{i}") for i in range(2)]
+        link_port, *node_ports = free_ports(3)
+        superlink = f"127.0.0.1:{link_port}"
+        link = deployment.start("start-superlink.sh", "superlink", "--certs", str(certs), "--port", str(link_port),
+                                "--isolation", "process")
+        runner = deployment.start("start-superexec.sh", "serverapp-runner", "--runtime", superlink,
+                                  "--ca", str(certs / "ca.crt"))
+        registered = deployment.script("register-node.sh", "--superlink", superlink, "--ca", str(certs / "ca.crt"),
+                                       str(keys / "site-0.pub"), str(keys / "site-1.pub"))
+        nodes = deployment.start_many(*[
+            ("start-supernode.sh", f"supernode-{i}", "--superlink", superlink, "--ca", str(certs / "ca.crt"),
+             "--auth-key", str(keys / f"site-{i}"), "--partition-id", str(i), "--num-partitions", "2",
+             "--llm-base-url", sims[i].url, "--llm-model", "sim",
+             "--port", str(node_ports[i]), "--isolation", "process")
+            for i in range(2)
+        ])
+        node_runners = deployment.start_many(*[
+            ("start-superexec.sh", f"supernode-{i}-runner", "--runtime", f"127.0.0.1:{node_ports[i]}", "--insecure")
+            for i in range(2)
+        ])
+        for node in nodes:
+            assert wait_until(lambda node=node: _connected(node), CONNECT_TIMEOUT), node.log[-3000:]
+        home = root / "submitter"
+        deployment.script("add-connection.sh", "--name", "secure", "--superlink", superlink,
+                          "--ca", str(certs / "ca.crt"), "--flwr-home", str(home))
+        yield {"deployment": deployment, "sims": sims, "superlink": link, "runner": runner, "nodes": nodes,
+               "node_runners": node_runners, "address": superlink, "home": home, "certs": certs, "keys": keys,
+               "registered": registered.stdout}
+    finally:
+        deployment.stop_all()
+        assert not [pid for pid in deployment.all_pids() if alive(pid)]
+
+
+class TestSecureDeployment:
+    """TLS and node authentication, with the process isolation of the compose demo."""
+
+    def test_secure_processes_run_with_tls_and_node_authentication(self, secure):
+        link_command = (secure["superlink"].state / "command").read_text()
+        for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
+            assert flag in link_command
+        assert "--insecure" not in link_command
+        assert len(re.findall(r"SuperNode ID \d+", secure["registered"])) == 2
+        for node in secure["nodes"]:
+            command = (node.state / "command").read_text()
+            assert "--root-certificates" in command and "--auth-supernode-private-key" in command
+            assert "--insecure" not in command
+            assert "WITHOUT TLS" not in node.output
+        assert "Activated node_id" in secure["superlink"].log
+
+
+    def test_a_supernode_with_an_unregistered_key_is_refused(self, secure):
+        deployment = secure["deployment"]
+        (port,) = free_ports(1)
+        began = time.monotonic()
+        stranger = deployment.start("start-supernode.sh", "stranger", "--superlink", secure["address"],
+                                    "--ca", str(secure["certs"] / "ca.crt"), "--auth-key", str(secure["keys"] / "stranger"),
+                                    "--partition-id", "0", "--num-partitions", "2", "--port", str(port),
+                                    "--wait-connected", "90", check=False)
+        assert stranger.returncode != 0
+        assert _said_it_stopped(stranger), stranger.output
+        assert "Failed to activate SuperNode" in stranger.log
+        assert "SuperNode ID:" not in stranger.log
+        assert not alive(stranger.pid)
+        assert time.monotonic() - began < 120
+
+
+    def test_a_supernode_without_the_superlinks_ca_is_refused(self, secure, tmp_path):
+        deployment = secure["deployment"]
+        other = tmp_path / "other-ca"
+        deployment.script("gen-certs.sh", "--out", str(other))
+        (port,) = free_ports(1)
+        began = time.monotonic()
+        # a CA that did not sign the SuperLink's certificate: the TLS handshake fails, the node gives up
+        wrong = deployment.start("start-supernode.sh", "wrong-ca", "--superlink", secure["address"],
+                                 "--ca", str(other / "ca.crt"), "--auth-key", str(secure["keys"] / "site-1"),
+                                 "--partition-id", "1", "--num-partitions", "2", "--port", str(port),
+                                 "--wait-connected", "90", check=False)
+        assert wrong.returncode != 0
+        assert _said_it_stopped(wrong), wrong.output
+        assert "CERTIFICATE_VERIFY_FAILED" in wrong.log
+        assert "SuperNode ID:" not in wrong.log
+        assert not alive(wrong.pid)
+        assert time.monotonic() - began < 120
+
+
+    def test_flwr_run_without_the_ca_is_refused(self, secure, tmp_path):
+        deployment = secure["deployment"]
+        home = tmp_path / "no-ca"
+        home.mkdir()
+        # TLS on, but no root-certificates: the system's CAs do not know the SuperLink's private CA
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "{secure["address"]}"\n')
+        started_before = secure["superlink"].log.count("ControlServicer.StartRun")
+        began = time.monotonic()
+        done = deployment.flwr(home, "run", ".", "secure", "--run-config", f"results-dir='{tmp_path}'", timeout=120)
+        assert done.returncode != 0
+        assert "Connection to the SuperLink is unavailable" in done.stdout + done.stderr
+        assert time.monotonic() - began < 90
+        assert secure["superlink"].log.count("ControlServicer.StartRun") == started_before
+        assert not list(tmp_path.glob("*/summary.json"))
+
+
+    def test_secure_deployment_runs_two_rounds_with_each_node_on_its_own_llm_server(self, secure, tmp_path):
+        before = [sim.served() for sim in secure["sims"]]
+        output, seconds = _run(secure["deployment"], secure["home"], "secure", tmp_path, "secure")
+        _check_complete_run(tmp_path / "secure", output, {"0", "1"})
+        print(f"\nsecure deployment: 2-round run took {seconds:.1f} s")
+        served = [sim.served() - b for sim, b in zip(secure["sims"], before)]
+        assert all(count > 0 for count in served), served
+        # process isolation: the SuperLink and SuperNodes start no runner of their own; the separate
+        # runners did the work (the ClientApp runners log each app process they start)
+        for parent in [secure["superlink"], *secure["nodes"]]:
+            assert not [pid for pid in descendants(parent.pid) if "flower-superexec" in cmdline(pid)]
+        assert alive(secure["runner"].pid)
+        for runner in secure["node_runners"]:
+            assert "Start `flwr-clientapp` process" in runner.log

@@ -54,6 +54,7 @@ class PromptStrategy(Strategy):
         self.rng = random.Random(settings.seed)
         self.labels: dict[int, str] = {}  # node id -> "partition id" once a node has answered
         self.sent_to: dict[str, int] = {}  # message id -> the node it was sent to
+        self.unanswered: list[int] = []  # nodes of the last send that never replied
 
     # --- sampling ------------------------------------------------------------------
     def _wanted(self) -> int:
@@ -81,6 +82,8 @@ class PromptStrategy(Strategy):
         messages = list(messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
+        answered = {self._sender(reply) for reply in replies}
+        self.unanswered = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
         return replies
 
     def _sender(self, reply: Message) -> int:
@@ -94,8 +97,12 @@ class PromptStrategy(Strategy):
 
     def _split_replies(self, replies: Iterable[Message], needed: dict[str, tuple[str, ...]]
                        ) -> tuple[list[Message], list[ClientFailure]]:
-        """Successful replies, and failures: error replies and replies missing ``needed`` fields."""
-        ok, failures = [], []
+        """Successful replies, and failures: error replies, replies missing ``needed`` fields,
+        and clients that never replied (a timeout must not drop a client silently)."""
+        ok: list[Message] = []
+        failures = [ClientFailure(self.label(node), "no reply before the round's timeout")
+                    for node in self.unanswered]
+        self.unanswered = []
         for reply in replies:
             if reply.has_error():
                 failures.append(ClientFailure(self.label(self._sender(reply)), error_reason(reply)))

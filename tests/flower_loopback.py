@@ -31,7 +31,7 @@ class LoopbackGrid:
     """Delivers each message to the ClientApp of its destination node, in this process."""
 
     def __init__(self, run_config: dict[str, object], num_nodes: int = 3, failing: Iterable[int] = (),
-                 node_overrides: dict[int, dict[str, object]] | None = None):
+                 node_overrides: dict[int, dict[str, object]] | None = None, silent: Iterable[int] = ()):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's identity
         self.run_config = run_config
         self.nodes = {
@@ -39,6 +39,7 @@ class LoopbackGrid:
             for i in range(num_nodes)
         }
         self.failing = {100 + i for i in failing}
+        self.silent = {100 + i for i in silent}  # nodes whose replies never arrive (a timeout)
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
@@ -49,6 +50,8 @@ class LoopbackGrid:
         for message in messages:
             self.sent.append(message)
             node_id = message.metadata.dst_node_id
+            if node_id in self.silent:
+                continue
             context = Context(run_id=1, node_id=node_id, node_config=self.nodes[node_id],
                               state=RecordDict(), run_config=self.run_config)
             try:

@@ -171,3 +171,14 @@ def test_missing_api_key_variable_on_the_clients_stops_the_run_at_round_zero(tmp
     with pytest.raises(RoundFailed) as failed:
         strategy.start(LoopbackGrid(run_config))
     assert "setting 'llm-api-key-env' = 'FEDTEXTGRAD_TEST_KEY' is not accepted" in str(failed.value)
+
+
+def test_a_client_that_never_replies_is_reported_not_dropped(tmp_path):
+    strategy, run_config, recorder, lines = make_strategy(tmp_path, **{"num-server-rounds": 1})
+    strategy.start(LoopbackGrid(run_config, silent=[1]))
+    record = json.loads((recorder.path / "rounds.jsonl").read_text().splitlines()[0])
+    assert len(record["clients"]) == 2
+    assert {(f["label"], f["stage"], f["reason"]) for f in record["failures"]} == {
+        ("node101", "train", "no reply before the round's timeout"),
+        ("node101", "evaluate", "no reply before the round's timeout"),
+    }

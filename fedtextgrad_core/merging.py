@@ -90,8 +90,12 @@ def merge_prompts(prompts: Sequence[str], method: str, format_instruction: str,
     reply = _clean_reply(engine.generate(merge_request(shown, uid=method == "summarize-uid"),
                                          system_prompt=MERGER_SYSTEM_PROMPT))
     merged_body = strip_format(reply, format_instruction)
+    reason = ""
     if not merged_body:
         reason = "the summariser returned an empty prompt" if not reply else "the summariser returned only the answer format"
+    elif MERGE_REQUEST[:48] in merged_body:  # weak models copy the request into the "prompt"
+        reason = "the summariser echoed the merge request instead of merging"
+    if reason:
         log.warning("merge: %s; using the concatenated prompts instead", reason)
         return MergeResult(concatenated, method, fallback_reason=reason)
     repaired = format_instruction not in reply

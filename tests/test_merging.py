@@ -9,7 +9,7 @@ import pytest
 
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.merging import MERGE_METHODS, UID_REQUEST, check_method, merge_prompts
+from fedtextgrad_core.merging import MERGE_METHODS, MERGE_REQUEST, UID_REQUEST, check_method, merge_prompts
 from fedtextgrad_core.sim_llm import CATALOGUE, insert_instruction, instructions_in
 from fedtextgrad_core.tasks import get_task
 
@@ -108,8 +108,10 @@ def test_format_moved_to_the_middle_is_put_last_once() -> None:
     assert ends_with_format_once(result.prompt)
 
 
-@pytest.mark.parametrize("reply, reason_word", [("", "empty"), ("   \n ", "empty"), (FORMAT, "format")],
-                         ids=["empty", "blank", "format-only"])
+@pytest.mark.parametrize("reply, reason_word", [
+    ("", "empty"), ("   \n ", "empty"), (FORMAT, "format"),
+    (MERGE_REQUEST + " Count carefully. " + FORMAT, "echoed the merge request"),  # seen with SmolLM2
+], ids=["empty", "blank", "format-only", "echoed-request"])
 def test_useless_summary_falls_back_to_concat_with_a_logged_reason(
         reply: str, reason_word: str, caplog: pytest.LogCaptureFixture) -> None:
     prompts = client_prompts()

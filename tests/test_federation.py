@@ -17,7 +17,7 @@ from fedtextgrad_core.federation import (
     require_enough,
     weighted_accuracy,
 )
-from fedtextgrad_core.llm import EndpointSettings, make_engine
+from fedtextgrad_core.llm import make_engine
 from fedtextgrad_core.results import RunRecorder
 from fedtextgrad_core.settings import RunSettings
 from fedtextgrad_core.sim_llm import CATALOGUE, insert_instruction, instructions_in

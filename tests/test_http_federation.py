@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from .flower_loopback import LoopbackGrid, default_run_config
+from .flower_loopback import LoopbackGrid
 from .test_strategy import make_strategy
 
 

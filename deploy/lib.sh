@@ -144,8 +144,8 @@ check_flwr_version() {
 STATE_ROOT="${FEDTEXTGRAD_DEPLOY_STATE:-./deploy-state}"
 
 state_dir_for() {
-    # $1 name -> absolute state folder, created
-    local dir="$STATE_ROOT/$1"
+    # $1 name, $2 optional --state-dir -> absolute state folder, created
+    local dir="${2:-$STATE_ROOT/$1}"
     mkdir -p "$dir/flwr-home" || die "cannot create state folder '$dir'"
     (cd "$dir" && pwd)
 }

@@ -65,12 +65,7 @@ else
     CMD+=(--root-certificates "$(abs_path "$CA")")
 fi
 
-if [[ -z "$STATE" ]]; then
-    STATE="$(state_dir_for "$NAME")"
-else
-    mkdir -p "$STATE/flwr-home" || die "cannot create state folder '$STATE'"
-    STATE="$(cd "$STATE" && pwd)"
-fi
+STATE="$(state_dir_for "$NAME" "$STATE")"
 [[ "$FOREGROUND" == 1 ]] || refuse_if_running "$STATE" "a SuperExec"  # a container restart reuses its old pid file
 start_process "$STATE" "$FOREGROUND" "${CMD[@]}"
 sleep 1

@@ -103,12 +103,7 @@ else
     fi
 fi
 
-if [[ -z "$STATE" ]]; then
-    STATE="$(state_dir_for "$NAME")"
-else
-    mkdir -p "$STATE/flwr-home" || die "cannot create state folder '$STATE'"
-    STATE="$(cd "$STATE" && pwd)"
-fi
+STATE="$(state_dir_for "$NAME" "$STATE")"
 [[ "$FOREGROUND" == 1 ]] || refuse_if_running "$STATE" "a SuperLink"  # a container restart reuses its old pid file
 if [[ "$FOREGROUND" == 0 ]] && ! port_bindable "$HOST" "$PORT"; then
     die "cannot listen on $HOST:$PORT: the port is in use (or the address is not on this machine)"

@@ -180,12 +180,7 @@ fi
 [[ -z "$EXTRA_NODE_CONFIG" ]] || NODE_CONFIG+=" $EXTRA_NODE_CONFIG"
 CMD+=(--node-config "$NODE_CONFIG" "${EXTRA[@]}")
 
-if [[ -z "$STATE" ]]; then
-    STATE="$(state_dir_for "$NAME")"
-else
-    mkdir -p "$STATE/flwr-home" || die "cannot create state folder '$STATE'"
-    STATE="$(cd "$STATE" && pwd)"
-fi
+STATE="$(state_dir_for "$NAME" "$STATE")"
 [[ "$FOREGROUND" == 1 ]] || refuse_if_running "$STATE" "a SuperNode"  # a container restart reuses its old pid file
 if [[ "$FOREGROUND" == 0 ]] && ! port_bindable 127.0.0.1 "$PORT"; then
     die "--port $PORT is in use on 127.0.0.1: every SuperNode on a machine needs its own --port"

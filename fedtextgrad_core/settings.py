@@ -23,6 +23,7 @@ from .tasks import TASKS, format_for, get_task, start_prompt_for
 Config = Mapping[str, object]
 
 ENDPOINT_ROLES = ("llm", "backward", "server")
+LEAKAGE_GUARDS = ("redact", "refuse", "off")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -75,6 +76,13 @@ def _text(config: Config, key: str, default: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, value, "a text value in quotes")
     return value.strip()
+
+
+def _choice(config: Config, key: str, default: str, accepted: tuple[str, ...]) -> str:
+    value = _text(config, key, default)
+    if value not in accepted:
+        raise ConfigError(key, value, ", ".join(accepted))
+    return value
 
 
 def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | None = None) -> EndpointSettings:
@@ -131,6 +139,16 @@ class RunSettings:
     server: EndpointSettings = field(default_factory=EndpointSettings)
     results_dir: str = "results"
     run_name: str = ""
+    # --- reliability and security (issue 6) ---
+    resume_from: str = ""  # folder of an earlier, unfinished run to continue
+    max_prompt_chars: int = 8000  # a client upload longer than this is rejected before merging
+    robust_merge: bool = False  # score each upload on a server-side held-out set; leave out outliers
+    robust_holdout_size: int = 12  # examples in that held-out set
+    robust_margin: float = 0.2  # left out when scoring more than this below the median upload
+    leakage_guard: str = "redact"  # redact | refuse | off: verbatim training text in an upload
+    leakage_ngram: int = 8  # words in a row shared with a training example that count as a leak
+    # --- scale (issue 5) ---
+    merge_token_budget: int = 3000  # most tokens one summariser call reads; the merged prompt never exceeds it
 
     @property
     def tasks(self) -> list[str]:
@@ -191,6 +209,14 @@ class RunSettings:
             server=endpoint_settings(config, "server"),
             results_dir=_text(config, "results-dir", cls.results_dir) or cls.results_dir,
             run_name=_text(config, "run-name", cls.run_name),
+            resume_from=_text(config, "resume-from", cls.resume_from),
+            max_prompt_chars=_positive_int(config, "max-prompt-chars", cls.max_prompt_chars),
+            robust_merge=_bool(config, "robust-merge", cls.robust_merge),
+            robust_holdout_size=_positive_int(config, "robust-holdout-size", cls.robust_holdout_size),
+            robust_margin=_fraction(config, "robust-margin", cls.robust_margin),
+            leakage_guard=_choice(config, "leakage-guard", cls.leakage_guard, LEAKAGE_GUARDS),
+            leakage_ngram=_positive_int(config, "leakage-ngram", cls.leakage_ngram),
+            merge_token_budget=_positive_int(config, "merge-token-budget", cls.merge_token_budget),
         )
 
 

@@ -4,6 +4,7 @@
     fedtextgrad sim-server --port 8765 [--latency-ms 200]
     fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
     fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
+    fedtextgrad bench endpoint --base-url URL --model M --concurrency 1,4,16,64   load-test your LLM server
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .endpoint_bench import DEFAULT_PROMPT
 from .errors import ConfigError, FedTextGradError
 
 
@@ -56,7 +58,7 @@ def _read_prompt_file(name: str) -> str:
     if not path.is_file():
         raise FedTextGradError(f"'{path}' does not exist or is not a file")
     text = path.read_text(encoding="utf-8")
-    text = text[:-1] if text.endswith("\n") else text  # prompts/*.txt end with one added newline
+    text = text.removesuffix("\n")  # prompts/*.txt end with one added newline
     if not text.strip():
         raise FedTextGradError(f"'{path}' is empty")
     return text
@@ -91,7 +93,27 @@ def _compare(args: argparse.Namespace) -> int:
 def _sim_server(args: argparse.Namespace) -> int:
     from .sim_server import serve_forever
 
-    serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host)
+    serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host, call_log=args.call_log or None)
+    return 0
+
+
+def _bench_endpoint(args: argparse.Namespace) -> int:
+    import json
+
+    from .endpoint_bench import EndpointBench, format_table, parse_concurrency
+    from .openai_backend import api_key_for
+
+    levels = parse_concurrency(args.concurrency)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise FedTextGradError(f"--out '{out}': the folder '{out.parent}' does not exist")
+    bench = EndpointBench(args.base_url, args.model, api_key_for(args.api_key_env, "--api-key-env"),
+                          max_tokens=args.max_tokens, prompt=args.prompt, timeout=args.timeout)
+    report = bench.run(levels, args.requests, progress=lambda line: print(line, flush=True))
+    print(format_table(report))
+    if out is not None:
+        out.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
     return 0
 
 
@@ -119,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=8765)
     sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     sim.add_argument("--latency-ms", type=float, default=0.0, help="added delay per call, for benchmarks")
+    sim.add_argument("--call-log", default="", help="append one JSON line per chat call (kind, start, end) to this file")
     sim.set_defaults(run=_sim_server)
 
     an = commands.add_parser("analyze", help="print information-density metrics of prompt files")
@@ -136,6 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding summary.json)")
     cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
     cmp_.set_defaults(run=_compare)
+
+    bench = commands.add_parser("bench", help="measure an LLM server")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    be = benches.add_parser("endpoint", help="requests/s, tokens/s and latency of an OpenAI-compatible endpoint "
+                            "at several concurrency levels, to choose llm-concurrency")
+    be.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    be.add_argument("--model", required=True, help="the model name the server serves")
+    be.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    be.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level after another "
+                    "(default 1,4,16,64)")
+    be.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
+    be.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    be.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message sent")
+    be.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    be.add_argument("--out", default="endpoint-bench.json", help="where to write the JSON results ('' for none)")
+    be.set_defaults(run=_bench_endpoint, command_name="bench endpoint")
     return parser
 
 
@@ -144,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except FedTextGradError as exc:
-        print(f"fedtextgrad {args.command}: {exc}", file=sys.stderr)
+        print(f"fedtextgrad {getattr(args, 'command_name', args.command)}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

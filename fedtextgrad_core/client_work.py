@@ -6,18 +6,23 @@ dicts, so the same code serves simulation, a real SuperNode and the tests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .data import Example
+from .errors import ConfigError, LeakageError
 from .evaluation import evaluate_prompt
+from .leakage import LeakReport, guard_prompt
 from .llm import make_engine
 from .local_training import LocalSettings, train_prompt
 from .partitioning import ClientData, client_data
-from .settings import RunSettings, client_endpoints
+from .settings import RunSettings, client_endpoints, text_setting
 from .tasks import get_task
 
 SPLITS = ("val", "test")
+# A site decides for itself what leaves it: its node config may override these run settings.
+NODE_LEAKAGE_KEYS = ("leakage-guard", "leakage-ngram")
 
 
 @dataclass(frozen=True)
@@ -30,22 +35,33 @@ class NodeIdentity:
 def node_identity(settings: RunSettings, node_config: Mapping[str, object]) -> NodeIdentity:
     """Which share of the data this node holds: simulation injects partition-id and
     num-partitions; a real SuperNode sets them (and optionally its own data-source)."""
-    ids = []
-    for key in ("partition-id", "num-partitions"):
-        value = node_config.get(key)
-        try:
-            if isinstance(value, bool):
-                raise TypeError(key)
-            ids.append(int(value))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ConfigError(
-                key, value,
-                "an integer in the node config: simulation sets 'partition-id' and 'num-partitions'; "
-                "a SuperNode needs e.g. flower-supernode --node-config \"partition-id=0 num-partitions=2\"",
-            ) from None
-    partition_id, num_partitions = ids
-    source = str(node_config.get("data-source") or settings.data_source)
+    partition_id, num_partitions = (_node_int(node_config, key) for key in ("partition-id", "num-partitions"))
+    # The node's own data-source is checked like the run's: quoted text, no control characters.
+    source = text_setting(node_config, "data-source", "") or settings.data_source
     return NodeIdentity(partition_id, num_partitions, source)
+
+
+_WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def _node_int(node_config: Mapping[str, object], key: str) -> int:
+    """A whole number from the node config: an int, a whole float (1.0) or its digits as text.
+
+    Nothing is rounded: partition-id 1.7 is refused, not silently read as client 1.
+    The range (0 <= partition-id < num-partitions) is checked with the data.
+    """
+    value = node_config.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _WHOLE_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
+    raise ConfigError(
+        key, value,
+        "an integer in the node config: simulation sets 'partition-id' and 'num-partitions'; "
+        "a SuperNode needs e.g. flower-supernode --node-config \"partition-id=0 num-partitions=2\"",
+    )
 
 
 def load_client_data(settings: RunSettings, node: NodeIdentity) -> ClientData:
@@ -56,7 +72,8 @@ def load_client_data(settings: RunSettings, node: NodeIdentity) -> ClientData:
 def local_round(run_config: Mapping[str, object], node_config: Mapping[str, object], prompt: str,
                 server_round: int, round_config: Mapping[str, object]) -> tuple[str, dict[str, float], int]:
     """Improve ``prompt`` on this node's training data; returns (prompt, metrics, examples)."""
-    settings = RunSettings.from_config({**run_config, **round_config})
+    site_choice = {key: node_config[key] for key in NODE_LEAKAGE_KEYS if key in node_config}
+    settings = RunSettings.from_config({**run_config, **round_config, **site_choice})
     node = node_identity(settings, node_config)
     data = load_client_data(settings, node)
     task = get_task(data.task)
@@ -67,10 +84,12 @@ def local_round(run_config: Mapping[str, object], node_config: Mapping[str, obje
     result = train_prompt(prompt, task, data.train, forward, backward, local,
                           stream=f"round{server_round}:client{node.partition_id}",
                           format_instruction=settings.format_instruction)
+    leaks = check_leakage(result.prompt, data.train, settings)
     metrics: dict[str, float] = {k: float(v) for k, v in result.metrics.as_dict().items()}
+    metrics.update(leaks.as_metrics())
     metrics["partition_id"] = float(node.partition_id)
     if settings.client_val_eval and data.val:
-        scores = evaluate_prompt(forward, task, result.prompt, data.val)
+        scores = evaluate_prompt(forward, task, leaks.prompt, data.val)
         metrics["val_accuracy"] = scores.accuracy
         metrics["val_examples"] = float(scores.total)
         spent = forward.take_usage()
@@ -78,7 +97,26 @@ def local_round(run_config: Mapping[str, object], node_config: Mapping[str, obje
         metrics["eval_tokens"] = float(spent.prompt_tokens + spent.completion_tokens)
         metrics["eval_llm_retries"] = float(spent.retries)
         metrics["eval_cache_hits"] = float(spent.cache_hits)
-    return result.prompt, metrics, len(data.train)
+    return leaks.prompt, metrics, len(data.train)
+
+
+def check_leakage(prompt: str, train: Sequence[Example], settings: RunSettings) -> LeakReport:
+    """The leakage guard on a prompt about to be uploaded (see leakage.py).
+
+    Refusing raises, so the ClientApp answers with an error and the prompt never leaves
+    the node. The message gives counts only: it travels to the server, and quoting the
+    passage in it would leak the very text the guard caught.
+    """
+    report = guard_prompt(prompt, train, settings.leakage_ngram, settings.leakage_guard)
+    if settings.leakage_guard == "refuse" and report.passages:
+        raise LeakageError(
+            f"upload refused by the leakage guard: the trained prompt repeats {report.passages} passage(s) of this "
+            f"client's training examples verbatim (longest {report.longest} tokens; {settings.leakage_ngram} or more "
+            "tokens in a row shared with a training question or answer count); nothing was uploaded. To upload the "
+            "prompt with those passages removed, set leakage-guard='redact' (run config, or this node's own "
+            "--node-config, which takes precedence)."
+        )
+    return report
 
 
 def evaluate_split(run_config: Mapping[str, object], node_config: Mapping[str, object], prompt: str,

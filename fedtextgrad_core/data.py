@@ -16,14 +16,15 @@ import random
 import re
 import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .data_checks import check_json_file, check_jsonl_file
 from .errors import ConfigError, DataError
 from .tasks import TASKS, get_task
 
-__all__ = ["Example", "Splits", "load_splits", "BBH_URL", "GSM8K_HUB_NAME"]
+__all__ = ["BBH_URL", "GSM8K_HUB_NAME", "MAX_SYNTHETIC_SIZE", "Example", "Splits", "load_splits"]
 
 BBH_URL = "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main/bbh/{task}.json"
 GSM8K_HUB_NAME = ("openai/gsm8k", "main")
@@ -35,6 +36,9 @@ BBH_TRAIN, BBH_VAL, BBH_TEST = 50, 100, 100
 GSM8K_TRAIN, GSM8K_VAL = 200, 300
 GSM8K_SHUFFLE_SEED = 0
 MIN_SYNTHETIC_SIZE = 5  # smallest size that leaves at least one example in every split
+# Largest synthetic data set: generating it takes seconds; a size like 2**62 would
+# stall every client (and exhaust its memory) instead of failing at start.
+MAX_SYNTHETIC_SIZE = 100_000
 
 _GSM8K_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -88,10 +92,10 @@ def load_splits(
                 "object_counting, word_sorting, multistep_arithmetic_two)",
             )
         size_ok = isinstance(synthetic_size, int) and not isinstance(synthetic_size, bool)
-        if not size_ok or synthetic_size < MIN_SYNTHETIC_SIZE:
+        if not size_ok or not MIN_SYNTHETIC_SIZE <= synthetic_size <= MAX_SYNTHETIC_SIZE:
             raise ConfigError(
                 "synthetic-size", synthetic_size,
-                f"a whole number of at least {MIN_SYNTHETIC_SIZE} (20% train, 40% val, 40% test)",
+                f"a whole number from {MIN_SYNTHETIC_SIZE} to {MAX_SYNTHETIC_SIZE} (20% train, 40% val, 40% test)",
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError("seed", seed, "a whole number")
@@ -99,12 +103,25 @@ def load_splits(
     elif source == "hub":
         cached = _real_splits(task, "hub")
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DataError(f"data-source path '{source}' does not exist")
-        cached = _real_splits(task, str(path.resolve()))
+        cached = _real_splits(task, str(_local_path(source)))
     train, val, test = cached
     return Splits(task=task, train=list(train), val=list(val), test=list(test))
+
+
+def _local_path(source: str) -> Path:
+    """The existing file or folder ``source`` names, or a DataError saying why not.
+
+    The OS can refuse a path before looking (too long, a NUL byte, '~user' for an
+    unknown user, no permission): that is a bad data-source too, not a crash.
+    """
+    try:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise DataError(f"data-source path {source!r} does not exist")
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DataError(f"data-source path {source[:200]!r} cannot be used: {reason}") from exc
 
 
 # --- cached loaders (they return tuples, so the cached values cannot be changed) ---
@@ -113,7 +130,7 @@ _Cached = tuple[tuple[Example, ...], tuple[Example, ...], tuple[Example, ...]]
 _load_lock = threading.Lock()  # one read per (task, source) even when clients start together
 
 
-@lru_cache(maxsize=None)
+@cache
 def _synthetic_splits(task: str, seed: int, size: int) -> _Cached:
     from .synthetic import generate  # synthetic.py imports Example from here
 
@@ -131,7 +148,7 @@ def _real_splits(task: str, source: str) -> _Cached:
         return _real_splits_cached(task, source)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _real_splits_cached(task: str, source: str) -> _Cached:
     if task == "gsm8k":
         if source == "hub":
@@ -140,7 +157,12 @@ def _real_splits_cached(task: str, source: str) -> _Cached:
             train_file, test_file = _find_gsm8k(Path(source))
             train, test = _gsm8k_files(train_file, test_file)
         return _gsm8k_split(train, test, describe=source)
-    location = BBH_URL.format(task=task) if source == "hub" else str(_find_bbh(Path(source), task))
+    if source == "hub":
+        location = BBH_URL.format(task=task)
+    else:
+        bbh_file = _find_bbh(Path(source), task)
+        check_json_file(bbh_file, "examples", {"input": (str,), "target": (str, int)}, _BBH_EXPECTED)
+        location = str(bbh_file)
     return _bbh_split(_bbh_records(location), describe=location)
 
 
@@ -163,8 +185,11 @@ def _find_bbh(path: Path, task: str) -> Path:
     )
 
 
+_BBH_EXPECTED = "a JSON object with an 'examples' list of {\"input\", \"target\"} records"
+
+
 def _bbh_records(location: str) -> list[Example]:
-    expected = "a JSON object with an 'examples' list of {\"input\", \"target\"} records"
+    expected = _BBH_EXPECTED
     table = _load_json(location, expected, field="examples")["train"]
     columns = _columns(table, location, ("input", "target"), expected)
     examples: list[Example] = []
@@ -214,6 +239,8 @@ _GSM8K_EXPECTED = "JSON lines of {\"question\", \"answer\"} with the final numbe
 
 def _gsm8k_files(train_file: Path, test_file: Path) -> tuple[list[Example], list[Example]]:
     # Read separately so that an error names the one file that is wrong.
+    for file in (train_file, test_file):
+        check_jsonl_file(file, {"question": (str,), "answer": (str,)}, _GSM8K_EXPECTED)
     train = _gsm8k_records(_load_json(str(train_file), _GSM8K_EXPECTED)["train"], str(train_file))
     test = _gsm8k_records(_load_json(str(test_file), _GSM8K_EXPECTED)["train"], str(test_file))
     return train, test

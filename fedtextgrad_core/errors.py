@@ -31,3 +31,7 @@ class LLMError(FedTextGradError):
 
 class SimUnsupportedError(LLMError):
     """The simulated LLM was asked something it cannot answer (e.g. a GSM8K question)."""
+
+
+class LeakageError(FedTextGradError):
+    """A client refused to upload a prompt that quotes its own training data (leakage-guard = refuse)."""

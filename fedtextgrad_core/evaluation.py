@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .data import Example
@@ -30,11 +29,7 @@ class Scores:
 
 def answer_all(engine: ChatEngine, prompt: str, questions: Sequence[str]) -> list[str]:
     """Replies to every question under ``prompt``, in question order."""
-    if not questions:
-        return []
-    workers = max(1, min(engine.settings.concurrency, len(questions)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda q: engine.generate(q, system_prompt=prompt), questions))
+    return engine.map(lambda q: engine.generate(q, system_prompt=prompt), questions)
 
 
 def score_replies(task: Task, replies: Sequence[str], examples: Sequence[Example]) -> list[tuple[bool, bool]]:

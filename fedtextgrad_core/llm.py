@@ -14,8 +14,10 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 from .errors import ConfigError
 from .openai_backend import OpenAIChat, TransientLLMError, api_key_for, check_once
@@ -27,6 +29,8 @@ BACKOFF_CAP_SECONDS = 8.0
 
 # (messages) -> (reply text, prompt tokens, completion tokens)
 ChatFn = Callable[[list[dict[str, str]]], tuple[str, int, int]]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,31 @@ def endpoint_slots(settings: EndpointSettings) -> threading.BoundedSemaphore:
         return _slots.setdefault(key, threading.BoundedSemaphore(settings.concurrency))
 
 
+_pools: dict[tuple[str, str, int], ThreadPoolExecutor] = {}
+_in_pool = threading.local()  # set in pool workers, so a nested map runs inline instead of deadlocking
+
+
+def _mark_worker() -> None:
+    _in_pool.active = True
+
+
+def endpoint_pool(settings: EndpointSettings) -> ThreadPoolExecutor:
+    """Worker threads for concurrent calls to one endpoint, kept for the life of the process.
+
+    A fresh pool per batch started its threads one by one, each start waiting for the
+    new thread to get the GIL: on a busy 2-core machine that put tens of milliseconds
+    before every batch's first request, on the critical path of every local step.
+    Keyed like ``endpoint_slots``, with as many workers as requests may be in flight.
+    """
+    key = (settings.backend, settings.base_url, settings.concurrency)
+    with _slots_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=settings.concurrency, initializer=_mark_worker,
+                                                    thread_name_prefix=f"llm-{settings.backend}")
+        return pool
+
+
 class ChatEngine(tg.EngineLM):
     """A TextGrad engine that sends (system, user) chat messages through ``chat``."""
 
@@ -96,9 +125,17 @@ class ChatEngine(tg.EngineLM):
         self._chat = chat
         self._lock = threading.Lock()
         self._slots = endpoint_slots(settings)
+        self._pool = endpoint_pool(settings)
         self._cache = open_cache(settings.cache_path) if settings.cache_path else None
         self._last = threading.local()
         self.usage = Usage()
+
+    def map(self, work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+        """``work`` on every item, up to the endpoint's concurrency at once, results in item order."""
+        items = list(items)
+        if len(items) <= 1 or getattr(_in_pool, "active", False):
+            return [work(item) for item in items]
+        return list(self._pool.map(work, items))
 
     def last_reply(self) -> str:
         """The last reply this thread got: how callers inspect what a library call received."""

@@ -13,7 +13,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from .data import Example
@@ -69,14 +68,13 @@ class LocalResult:
     metrics: LocalMetrics
 
 
-def _forward(model, questions: Sequence[str], concurrency: int) -> list:
+def _forward(model, questions: Sequence[str], engine: ChatEngine) -> list:
     """Answer a batch through TextGrad's graph, several requests at once."""
     variables = [
         tg.Variable(q, requires_grad=False, role_description="query to the language model")
         for q in questions
     ]
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(variables)))) as pool:
-        return list(pool.map(model, variables))
+    return engine.map(model, variables)
 
 
 def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatEngine,
@@ -84,7 +82,7 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
     """One TextGrad step; returns the candidate prompt and the batch accuracy before it."""
     variable = tg.Variable(prompt, requires_grad=True, role_description=PROMPT_ROLE)
     model = tg.BlackboxLLM(forward, variable)
-    responses = _forward(model, [e.question for e in examples], forward.settings.concurrency)
+    responses = _forward(model, [e.question for e in examples], forward)
     results = score_replies(task, [r.value for r in responses], examples)
     metrics.malformed_answers += sum(malformed for _, malformed in results)
     accuracy = sum(correct for correct, _ in results) / len(results)

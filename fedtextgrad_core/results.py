@@ -45,6 +45,27 @@ class RunRecorder:
         self.rounds_file.write_text("", encoding="utf-8")
         _atomic_write(self.path / "config.json", json.dumps(config, indent=2, default=str) + "\n")
 
+    @classmethod
+    def reopen(cls, folder: Path, finished_rounds: int) -> RunRecorder:
+        """The folder of an interrupted run, to continue writing in. Round records after
+        ``finished_rounds`` (a round cut short between its record and its checkpoint) and a
+        half-written last line are dropped, so the resumed rounds are written exactly once."""
+        recorder = cls.__new__(cls)
+        recorder.path = folder
+        recorder.rounds_file = folder / "rounds.jsonl"
+        (folder / "prompts").mkdir(exist_ok=True)
+        kept = []
+        if recorder.rounds_file.exists():
+            for line in recorder.rounds_file.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if int(record.get("round", 0)) <= finished_rounds:
+                    kept.append(line + "\n")
+        _atomic_write(recorder.rounds_file, "".join(kept))
+        return recorder
+
     def save_prompt(self, name: str, text: str) -> str:
         """Write a prompt to prompts/<name>.txt and return its path relative to the run."""
         relative = Path("prompts") / (_safe(name) + ".txt")

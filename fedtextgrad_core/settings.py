@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
+from .data import MAX_SYNTHETIC_SIZE
 from .errors import ConfigError
 from .llm import BACKENDS, EndpointSettings
 from .local_training import LocalSettings
-from .merging import check_method
+from .merging import check_method, check_token_budget
 from .partitioning import PARTITIONINGS
 from .tasks import TASKS, format_for, get_task, start_prompt_for
 
@@ -25,6 +28,12 @@ Config = Mapping[str, object]
 ENDPOINT_ROLES = ("llm", "backward", "server")
 LEAKAGE_GUARDS = ("redact", "refuse", "off")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Upper bounds where a larger value is never meant and would stall a run instead of
+# failing it: Python cannot sleep or wait on a socket for 1e300 seconds, and a million
+# retries at the 8 s back-off cap is a hang.
+MAX_TIMEOUT_SECONDS = 86_400.0  # one day per LLM call
+MAX_RETRIES = 100
+MAX_SIM_LATENCY_MS = 60_000.0  # one minute per simulated call
 
 
 def _get(config: Config, key: str, default: object = None) -> object:
@@ -32,29 +41,38 @@ def _get(config: Config, key: str, default: object = None) -> object:
 
 
 def _finite(value: object) -> bool:
-    """A real number (not a bool, NaN or infinity), which TOML config may also hold."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    """A real number (not a bool, NaN or infinity), which TOML config may also hold.
+
+    Python ints are always finite; ``math.isfinite`` would overflow on one too big
+    for a float, so ints are not passed to it.
+    """
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _positive_int(config: Config, key: str, default: int) -> int:
+def _positive_int(config: Config, key: str, default: int, most: int | None = None) -> int:
     value = _get(config, key, default)
-    if not _finite(value) or int(value) != value or value < 1:
-        raise ConfigError(key, value, "a whole number of at least 1")
+    if not _finite(value) or int(value) != value or value < 1 or (most is not None and value > most):
+        raise ConfigError(key, value, "a whole number of at least 1" + (f" and at most {most}" if most else ""))
     return int(value)
 
 
-def _whole(config: Config, key: str, default: int) -> int:
+def _whole(config: Config, key: str, default: int, most: int | None = None) -> int:
     value = _get(config, key, default)
-    if not _finite(value) or int(value) != value or value < 0:
-        raise ConfigError(key, value, "a whole number of at least 0")
+    if not _finite(value) or int(value) != value or value < 0 or (most is not None and value > most):
+        raise ConfigError(key, value, "a whole number of at least 0" + (f" and at most {most}" if most else ""))
     return int(value)
 
 
-def _non_negative_number(config: Config, key: str, default: float) -> float:
+def _non_negative_number(config: Config, key: str, default: float, most: float | None = None) -> float:
     value = _get(config, key, default)
-    if not _finite(value) or value < 0:
-        raise ConfigError(key, value, "a number of at least 0")
-    return float(value)
+    if not _finite(value) or value < 0 or (most is not None and value > most):
+        raise ConfigError(key, value, "a number of at least 0" + (f" and at most {most:g}" if most else ""))
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range: only reachable without an upper bound
+        raise ConfigError(key, value, "a number of at least 0 and below 1e308") from None
 
 
 def _fraction(config: Config, key: str, default: float) -> float:
@@ -71,15 +89,40 @@ def _bool(config: Config, key: str, default: bool) -> bool:
     return value
 
 
-def _text(config: Config, key: str, default: str) -> str:
+def text_setting(config: Config, key: str, default: str) -> str:
+    """A quoted text value, trimmed. Control characters are refused: every text setting
+    is a name, a path or a URL, where a NUL or a newline only ever causes a confusing
+    failure later (an OS error on a path, a broken HTTP header)."""
     value = _get(config, key, default)
     if not isinstance(value, str):
         raise ConfigError(key, value, "a text value in quotes")
-    return value.strip()
+    value = value.strip()
+    if _has_control(value):
+        raise ConfigError(key, value, "text without control characters (no NUL, tab, newline or escape codes)")
+    return value
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
+def _url(key: str, value: str) -> str:
+    """An http(s) URL with a host (and a valid port, if one is given), or empty."""
+    if not value:
+        return value
+    accepted = "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise ConfigError(key, value, accepted) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+        raise ConfigError(key, value, accepted)
+    return value
 
 
 def _choice(config: Config, key: str, default: str, accepted: tuple[str, ...]) -> str:
-    value = _text(config, key, default)
+    value = text_setting(config, key, default)
     if value not in accepted:
         raise ConfigError(key, value, ", ".join(accepted))
     return value
@@ -91,27 +134,28 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
     Empty keys inherit from ``fallback``: the backward model defaults to the forward one.
     """
     base = fallback or EndpointSettings()
-    key_env = _text(config, f"{role}-api-key-env", "")
-    if key_env and not _ENV_NAME.fullmatch(key_env):
+    key_env = _get(config, f"{role}-api-key-env", "")
+    key_env = key_env.strip() if isinstance(key_env, str) else key_env
+    if key_env != "" and not (isinstance(key_env, str) and _ENV_NAME.fullmatch(key_env)):
         # never repeat the value: it may be the key itself, pasted in the wrong place
         raise ConfigError(f"{role}-api-key-env", "<not shown>",
                           "the NAME of an environment variable (letters, digits and '_'), never the key itself")
-    backend = _text(config, f"{role}-backend", "") or base.backend
+    backend = text_setting(config, f"{role}-backend", "") or base.backend
     if backend not in BACKENDS:
         raise ConfigError(f"{role}-backend", backend, " or ".join(BACKENDS))
     settings = EndpointSettings(
         backend=backend,
-        base_url=_text(config, f"{role}-base-url", "") or base.base_url,
-        model=_text(config, f"{role}-model", "") or base.model,
+        base_url=_url(f"{role}-base-url", text_setting(config, f"{role}-base-url", "")) or base.base_url,
+        model=text_setting(config, f"{role}-model", "") or base.model,
         api_key_env=key_env or base.api_key_env,
         temperature=_non_negative_number(config, "llm-temperature", base.temperature),
         max_tokens=_positive_int(config, "llm-max-tokens", base.max_tokens),
-        timeout=_non_negative_number(config, "llm-timeout", base.timeout) or base.timeout,
+        timeout=_non_negative_number(config, "llm-timeout", base.timeout, MAX_TIMEOUT_SECONDS) or base.timeout,
         concurrency=_positive_int(config, "llm-concurrency", base.concurrency),
-        max_retries=_whole(config, "llm-max-retries", base.max_retries),
+        max_retries=_whole(config, "llm-max-retries", base.max_retries, MAX_RETRIES),
         retry_backoff=_non_negative_number(config, "llm-retry-backoff", base.retry_backoff),
-        cache_path=_text(config, "llm-cache-path", base.cache_path),
-        sim_latency_ms=_non_negative_number(config, "sim-latency-ms", base.sim_latency_ms),
+        cache_path=text_setting(config, "llm-cache-path", base.cache_path),
+        sim_latency_ms=_non_negative_number(config, "sim-latency-ms", base.sim_latency_ms, MAX_SIM_LATENCY_MS),
     )
     if settings.backend == "openai" and not settings.base_url:
         raise ConfigError(f"{role}-base-url", "", "the URL of an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) when the backend is openai")
@@ -156,6 +200,11 @@ class RunSettings:
         return list(self.heterogeneous_tasks) if self.partitioning == "heterogeneous" else [self.task]
 
     @property
+    def clients_needed(self) -> int:
+        """Successful clients a round needs: one when centralized (one client holds all data)."""
+        return 1 if self.partitioning == "centralized" else self.min_train_clients
+
+    @property
     def format_instruction(self) -> str:
         return format_for(self.tasks)
 
@@ -168,12 +217,12 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> RunSettings:
-        task = _text(config, "task", cls.task)
+        task = text_setting(config, "task", cls.task)
         get_task(task)
-        partitioning = _text(config, "partitioning", cls.partitioning)
+        partitioning = text_setting(config, "partitioning", cls.partitioning)
         if partitioning not in PARTITIONINGS:
             raise ConfigError("partitioning", partitioning, ", ".join(PARTITIONINGS))
-        hetero = tuple(t.strip() for t in _text(config, "heterogeneous-tasks", ",".join(cls.heterogeneous_tasks)).split(",") if t.strip())
+        hetero = tuple(t.strip() for t in text_setting(config, "heterogeneous-tasks", ",".join(cls.heterogeneous_tasks)).split(",") if t.strip())
         if partitioning == "heterogeneous":
             if not hetero:
                 raise ConfigError("heterogeneous-tasks", "", "a comma-separated list of tasks, one per client, from " + ", ".join(TASKS))
@@ -182,34 +231,34 @@ class RunSettings:
                     raise ConfigError("heterogeneous-tasks", name, "task names from " + ", ".join(TASKS))
         # A data path is checked where the data lives: on the clients, which may be other
         # machines than this one (each SuperNode may also name its own data-source).
-        data_source = _text(config, "data-source", cls.data_source)
+        data_source = text_setting(config, "data-source", cls.data_source)
         if not data_source:
             raise ConfigError("data-source", data_source, "synthetic, hub, or a data file or folder")
         forward = endpoint_settings(config, "llm")
-        return cls(
+        settings = cls(
             num_rounds=_positive_int(config, "num-server-rounds", cls.num_rounds),
             fraction_train=_fraction(config, "fraction-train", cls.fraction_train),
             min_train_clients=_positive_int(config, "min-train-clients", cls.min_train_clients),
-            seed=int(_non_negative_number(config, "seed", cls.seed)),
+            seed=_whole(config, "seed", cls.seed),
             task=task,
             partitioning=partitioning,
             heterogeneous_tasks=hetero,
             data_source=data_source,
-            synthetic_size=_positive_int(config, "synthetic-size", cls.synthetic_size),
+            synthetic_size=_positive_int(config, "synthetic-size", cls.synthetic_size, MAX_SYNTHETIC_SIZE),
             local=LocalSettings(
                 steps=_positive_int(config, "local-steps", LocalSettings.steps),
                 batch_size=_positive_int(config, "batch-size", LocalSettings.batch_size),
                 proximal=_bool(config, "proximal", LocalSettings.proximal),
-                seed=int(_non_negative_number(config, "seed", 0)),
+                seed=_whole(config, "seed", 0),
             ),
             client_val_eval=_bool(config, "client-val-eval", cls.client_val_eval),
-            merge=check_method(_text(config, "merge", cls.merge)),
+            merge=check_method(text_setting(config, "merge", cls.merge)),
             forward=forward,
             backward=endpoint_settings(config, "backward", fallback=forward),
             server=endpoint_settings(config, "server"),
-            results_dir=_text(config, "results-dir", cls.results_dir) or cls.results_dir,
-            run_name=_text(config, "run-name", cls.run_name),
-            resume_from=_text(config, "resume-from", cls.resume_from),
+            results_dir=text_setting(config, "results-dir", cls.results_dir) or cls.results_dir,
+            run_name=text_setting(config, "run-name", cls.run_name),
+            resume_from=text_setting(config, "resume-from", cls.resume_from),
             max_prompt_chars=_positive_int(config, "max-prompt-chars", cls.max_prompt_chars),
             robust_merge=_bool(config, "robust-merge", cls.robust_merge),
             robust_holdout_size=_positive_int(config, "robust-holdout-size", cls.robust_holdout_size),
@@ -218,6 +267,9 @@ class RunSettings:
             leakage_ngram=_positive_int(config, "leakage-ngram", cls.leakage_ngram),
             merge_token_budget=_positive_int(config, "merge-token-budget", cls.merge_token_budget),
         )
+        # a budget too small for the merge method is refused now, not at the first merge
+        check_token_budget(settings.merge_token_budget, settings.merge, settings.format_instruction)
+        return settings
 
 
 def client_endpoints(run_config: Config, node_config: Config) -> tuple[EndpointSettings, EndpointSettings]:

@@ -6,7 +6,9 @@ tests and in multi-process deployments, without a GPU, a network or an API key.
 Only what that client needs is implemented: ``GET /v1/models`` and
 ``POST /v1/chat/completions`` (no streaming, no tools).
 
-Run it with ``fedtextgrad sim-server --port 8765``.
+Run it with ``fedtextgrad sim-server --port 8765``. With ``--call-log FILE`` it appends one
+JSON line per chat call (its kind, start and end on the wall clock), so a benchmark can
+see what the server was asked and when it was busy.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from .errors import SimUnsupportedError
 from .sim_llm import SimLLM, approx_tokens
+from .sim_llm.model import request_kind, split_messages
 
 __all__ = ["make_server", "serve_forever", "MODEL_ID"]
 
@@ -33,6 +37,33 @@ class _BadRequest(Exception):
     """A request the server refuses with HTTP 400; the message goes to the client."""
 
 
+class CallLog:
+    """One JSON line per chat call: ``{"kind", "start", "end", "status"}`` (seconds, wall clock).
+
+    Wall-clock times so that logs of several server processes line up with each other
+    and with the process that drives them. Lines are written whole under a lock, so
+    concurrent calls never interleave.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self._out: TextIO = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise OSError(f"cannot open the call log '{self.path}' for appending: {exc.strerror}") from None
+
+    def write(self, kind: str, start: float, end: float, status: int) -> None:
+        line = json.dumps({"kind": kind, "start": round(start, 6), "end": round(end, 6), "status": status})
+        with self._lock:
+            self._out.write(line + "\n")
+            self._out.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._out.close()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "FedTextGradSim/1.0"
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client (httpx) expects
@@ -40,6 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
     # for the client's delayed ACK
     disable_nagle_algorithm = True
     sim: SimLLM  # set on the subclass made by make_server
+    call_log: CallLog | None = None  # set on the subclass made by make_server
 
     # -- routing
 
@@ -54,19 +86,28 @@ class _Handler(BaseHTTPRequestHandler):
         if self._path() not in ("/v1/chat/completions", "/chat/completions"):
             self._not_found()
             return
+        start, kind = time.time(), "invalid"
         try:
             request = _parse_request(body)
+            kind = request_kind(*split_messages(request["messages"]))
             content = self.sim.complete(request["messages"])
         except (_BadRequest, SimUnsupportedError) as exc:
+            self._log_call(kind, start, 400)
             self._error(400, str(exc), "invalid_request_error")
             return
         except Exception as exc:  # a bug in the sim must not kill the server thread silently
+            self._log_call(kind, start, 500)
             self.log_error("sim failed: %r", exc)
             self._error(500, f"the sim backend failed: {exc}", "server_error")
             return
+        self._log_call(kind, start, 200)
         self._send(200, _completion(request, content))
 
     # -- helpers
+
+    def _log_call(self, kind: str, start: float, status: int) -> None:
+        if self.call_log is not None:
+            self.call_log.write(kind, start, time.time(), status)
 
     def _path(self) -> str:
         return self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -148,21 +189,25 @@ def _completion(request: dict[str, Any], content: str) -> dict[str, Any]:
     }
 
 
-def make_server(host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0) -> ThreadingHTTPServer:
+def make_server(host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
+                call_log: str | Path | None = None) -> ThreadingHTTPServer:
     """A ready, not yet serving, sim server; port 0 picks a free port.
 
     The bound port is ``server.server_address[1]``. Call ``serve_forever()`` (e.g.
-    in a thread), then ``shutdown()`` and ``server_close()`` when done.
+    in a thread), then ``shutdown()`` and ``server_close()`` when done. ``call_log``
+    names a file to append one JSON line per chat call to (see :class:`CallLog`).
     """
-    handler = type("SimHandler", (_Handler,), {"sim": SimLLM(latency_ms=latency_ms)})
+    log = CallLog(call_log) if call_log else None
+    handler = type("SimHandler", (_Handler,), {"sim": SimLLM(latency_ms=latency_ms), "call_log": log})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True  # a hung client never blocks shutdown
     return server
 
 
-def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1") -> None:
+def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1",
+                  call_log: str | Path | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, after printing where the server listens."""
-    server = make_server(host, port, latency_ms)
+    server = make_server(host, port, latency_ms, call_log)
     bound_host, bound_port = server.server_address[:2]
 
     def stop(signum: int, frame: object) -> None:
@@ -179,3 +224,5 @@ def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1") -
         pass
     finally:
         server.server_close()
+        if server.RequestHandlerClass.call_log is not None:
+            server.RequestHandlerClass.call_log.close()

@@ -6,7 +6,9 @@ is needed and a score never depends on a second model.
 
 from __future__ import annotations
 
+import math
 import re
+from collections import deque
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -49,12 +51,14 @@ class Task:
         None marks a malformed reply: it is scored wrong and counted, never guessed at.
         """
         text = response or ""
-        marks = list(_ANSWER_MARK.finditer(text))
+        # Only the last mark matters: keep one match, not a list of all of them, so a
+        # reply that repeats "Answer:" a million times costs time, not memory.
+        marks = deque(_ANSWER_MARK.finditer(text), maxlen=1)
         if not marks:
             return None
         # From the last mark to the end of its line (or of the next line, when the
         # mark ends a line), so "Answer: 5. Final answer: 6" gives "6", not "5".
-        rest = text[marks[-1].end():].lstrip()
+        rest = text[marks[0].end():].lstrip()
         answer = rest.split("\n", 1)[0].strip().strip("*").strip()
         return answer or None
 
@@ -65,6 +69,8 @@ class Task:
             if not found:
                 return None
             value = float(found[0])
+            if not math.isfinite(value):  # more than ~308 digits: no float holds it, so keep it as written
+                return found[0].lstrip("0") or "0"
             return str(int(value)) if value == int(value) else str(value)
         words = re.sub(r"[^\w&'\-\s]", " ", answer.lower()).split()
         return " ".join(words) or None

@@ -29,11 +29,36 @@ def _placeholder_litellm() -> types.ModuleType:
     return module
 
 
+def _placeholder_experimental_engines() -> dict[str, types.ModuleType]:
+    """Stand-ins for ``textgrad.engine_experimental``, whose package imports ``openai``.
+
+    ``textgrad.engine`` imports only its LiteLLM engine from there, but the package's
+    ``__init__`` also imports its OpenAI engine and with it the ``openai`` client: about
+    1.1 of the ClientApp's 2.2 seconds of imports (tests/benchmarks/bench_startup.py).
+    Our own openai backend imports the client when an endpoint is first built, so a
+    node on the sim never pays for it.
+    """
+    package = types.ModuleType("textgrad.engine_experimental")
+    package.__path__ = []  # a package with nothing else in it
+    engines = types.ModuleType("textgrad.engine_experimental.litellm")
+
+    class LiteLLMEngine:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("textgrad's experimental engines are not used by fedtextgrad; "
+                               "use fedtextgrad_core.llm engines")
+
+    engines.LiteLLMEngine = LiteLLMEngine  # type: ignore[attr-defined]
+    package.litellm = engines  # type: ignore[attr-defined]
+    return {package.__name__: package, engines.__name__: engines}
+
+
 def import_textgrad() -> types.ModuleType:
     if "textgrad" not in sys.modules:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         os.environ.setdefault("TEXTGRAD_LOG_DIR", os.path.join(tempfile.gettempdir(), "textgrad-logs"))
         sys.modules.setdefault("litellm", _placeholder_litellm())
+        for name, module in _placeholder_experimental_engines().items():
+            sys.modules.setdefault(name, module)
     import textgrad
 
     logging.getLogger("textgrad").setLevel(logging.WARNING)

@@ -5,15 +5,14 @@ Runs in simulation (``flwr run . local``) and in a deployment (SuperLink) alike.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtextgrad_core.checkpoint import checkpoint_to_resume
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.federation import PromptFederation
 from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.results import RunRecorder, default_run_name
+from fedtextgrad_core.robust_merge import check_holdout_available
 from fedtextgrad_core.settings import RunSettings
 
 from .strategy import PromptStrategy
@@ -26,14 +25,13 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     try:
         settings = RunSettings.from_config(run_config)
+        check_holdout_available(settings)  # robust-merge: refuse at start, not after round 1's training
         merger = make_engine(settings.server, "server-api-key-env") if settings.merge != "concat" else None
+        resume = checkpoint_to_resume(settings.resume_from, run_config)
     except ConfigError as exc:
         print(f"fedtextgrad: the run cannot start: {exc}", flush=True)
         raise
-    name = settings.run_name or default_run_name("+".join(settings.tasks), settings.partitioning, settings.merge)
-    recorder = RunRecorder(Path(settings.results_dir), name, {"run_config": run_config, "settings": settings.as_dict()})
-    print(f"results folder: {recorder.path}", flush=True)
-    federation = PromptFederation(settings, recorder, merger, echo=lambda line: print(line, flush=True))
+    federation = PromptFederation.open(settings, run_config, merger, resume, echo=lambda line: print(line, flush=True))
     try:
         PromptStrategy(settings, federation).start(grid, num_rounds=settings.num_rounds)
     except Exception as exc:

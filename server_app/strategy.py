@@ -9,7 +9,6 @@ a round with fewer successes than ``min-train-clients`` stops the run loudly.
 
 from __future__ import annotations
 
-import random
 import re
 import time
 from collections.abc import Iterable
@@ -51,17 +50,13 @@ class PromptStrategy(Strategy):
     def __init__(self, settings: RunSettings, federation: PromptFederation):
         self.settings = settings
         self.federation = federation
-        self.rng = random.Random(settings.seed)
         self.labels: dict[int, str] = {}  # node id -> "partition id" once a node has answered
         self.sent_to: dict[str, int] = {}  # message id -> the node it was sent to
         self.unanswered: list[int] = []  # nodes of the last send that never replied
 
     # --- sampling ------------------------------------------------------------------
-    def _wanted(self) -> int:
-        return 1 if self.settings.partitioning == "centralized" else self.settings.min_train_clients
-
     def _sample(self, grid: Grid) -> list[int]:
-        wanted = self._wanted()
+        wanted = self.settings.clients_needed
         waited_since = time.monotonic() - NODE_WAIT_LOG_SECONDS
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
             if time.monotonic() - waited_since >= NODE_WAIT_LOG_SECONDS:
@@ -71,7 +66,7 @@ class PromptStrategy(Strategy):
         if self.settings.partitioning == "centralized":
             return [nodes[0]]
         size = max(wanted, round(len(nodes) * self.settings.fraction_train))
-        return sorted(self.rng.sample(nodes, min(size, len(nodes))))
+        return sorted(self.federation.rng.sample(nodes, min(size, len(nodes))))
 
     def label(self, node_id: int) -> str:
         return self.labels.get(node_id, f"node{node_id}")
@@ -133,12 +128,12 @@ class PromptStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         ok, failures = self._split_replies(replies, {"prompt": ("text",), "metrics": ()})
-        required = min(self._wanted(), max(1, len(ok) + len(failures)))
+        required = min(self.settings.clients_needed, max(1, len(ok) + len(failures)))
         require_enough("training", server_round, len(ok), failures, required)
         client_replies = [
             ClientReply(
                 label=self.label(r.metadata.src_node_id),
-                prompt=str(r.content["prompt"]["text"]),
+                prompt=r.content["prompt"]["text"],  # as sent: the federation rejects anything but text
                 num_examples=int(r.content["metrics"].get("num-examples", 0)),
                 metrics={k: float(v) for k, v in r.content["metrics"].items()},
             )
@@ -161,7 +156,7 @@ class PromptStrategy(Strategy):
 
     def evaluation_replies(self, server_round: int, replies: Iterable[Message]) -> tuple[list[EvalReply], list[ClientFailure]]:
         ok, failures = self._split_replies(replies, {"metrics": ("correct", "total")})
-        required = min(self._wanted(), max(1, len(ok) + len(failures)))
+        required = min(self.settings.clients_needed, max(1, len(ok) + len(failures)))
         require_enough("evaluation", server_round, len(ok), failures, required)
         evals = [
             EvalReply(
@@ -202,13 +197,16 @@ class PromptStrategy(Strategy):
 
         The base class threads an ArrayRecord through its loop; a prompt strategy has
         no arrays, and it needs the two extra evaluations, so it drives the loop itself.
+        A resumed federation (``resume-from``) starts after its last finished round.
         """
         self.summary()
         num_rounds = num_rounds or self.settings.num_rounds
-        initial, _ = self._evaluate(grid, 0, self.federation.global_prompt, "val", timeout)
-        self.federation.record_initial(initial)
+        if not self.federation.resumed_after:
+            initial, _ = self._evaluate(grid, 0, self.federation.global_prompt, "val", timeout)
+            self.federation.record_initial(initial)
         result = Result()
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(self.federation.finished_rounds + 1, num_rounds + 1):
+            self.federation.start_round(server_round)
             train_messages = self.configure_train(server_round, ArrayRecord(), train_config or ConfigRecord(), grid)
             replies = self._send(grid, train_messages, timeout)
             _, train_metrics = self.aggregate_train(server_round, replies)
@@ -218,6 +216,6 @@ class PromptStrategy(Strategy):
             eval_metrics = self.aggregate_evaluate(server_round, self._send(grid, eval_messages, timeout))
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_metrics
-        test, _ = self._evaluate(grid, num_rounds + 1, self.federation.best_prompt, "test", timeout)
-        self.federation.finish(test)
+        test, failures = self._evaluate(grid, num_rounds + 1, self.federation.best_prompt, "test", timeout)
+        self.federation.finish(test, failures)
         return result

@@ -1,19 +1,23 @@
-"""Shared fixtures: a real OpenAI-compatible sim server on loopback, for the openai backend path."""
+"""Shared fixtures: a real OpenAI-compatible sim server on loopback, for the openai backend path,
+and an isolated FLWR_HOME for `flwr run . local` whose SuperLink is stopped by PID afterwards."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from fedtextgrad_core.sim_server import make_server
 
+from .simulation_helpers import stop_superlinks
 
-@pytest.fixture(scope="module")
-def sim_http() -> Iterator[str]:
+
+@contextmanager
+def serving_sim(latency_ms: float = 0.0) -> Iterator[str]:
     """Base URL (``http://127.0.0.1:<port>/v1``) of a sim server serving in a thread."""
-    server = make_server(host="127.0.0.1", port=0)
+    server = make_server(host="127.0.0.1", port=0, latency_ms=latency_ms)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -22,3 +26,17 @@ def sim_http() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def sim_http() -> Iterator[str]:
+    with serving_sim() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def flwr_home(tmp_path_factory):
+    """A FLWR_HOME of this test module's own; its background SuperLink is stopped by PID at the end."""
+    home = tmp_path_factory.mktemp("flwr-home")
+    yield home
+    stop_superlinks(home)

@@ -105,6 +105,32 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
     return predicate()
 
 
+def serves_models(url: str) -> bool:
+    """An OpenAI-compatible server answers ``GET {url}/models``: it is up and ready."""
+    try:
+        with urllib.request.urlopen(f"{url}/models", timeout=1) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def start_sim_server(log_path: Path, *args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """``fedtextgrad sim-server ARGS`` as a process on a free loopback port, once it answers.
+
+    Returns the process (stop it by its PID) and its base URL. Its output goes to ``log_path``.
+    """
+    port = free_ports(1)[0]
+    with log_path.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "fedtextgrad_core.cli", "sim-server", "--port", str(port),
+                                    *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    if not wait_until(lambda: serves_models(url) or process.poll() is not None, timeout, 0.1) or not serves_models(url):
+        process.kill()
+        process.wait()
+        raise AssertionError(f"sim-server did not start: {log_path.read_text()[-2000:]}")
+    return process, url
+
+
 @dataclass
 class Started:
     """A process a deploy/ script started: its name, PID, state folder and the script's output."""
@@ -192,14 +218,7 @@ class Deployment:
         self.sims.append(sim)
         self.extra_pids.append(process.pid)
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{sim.url}/models", timeout=1) as answer:
-                    return answer.status == 200
-            except OSError:
-                return False
-
-        if not wait_until(ready, 60, 0.2):
+        if not wait_until(lambda: serves_models(sim.url), 60, 0.2):
             raise AssertionError(f"sim server {name} did not start: {log_path.read_text()[-2000:]}")
         return sim
 

@@ -6,6 +6,8 @@ openai backend) at this server and switch its ``mode`` per test:
 =============  ==========================================================================
 ``ok``         a valid ``chat.completion`` with usage; text ``reply_text`` (``{n}`` in it
                becomes the number of the request, so a fresh answer differs from a cached one)
+``sim``        a valid ``chat.completion`` from the simulated LLM (a node that works, until
+               the test switches the mode to a fault)
 ``http500``    always HTTP 500 with an OpenAI-style error body
 ``flaky500``   HTTP 500 for the first ``fail_first`` requests, then ``ok``
 ``http429``    HTTP 429 for the first ``fail_first`` requests, then ``ok``
@@ -40,7 +42,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MODES = ("ok", "http500", "flaky500", "http429", "http400", "http404", "hang", "empty", "garbage",
+MODES = ("ok", "sim", "http500", "flaky500", "http429", "http400", "http404", "hang", "empty", "garbage",
          "no_answer", "die")
 OK_TEXT = "Some reasoning.\nAnswer: 3"
 NO_ANSWER_TEXT = "Let me think about the items one by one. There are quite a few of them."
@@ -125,7 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, faulty: FaultyLLMServer, mode: str, number: int, body: bytes) -> None:
         if mode in ("flaky500", "http429") and number > faulty.fail_first:
             mode = "ok"
-        if mode == "ok" or mode == "no_answer":
+        if mode == "sim":
+            self._send_json(200, _completion(body, _sim_reply(body)))
+        elif mode == "ok" or mode == "no_answer":
             if faulty.delay:
                 faulty._stopping.wait(faulty.delay)
             text = faulty.reply_text.replace("{n}", str(number)) if mode == "ok" else NO_ANSWER_TEXT
@@ -179,6 +183,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str, kind: str) -> None:
         self._send_json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+
+def _sim_reply(body: bytes) -> str:
+    from fedtextgrad_core.sim_llm import SimLLM
+
+    return SimLLM().complete(json.loads(body)["messages"])
 
 
 def _completion(body: bytes, text: str) -> dict[str, object]:

@@ -3,15 +3,20 @@
 Strategy tests need replies from clients, including error replies, without starting a
 SuperLink (the end-to-end tests do that). Messages, records and error replies are
 Flower's own objects; only the transport is replaced.
+
+By default the nodes answer one after another, which keeps failures easy to read in
+tests; ``parallel=True`` delivers each message in its own thread, as a real federation
+runs its clients at the same time (the overhead benchmark compares the two).
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.client_app import app as client_app
@@ -31,7 +36,8 @@ class LoopbackGrid:
     """Delivers each message to the ClientApp of its destination node, in this process."""
 
     def __init__(self, run_config: dict[str, object], num_nodes: int = 3, failing: Iterable[int] = (),
-                 node_overrides: dict[int, dict[str, object]] | None = None, silent: Iterable[int] = ()):
+                 node_overrides: dict[int, dict[str, object]] | None = None, silent: Iterable[int] = (),
+                 parallel: bool = False, uploads: dict[int, object] | None = None):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's identity
         self.run_config = run_config
         self.nodes = {
@@ -41,23 +47,34 @@ class LoopbackGrid:
         self.failing = {100 + i for i in failing}
         self.silent = {100 + i for i in silent}  # nodes whose replies never arrive (a timeout)
         self.sent: list[Message] = []
+        self.parallel = parallel
+        # node index -> what that node uploads instead of its trained prompt (a poisoned or
+        # broken client); it still trains and evaluates for real, only the upload is swapped
+        self.uploads = {100 + i: text for i, text in (uploads or {}).items()}
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            node_id = message.metadata.dst_node_id
-            if node_id in self.silent:
-                continue
-            context = Context(run_id=1, node_id=node_id, node_config=self.nodes[node_id],
-                              state=RecordDict(), run_config=self.run_config)
-            try:
-                if node_id in self.failing:
-                    raise RuntimeError(f"LLM endpoint of node {node_id} refused the connection")
-                replies.append(client_app(message, context))
-            except Exception as exc:  # what Flower does with a ClientApp that raises
-                replies.append(Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message))
-        return replies
+        messages = list(messages)
+        self.sent.extend(messages)
+        delivered = [m for m in messages if m.metadata.dst_node_id not in self.silent]
+        if self.parallel and len(delivered) > 1:
+            with ThreadPoolExecutor(max_workers=len(delivered)) as pool:
+                return list(pool.map(self._deliver, delivered))
+        return [self._deliver(message) for message in delivered]
+
+    def _deliver(self, message: Message) -> Message:
+        """The node's reply to ``message``: the ClientApp's own, or an error reply if it raised."""
+        node_id = message.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node_id, node_config=self.nodes[node_id],
+                          state=RecordDict(), run_config=self.run_config)
+        try:
+            if node_id in self.failing:
+                raise RuntimeError(f"LLM endpoint of node {node_id} refused the connection")
+            reply = client_app(message, context)
+        except Exception as exc:  # what Flower does with a ClientApp that raises
+            return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+        if node_id in self.uploads and message.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+            reply.content["prompt"] = ConfigRecord({"text": self.uploads[node_id]})
+        return reply

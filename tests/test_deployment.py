@@ -6,7 +6,8 @@ Two deployments, each started once for its test class and stopped by PID afterwa
   loopback only), the nodes started *before* the SuperLink (they must retry and connect when it
   comes up). One 2-round run with ``min-train-clients=2`` in which SuperNode 2 is killed by PID
   (SIGKILL, with its app processes) during round 1's training: two clients answer every round,
-  the round reports the missing one, the run goes on.
+  the round reports the missing one, the run goes on. Then a run whose ServerApp process is killed
+  in round 2 is resumed with ``resume-from`` and ends like an uninterrupted run.
 * ``secure`` (TestSecureDeployment): TLS and node authentication, certificates and keys made by
   gen-certs.sh and gen-node-keys.sh, keys registered with register-node.sh, and the process
   isolation of the docker compose demo: SuperLink + ServerApp runner, two SuperNodes + their
@@ -45,6 +46,8 @@ from .deployment_helpers import (
     read_results,
     wait_until,
 )
+from .flower_loopback import LoopbackGrid, default_run_config
+from .resume_helpers import outcome, run_server
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),
@@ -55,6 +58,11 @@ CONNECT_TIMEOUT = 120  # a SuperNode retries with backoff (up to 20 s between tr
 RUN_TIMEOUT = 540
 # Short runs: 2 rounds, one local step, small synthetic splits.
 RUN_CONFIG = "num-server-rounds=2 min-train-clients=2 local-steps=1 batch-size=2 synthetic-size=60"
+
+
+def _settings(line: str) -> dict[str, object]:
+    """``key=value`` pairs of a --run-config line (numbers only) as a dict."""
+    return {key: int(value) for key, value in (pair.split("=") for pair in line.split())}
 
 
 def _connected(started) -> bool:
@@ -196,6 +204,47 @@ class TestPlainDeployment:
         assert second["failures"] == []  # the run went on with the nodes that were left
         assert summary["finished"] is True
         assert not any(alive(pid) for pid in plain_run["killed"])
+
+    def test_a_killed_serverapp_resumes_and_ends_like_an_uninterrupted_run(self, plain, tmp_path):
+        """The ServerApp process the SuperLink started is killed (SIGKILL, by PID) in round 2; a new
+        `flwr run` with resume-from continues the run in its folder, with the same SuperNodes."""
+        deployment, run_dir = plain["deployment"], tmp_path / "resumed"
+        run = subprocess.Popen(
+            ["flwr", "run", ".", "plain", "--stream", "--run-config",
+             f"{RUN_CONFIG} results-dir='{tmp_path}' run-name='resumed'"],
+            cwd=ROOT, env=dict(deployment.env, FLWR_HOME=str(plain["home"])),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deployment.extra_pids.append(run.pid)
+        try:
+            assert wait_until(lambda: (run_dir / "rounds.jsonl").exists()
+                              and (run_dir / "rounds.jsonl").read_text().count("\n") >= 1, RUN_TIMEOUT, 0.2)
+            servers = [pid for pid in descendants(plain["superlink"].pid) if "flwr-serverapp" in cmdline(pid)]
+            assert len(servers) == 1, [cmdline(pid) for pid in descendants(plain["superlink"].pid)]
+            victims = [servers[0], *descendants(servers[0])]
+            kill_pids(victims, signal.SIGKILL)
+            assert wait_until(lambda: not any(alive(pid) for pid in victims), 10)
+        finally:
+            if run.poll() is None:  # `flwr run --stream` keeps waiting for a run whose server is gone
+                run.kill()
+            run.communicate(timeout=30)
+        summary, rounds = read_results(run_dir)
+        assert summary["finished"] is False and summary["rounds"] == 1 == len(rounds)
+        first_round = (run_dir / "rounds.jsonl").read_text()
+
+        output, seconds = _run(deployment, plain["home"], "plain", tmp_path, "resumed", f"resume-from='{run_dir}'")
+        print(f"\nplain deployment: resumed run took {seconds:.1f} s")
+        assert f"resuming {run_dir} after round 1" in output, output[-4000:]
+        assert (run_dir / "rounds.jsonl").read_text().startswith(first_round)  # round 1 kept, not redone
+        assert read_results(run_dir)[0]["resumed_after_rounds"] == [1]
+        # an uninterrupted run of the same seed, in process, with the partitions whose nodes are up
+        partitions = sorted(int(c["label"]) for c in rounds[0]["clients"])
+        config = default_run_config(**_settings(RUN_CONFIG), **{"results-dir": str(tmp_path / "reference"),
+                                                                "run-name": "run"})
+        grid = LoopbackGrid(config, num_nodes=3)
+        grid.nodes = {node: cfg for node, cfg in grid.nodes.items() if cfg["partition-id"] in partitions}
+        run_server(config, grid)
+        assert outcome(run_dir) == outcome(tmp_path / "reference" / "run")
 
 
 # --- checks the scripts make before anything starts -----------------------------------------

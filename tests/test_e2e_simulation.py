@@ -1,62 +1,14 @@
 """End to end: the README's `flwr run . local` in Flower's simulation, checked by its results.
 
-`flwr run` starts a background SuperLink (simulation mode) in an isolated FLWR_HOME;
-the test stops that process by its PID afterwards. `flwr run` can exit 0 when the run
-failed, so every check is made on what the run left on disk and printed.
+`flwr run` can exit 0 when the run failed, so every check is made on what the run left on
+disk and printed (see simulation_helpers.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-RUN_TIMEOUT = 420
-
-
-def _superlinks_of(flwr_home: Path) -> list[int]:
-    """PIDs of SuperLink processes that belong to this FLWR_HOME (and so to this test)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in cmdline and str(flwr_home) in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
-    for pid in _superlinks_of(home):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while _superlinks_of(home) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _superlinks_of(home):
-        os.kill(pid, signal.SIGKILL)
-
-
-def flwr_run(flwr_home: Path, run_config: str) -> str:
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    done = subprocess.run(
-        ["flwr", "run", ".", "local", "--stream", "--federation-config", "num-supernodes=3",
-         "--run-config", run_config],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
-    )
-    return done.stdout + done.stderr
+from .simulation_helpers import flwr_run
 
 
 def test_default_federation_improves_the_prompt_and_leaves_a_complete_results_folder(flwr_home, tmp_path):

@@ -8,45 +8,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
+from .deployment_helpers import start_sim_server
 from .flower_loopback import LoopbackGrid
 from .test_strategy import make_strategy
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sim_server_process(tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("sim-server") / "sim-server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fedtextgrad_core.cli", "sim-server", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/v1"
+    process, url = start_sim_server(tmp_path_factory.mktemp("sim-server") / "sim-server.log")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/models", timeout=1) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"sim-server did not start: {log.read_text()[-2000:]}")
-                time.sleep(0.2)
         yield url, process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -82,12 +56,10 @@ def test_federation_over_http_matches_the_in_process_sim(sim_server_process, tmp
 
 
 def test_sim_server_stops_on_sigterm(tmp_path):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "fedtextgrad_core.cli", "sim-server", "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "sim-server.log"
+    process, url = start_sim_server(log)
     try:
-        banner = process.stdout.readline()
-        assert f"http://127.0.0.1:{port}/v1" in banner
+        assert url in log.read_text()  # the banner names where it serves
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0  # a clean exit, not a kill

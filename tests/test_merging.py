@@ -9,8 +9,22 @@ import pytest
 
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.merging import MERGE_METHODS, MERGE_REQUEST, UID_REQUEST, check_method, merge_prompts
-from fedtextgrad_core.sim_llm import CATALOGUE, insert_instruction, instructions_in
+from fedtextgrad_core.merging import (
+    MERGE_METHODS,
+    MERGE_REQUEST,
+    UID_REQUEST,
+    check_method,
+    merge_prompts,
+    minimum_token_budget,
+)
+from fedtextgrad_core.prompt_metrics import count_tokens
+from fedtextgrad_core.sim_llm import (
+    CATALOGUE,
+    SimLLM,
+    insert_instruction,
+    instructions_in,
+)
+from fedtextgrad_core.sim_llm.catalogue import split_sentences
 from fedtextgrad_core.tasks import get_task
 
 TASK = get_task("object_counting")
@@ -138,3 +152,128 @@ def test_llm_methods_need_an_engine_and_prompts_are_required() -> None:
         merge_prompts(client_prompts(), "summarize", FORMAT, None)
     with pytest.raises(ValueError, match="no prompts"):
         merge_prompts([], "concat", FORMAT)
+
+
+# --- the token budget: hierarchical merges and a bounded concat --------------------------------
+
+NOTES = ("Read the whole question before counting.", "Name the category asked about first.",
+         "Write each item on its own line.", "Keep the reasoning short and plain.",
+         "Do not guess when the list is unclear.", "State the final number once.")
+
+
+def long_prompts(count: int = 100) -> list[str]:
+    """``count`` different client prompts of about 95 tokens: the start prompt, one learned
+    instruction, four of six shared notes in varying order, and a sentence of the client's own."""
+    prompts = []
+    for k in range(count):
+        prompt = insert_instruction(TASK.start_prompt, LEARNED[k % len(LEARNED)].sentence)
+        for j in range(4):
+            prompt = insert_instruction(prompt, NOTES[(k + j * (1 + k % 5)) % len(NOTES)])
+        prompts.append(insert_instruction(prompt, f"Client {k} learned this from its own data in round {k % 7}."))
+    return prompts
+
+
+def recording_sim(requests: list[int]) -> ChatEngine:
+    """The simulated LLM, noting the tokens of every request it reads (system prompt + request)."""
+    sim = SimLLM()
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        requests.append(count_tokens("\n".join(m["content"] for m in messages))[0])
+        return sim.complete(messages), 0, 0
+    return ChatEngine(EndpointSettings(), chat)
+
+
+def sentences_of(prompts: list[str]) -> list[str]:
+    return [s for p in prompts for s in split_sentences(p) if s != FORMAT]
+
+
+@pytest.mark.parametrize("method", ["summarize", "summarize-uid"])
+def test_a_hundred_long_prompts_are_merged_in_groups_that_fit_the_budget(method: str) -> None:
+    prompts = long_prompts()
+    assert sum(count_tokens(p)[0] for p in prompts) > 15 * 500  # far more than one request can hold
+    requests: list[int] = []
+    result = merge_prompts(prompts, method, FORMAT, recording_sim(requests), token_budget=500)
+    assert len(requests) == result.summariser_calls > 1 and result.merge_levels > 1
+    assert max(requests) <= 500
+    assert result.largest_summariser_input_tokens == max(requests)
+    assert count_tokens(result.prompt)[0] <= 500
+    assert ends_with_format_once(result.prompt)
+    assert result.fallback_reason == "" and result.token_budget == 500
+    kept = instructions_in(result.prompt, TASK.name)
+    if method == "summarize-uid":  # one sentence per instruction: all three fit in 500 tokens
+        assert kept == [ins.id for ins in LEARNED]
+    else:
+        assert kept
+
+
+def test_small_merges_are_the_same_with_or_without_the_default_budget() -> None:
+    for method in MERGE_METHODS:
+        engine = None if method == "concat" else make_engine(EndpointSettings())
+        plain = merge_prompts(client_prompts(), method, FORMAT, engine)
+        budgeted = merge_prompts(client_prompts(), method, FORMAT, engine, token_budget=3000)
+        assert budgeted.prompt == plain.prompt
+        assert budgeted.dropped_sentences == () and budgeted.duplicates_removed == 0
+        if method != "concat":
+            assert (budgeted.summariser_calls, budgeted.merge_levels) == (1, 1)
+            assert 0 < budgeted.largest_summariser_input_tokens <= 3000
+
+
+def test_concat_over_budget_drops_repeats_then_says_which_sentences_it_left_out() -> None:
+    prompts = long_prompts()
+    result = merge_prompts(prompts, "concat", FORMAT, token_budget=500)
+    assert count_tokens(result.prompt)[0] <= 500
+    assert ends_with_format_once(result.prompt)
+    kept = split_sentences(result.prompt)[:-1]
+    assert len({" ".join(s.lower().split()) for s in kept}) == len(kept)  # no sentence twice
+    everything = sentences_of(prompts)
+    distinct = list(dict.fromkeys(everything))
+    assert result.duplicates_removed == len(everything) - len(distinct)
+    assert result.dropped_sentences and not set(result.dropped_sentences) & set(kept)
+    assert sorted(kept + list(result.dropped_sentences)) == sorted(distinct)  # nothing lost unsaid
+    assert instructions_in(result.prompt, TASK.name) == [ins.id for ins in LEARNED]  # first seen, kept
+
+
+def test_one_prompt_longer_than_a_request_is_cut_between_sentences_and_reported() -> None:
+    huge = " ".join(f"Remember detail number {i} about the items." for i in range(300)) + " " + FORMAT
+    requests: list[int] = []
+    result = merge_prompts([huge, *client_prompts()], "summarize-uid", FORMAT, recording_sim(requests),
+                           token_budget=400)
+    assert max(requests) <= 400 and count_tokens(result.prompt)[0] <= 400
+    assert ends_with_format_once(result.prompt)
+    assert "Remember detail number 299 about the items." in result.dropped_sentences
+    kept = split_sentences(result.prompt)
+    assert result.dropped_sentences and not set(result.dropped_sentences) & set(kept)
+
+
+def test_a_long_summary_is_cut_to_the_budget() -> None:
+    rambling = " ".join(f"Consider aspect {i} carefully." for i in range(400))
+    result = merge_prompts(client_prompts(), "summarize", FORMAT, scripted(f"{rambling} {FORMAT}"), token_budget=300)
+    assert count_tokens(result.prompt)[0] <= 300
+    assert ends_with_format_once(result.prompt)
+    assert result.prompt.startswith("Consider aspect 0 carefully.")
+    assert "Consider aspect 399 carefully." in result.dropped_sentences
+
+
+def test_identical_prompts_are_shown_once() -> None:
+    requests: list[int] = []
+    result = merge_prompts([TASK.start_prompt] * 100, "summarize-uid", FORMAT, recording_sim(requests),
+                           token_budget=500)
+    assert result.duplicates_removed == 99 and result.summariser_calls == len(requests) == 1
+    assert result.prompt == TASK.start_prompt
+
+
+def test_a_group_whose_summary_is_useless_is_concatenated_and_the_budget_still_holds() -> None:
+    result = merge_prompts(long_prompts(), "summarize-uid", FORMAT, scripted(""), token_budget=500)
+    assert "a group of" in result.fallback_reason and "empty" in result.fallback_reason
+    assert count_tokens(result.prompt)[0] <= 500 and ends_with_format_once(result.prompt)
+    assert result.largest_summariser_input_tokens <= 500
+
+
+@pytest.mark.parametrize("method", MERGE_METHODS)
+def test_a_budget_too_small_for_the_method_is_a_config_error(method: str) -> None:
+    minimum = minimum_token_budget(method, FORMAT)
+    assert merge_prompts(client_prompts(), method, FORMAT, make_engine(EndpointSettings()),
+                         token_budget=minimum).prompt.endswith(FORMAT)
+    with pytest.raises(ConfigError) as info:
+        merge_prompts(client_prompts(), method, FORMAT, make_engine(EndpointSettings()), token_budget=minimum - 1)
+    assert "'merge-token-budget'" in str(info.value) and f"at least {minimum}" in str(info.value)

@@ -6,7 +6,9 @@ real model. The sim answers the same four kinds of request a real model gets in
 this system, quickly and always the same way:
 
 1. task questions (object counting, word sorting, multistep arithmetic), solved
-   for real and then spoiled by *mistakes* that the system prompt can prevent;
+   for real and then spoiled by *mistakes* that the system prompt can prevent (a
+   system prompt that says "always answer X" is obeyed, as an injected instruction
+   would be by a compliant model, so poisoned prompts do real damage);
 2. TextGrad feedback (backward) requests, which name the instruction that would
    have prevented the mistake;
 3. TextGrad optimizer (rewrite) requests, which add that instruction to the prompt;

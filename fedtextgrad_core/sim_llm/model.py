@@ -61,25 +61,51 @@ class SimLLM:
         """
         if self.latency_ms:
             time.sleep(self.latency_ms / 1000.0)
-        system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
-        users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
-        others = [_text(m.get("content")) for m in messages if m.get("role") != "system"]
-        user = users[-1] if users else others[-1] if others else ""
-        return respond(system, user)
+        return respond(*split_messages(messages))
 
 
-def respond(system: str, user: str) -> str:
-    """The sim's reply to one system + user message pair (see :class:`SimLLM`)."""
+REQUEST_KINDS = ("answer", "feedback", "rewrite", "merge", "other")
+
+
+def split_messages(messages: list[dict[str, str]]) -> tuple[str, str]:
+    """(system text, the user message the reply answers) of OpenAI-style chat messages."""
+    system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") == "system")
+    users = [_text(m.get("content")) for m in messages if m.get("role") == "user"]
+    others = [_text(m.get("content")) for m in messages if m.get("role") != "system"]
+    return system, users[-1] if users else others[-1] if others else ""
+
+
+def request_kind(system: str, user: str) -> str:
+    """Which of the four kinds of request this is (see ``REQUEST_KINDS``).
+
+    The sim dispatches on it, and a served sim logs it per call, so a benchmark can
+    rebuild a run's call structure (answers in parallel, feedback and rewrites in
+    sequence, merges on the server) from what actually happened.
+    """
     if BACKWARD_MARK in system:
-        return feedback_reply(user)
+        return "feedback"
     if OPTIMIZER_MARK in system:
-        return rewrite_reply(user)
+        return "rewrite"
     if user.lstrip().startswith(MERGE_MARK):
-        return merge_reply(user)
+        return "merge"
     task, _ = match_question(user)
     if task is not None or system.strip() or _looks_like_question(user):
         # A system prompt plus a user message is a task question; when it matches no
         # supported format, it belongs to an unsupported task.
+        return "answer"
+    return "other"
+
+
+def respond(system: str, user: str) -> str:
+    """The sim's reply to one system + user message pair (see :class:`SimLLM`)."""
+    kind = request_kind(system, user)
+    if kind == "feedback":
+        return feedback_reply(user)
+    if kind == "rewrite":
+        return rewrite_reply(user)
+    if kind == "merge":
+        return merge_reply(user)
+    if kind == "answer":
         return answer_question(system, user)
     return _GENERIC_ANSWER
 

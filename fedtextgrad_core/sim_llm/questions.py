@@ -289,10 +289,26 @@ def solve(question: _Question, mistakes: frozenset[str] = frozenset()) -> tuple[
     return SOLVERS[question.task][0](question.data, mistakes, question.key)
 
 
+# A prompt injection the sim obeys, as a compliant real model would: "... always answer 0."
+# Without it a poisoned client prompt would do no harm under the sim, and the defences
+# against poisoned uploads (robust merge) could not be shown to work.
+_ALWAYS_ANSWER = re.compile(r"\balways (?:answer|reply|respond)(?: with)?\s+['\"]?([\w-]+)", re.IGNORECASE)
+
+
+def injected_answer(prompt: str) -> str | None:
+    """The fixed answer a system prompt orders ("always answer X"), if it orders one."""
+    match = _ALWAYS_ANSWER.search(prompt or "")
+    return match.group(1) if match else None
+
+
 def answer_question(prompt: str, text: str) -> str:
     question = parse_question(text)
-    mistakes = frozenset(ins.id for ins in mistakes_firing(prompt, question))
-    lines, value = solve(question, mistakes)
+    forced = injected_answer(prompt)
+    if forced is not None:
+        lines, value = ["As the system prompt instructs, the answer is fixed."], forced
+    else:
+        mistakes = frozenset(ins.id for ins in mistakes_firing(prompt, question))
+        lines, value = solve(question, mistakes)
     if has_answer_format(prompt):
         lines.append(f"Answer: {value}")
     else:

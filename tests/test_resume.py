@@ -1,0 +1,139 @@
+"""Checkpoint and resume, in process: a server that dies mid-run continues where it stopped.
+
+The "crash" here is an exception that is not an ``Exception`` (as a SIGKILL, it skips the
+server's own error handling, so nothing is written at the moment of death). The resumed
+run must end with exactly the prompts, scores and sampled clients of an uninterrupted run
+of the same seed. The same is shown with real processes killed by PID in
+test_resume_processes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fedtextgrad_core.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    check_same_run,
+    checkpoint_to_resume,
+    rng_state,
+)
+from fedtextgrad_core.errors import ConfigError
+
+from .flower_loopback import LoopbackGrid, default_run_config
+from .resume_helpers import outcome, run_server
+
+# two of three clients per round: the sampling generator matters for the comparison
+SHORT = {"num-server-rounds": 3, "fraction-train": 0.67, "local-steps": 1, "batch-size": 2,
+         "synthetic-size": 60, "run-name": "run"}
+
+
+class ServerKilled(BaseException):
+    """Stands for SIGKILL: not an Exception, so no handler of the server runs."""
+
+
+class DyingGrid(LoopbackGrid):
+    """Delivers messages until the ``die_at``-th send, then the 'server process' dies."""
+
+    def __init__(self, run_config, die_at: int, **kwargs):
+        super().__init__(run_config, **kwargs)
+        self.sends, self.die_at = 0, die_at
+
+    def send_and_receive(self, messages, timeout=None):
+        self.sends += 1
+        if self.sends == self.die_at:
+            raise ServerKilled()
+        return super().send_and_receive(messages, timeout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    results = tmp_path_factory.mktemp("reference")
+    config = default_run_config(**SHORT, **{"results-dir": str(results)})
+    run_server(config, LoopbackGrid(config))
+    return outcome(results / "run")
+
+
+@pytest.mark.parametrize("die_at", [2, 3, 6], ids=["round-1-training", "round-1-evaluation", "round-3-training"])
+def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted, die_at):
+    config = default_run_config(**SHORT, **{"results-dir": str(tmp_path)})
+    # sends: 1 = initial evaluation, then (train, evaluate) per round, then test
+    with pytest.raises(ServerKilled):
+        run_server(config, DyingGrid(config, die_at=die_at))
+    run_dir = tmp_path / "run"
+    finished_before = (die_at - 2) // 2
+    kept = (run_dir / "rounds.jsonl").read_text()
+    assert kept.count("\n") == finished_before
+    assert json.loads((run_dir / CHECKPOINT_FILE).read_text())["round"] == finished_before
+
+    grid = LoopbackGrid(config)
+    federation, lines = run_server({**config, "resume-from": str(run_dir)}, grid)
+    assert federation.recorder.path == run_dir  # continued in the same folder
+    assert lines[1].startswith(f"resuming {run_dir} after round {finished_before}")
+    # no finished round was redone: the resumed server sent only the rounds after it, and the test
+    rounds_sent = sorted({int(m.content["config"]["server-round"]) for m in grid.sent})
+    assert rounds_sent == [*range(finished_before + 1, 4), 4]
+    assert (run_dir / "rounds.jsonl").read_text().startswith(kept)  # nor lost
+    assert outcome(run_dir) == uninterrupted
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] is True and summary["resumed_after_rounds"] == [finished_before]
+
+
+def test_a_round_recorded_but_not_checkpointed_is_run_again_once(tmp_path, uninterrupted):
+    """Death between writing round 2's record and its checkpoint, with a torn line after it:
+    the record after the checkpoint and the torn line are dropped, round 2 is run again once."""
+    config = default_run_config(**SHORT, **{"results-dir": str(tmp_path)})
+    with pytest.raises(ServerKilled):
+        run_server(config, DyingGrid(config, die_at=4))  # round 1 finished
+    after_round_1 = (tmp_path / "run" / CHECKPOINT_FILE).read_text()
+    with pytest.raises(ServerKilled):
+        run_server({**config, "run-name": "late"}, DyingGrid(config, die_at=6))  # rounds 1 and 2 finished
+    run_dir = tmp_path / "late"
+    (run_dir / CHECKPOINT_FILE).write_text(after_round_1)
+    with (run_dir / "rounds.jsonl").open("a") as handle:
+        handle.write('{"round": 3, "half a line')
+    run_server({**config, "run-name": "late", "resume-from": str(run_dir)}, LoopbackGrid(config))
+    assert outcome(run_dir) == uninterrupted
+
+
+def test_the_sampling_generator_is_restored_exactly():
+    generator = random.Random(7)
+    generator.sample(range(100), 5)
+    saved = Checkpoint(round=1, global_prompt="p", best_prompt="p", best_accuracy=0.5, best_round=1,
+                       initial_accuracy=0.4, rng_state=json.loads(json.dumps(rng_state(generator))))
+    assert saved.random().sample(range(100), 5) == generator.sample(range(100), 5)
+
+
+def test_resume_from_refuses_what_is_not_an_unfinished_run(tmp_path, uninterrupted):
+    with pytest.raises(ConfigError, match="is not a folder"):
+        checkpoint_to_resume(str(tmp_path / "missing"), {})
+    with pytest.raises(ConfigError, match="has none"):
+        checkpoint_to_resume(str(tmp_path), {})
+    (tmp_path / CHECKPOINT_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match="is damaged"):
+        checkpoint_to_resume(str(tmp_path), {})
+    (tmp_path / "summary.json").write_text(json.dumps({"finished": True}))
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        checkpoint_to_resume(str(tmp_path), {})
+
+
+def test_resume_refuses_changed_settings_and_names_them(tmp_path):
+    saved = default_run_config(**SHORT)
+    check_same_run(saved, {**saved, "num-server-rounds": 5, "llm-base-url": "http://127.0.0.1:9/v1",
+                           "resume-from": "x"}, tmp_path)  # allowed to change
+    with pytest.raises(ConfigError) as caught:
+        check_same_run(saved, {**saved, "merge": "concat", "seed": 3}, tmp_path)
+    message = str(caught.value)
+    assert "merge (saved 'summarize-uid', now 'concat')" in message and "seed (saved 0, now 3)" in message
+
+
+def test_a_resumed_run_may_go_on_for_more_rounds(tmp_path):
+    config = default_run_config(**{**SHORT, "num-server-rounds": 1}, **{"results-dir": str(tmp_path)})
+    with pytest.raises(ServerKilled):
+        run_server(config, DyingGrid(config, die_at=4))  # killed in round 1's evaluation
+    run_server({**config, "num-server-rounds": 2, "resume-from": str(tmp_path / "run")}, LoopbackGrid(config))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["rounds"] == 2 and summary["rounds_planned"] == 2

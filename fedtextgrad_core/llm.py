@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -135,7 +135,15 @@ class ChatEngine(tg.EngineLM):
         items = list(items)
         if len(items) <= 1 or getattr(_in_pool, "active", False):
             return [work(item) for item in items]
-        return list(self._pool.map(work, items))
+        futures = [self._pool.submit(work, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            # on a failure, the items not started are dropped and the ones in flight are
+            # waited for: nothing of this call keeps using the endpoint after it returns
+            for future in futures:
+                future.cancel()
+            wait(futures)
 
     def last_reply(self) -> str:
         """The last reply this thread got: how callers inspect what a library call received."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from .upload_checks import upload_problem
 
 log = logging.getLogger(__name__)
 
-PLOT_INTERVAL_SECONDS = 60.0
 
 
 class RoundFailed(FedTextGradError):
@@ -100,7 +100,7 @@ class PromptFederation:
         self.test_failures: list[dict] = []
         self._round_started = time.perf_counter()
         self._round_started_at = time.time()
-        self._last_plot = time.monotonic()
+        self._drawing: threading.Thread | None = None  # the figures of the last finished round
         self._pending: dict = {}
         self.error = ""
         recorder.save_prompt("round-000-initial", self.global_prompt)
@@ -280,7 +280,7 @@ class PromptFederation:
         self.rounds.append(record)
         self._write_summary(test_accuracy=None, finished=False)
         self._checkpoint(server_round)
-        self._plot(final=False)
+        self._draw_figures()
         return record
 
     # --- the end -------------------------------------------------------------------
@@ -293,7 +293,7 @@ class PromptFederation:
         self.test_failures = [{"label": f.label, "stage": "test", "reason": f.reason} for f in failures]
         summary = self._write_summary(test_accuracy=test_accuracy, finished=True,
                                       test_examples=sum(r.total for r in test_replies))
-        self._plot(final=True)
+        self._figures_done()
         self.echo(f"best prompt (round {self.best_round}): validation {report.percent(self.best_accuracy)}, "
                   f"test {report.percent(test_accuracy)}")
         self.echo(f"results: {self.recorder.path}")
@@ -304,7 +304,7 @@ class PromptFederation:
         self.error = f"{type(error).__name__}: {error}"
         self.recorder.save_prompt("best", self.best_prompt)
         self._write_summary(test_accuracy=None, finished=False)
-        self._plot(final=True)
+        self._figures_done()
         self.echo(f"run stopped: {self.error}")
         self.echo(f"results so far: {self.recorder.path}")
 
@@ -363,19 +363,27 @@ class PromptFederation:
             log.warning("could not measure a prompt: %s: %s", type(exc).__name__, exc)
             return None
 
-    def _plot(self, final: bool) -> None:
-        """Draw the run's figures: always at the end, during the run at most every
-        PLOT_INTERVAL_SECONDS. Drawing takes 1-2 s of CPU on a small machine, which on
-        every round of a fast run would be the largest cost the server adds."""
-        if not final and time.monotonic() - self._last_plot < PLOT_INTERVAL_SECONDS:
-            return
-        self._last_plot = time.monotonic()
+    def _draw_figures(self) -> None:
+        """Draw accuracy.png and prompt_metrics.png in the background, while the next round
+        waits on its clients: drawing takes about a second of CPU on a small machine, which on
+        the server's critical path would be the largest cost it adds to a round."""
+        self._figures_done()
+        rounds, initial = list(self.rounds), self.initial_accuracy
+        self._drawing = threading.Thread(target=self._draw, args=(rounds, initial), name="figures", daemon=True)
+        self._drawing.start()
+
+    def _figures_done(self) -> None:
+        """Wait for the figures being drawn; at the end of a run, they are complete then."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
+
+    def _draw(self, rounds: list[dict], initial_accuracy: float | None) -> None:
         try:
-            self.recorder.plot_accuracy(self.rounds, self.initial_accuracy)
-        except Exception as exc:  # a plot must never cost the run its results
+            self.recorder.plot_accuracy(rounds, initial_accuracy)
+        except Exception as exc:  # a figure must never cost the run its results
             log.warning("could not draw accuracy.png: %s", exc)
         try:
-            self.recorder.plot_prompt_metrics(self.rounds, self.initial_accuracy, self.settings.start_prompt,
-                                              self.initial_metrics)
+            self.recorder.plot_prompt_metrics(rounds, initial_accuracy, self.settings.start_prompt, self.initial_metrics)
         except Exception as exc:
             log.warning("could not draw prompt_metrics.png: %s", exc)

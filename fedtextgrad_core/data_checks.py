@@ -28,16 +28,21 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 Kinds = Mapping[str, tuple[type, ...]]
 
 
+def _parse(text: str, where: str, expected: str, whole_file: bool) -> object:
+    """JSON ``text`` parsed, or a DataError saying where it is broken."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        at = f"line {exc.lineno}, column {exc.colno}" if whole_file else f"column {exc.colno}"
+        raise DataError(f"{where} is not valid JSON ({exc.msg} at {at}); expected {expected}") from exc
+    except RecursionError as exc:
+        raise DataError(f"{where} nests JSON too deeply to read; expected {expected}") from exc
+
+
 def check_json_file(path: Path, field: str, kinds: Kinds, expected: str) -> None:
     """``path`` holds one JSON object whose ``field`` is a non-empty list of records with ``kinds``."""
     text = _read_text(path, expected, bom_ok=False)
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"'{path}' is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-                        f"expected {expected}") from exc
-    except RecursionError as exc:
-        raise DataError(f"'{path}' nests JSON too deeply to read; expected {expected}") from exc
+    document = _parse(text, f"'{path}'", expected, whole_file=True)
     try:
         records = document[field]
     except (KeyError, TypeError, IndexError) as exc:
@@ -59,13 +64,7 @@ def check_jsonl_file(path: Path, kinds: Kinds, expected: str) -> None:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"'{path}' line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
-                            f"expected {expected}") from exc
-        except RecursionError as exc:
-            raise DataError(f"'{path}' line {number} nests JSON too deeply to read; expected {expected}") from exc
+        record = _parse(line, f"'{path}' line {number}", expected, whole_file=False)
         _check_record(record, kinds, f"'{path}' line {number}", expected, first)
 
 

@@ -84,6 +84,23 @@ def _run(deployment: Deployment, flwr_home: Path, connection: str, results: Path
     return done.stdout + done.stderr, time.monotonic() - began
 
 
+def _refused_supernode(secure: dict, name: str, ca: Path, key: Path, partition: int):
+    """start-supernode.sh for a node the secure SuperLink must refuse: the script fails and says
+    so within two minutes, the node never got an id, and nothing of it is left running."""
+    (port,) = free_ports(1)
+    began = time.monotonic()
+    node = secure["deployment"].start("start-supernode.sh", name, "--superlink", secure["address"],
+                                      "--ca", str(ca), "--auth-key", str(key), "--partition-id", str(partition),
+                                      "--num-partitions", "2", "--port", str(port), "--wait-connected", "90",
+                                      check=False)
+    assert node.returncode != 0
+    assert _said_it_stopped(node), node.output
+    assert "SuperNode ID:" not in node.log
+    assert not alive(node.pid)
+    assert time.monotonic() - began < 120
+    return node
+
+
 def _check_complete_run(run_dir: Path, output: str, clients: set[str]) -> tuple[dict, list[dict]]:
     assert (run_dir / "summary.json").exists(), output[-4000:]
     summary, rounds = read_results(run_dir)
@@ -397,39 +414,15 @@ class TestSecureDeployment:
 
 
     def test_a_supernode_with_an_unregistered_key_is_refused(self, secure):
-        deployment = secure["deployment"]
-        (port,) = free_ports(1)
-        began = time.monotonic()
-        stranger = deployment.start("start-supernode.sh", "stranger", "--superlink", secure["address"],
-                                    "--ca", str(secure["certs"] / "ca.crt"), "--auth-key", str(secure["keys"] / "stranger"),
-                                    "--partition-id", "0", "--num-partitions", "2", "--port", str(port),
-                                    "--wait-connected", "90", check=False)
-        assert stranger.returncode != 0
-        assert _said_it_stopped(stranger), stranger.output
+        stranger = _refused_supernode(secure, "stranger", secure["certs"] / "ca.crt", secure["keys"] / "stranger", 0)
         assert "Failed to activate SuperNode" in stranger.log
-        assert "SuperNode ID:" not in stranger.log
-        assert not alive(stranger.pid)
-        assert time.monotonic() - began < 120
-
 
     def test_a_supernode_without_the_superlinks_ca_is_refused(self, secure, tmp_path):
-        deployment = secure["deployment"]
         other = tmp_path / "other-ca"
-        deployment.script("gen-certs.sh", "--out", str(other))
-        (port,) = free_ports(1)
-        began = time.monotonic()
+        secure["deployment"].script("gen-certs.sh", "--out", str(other))
         # a CA that did not sign the SuperLink's certificate: the TLS handshake fails, the node gives up
-        wrong = deployment.start("start-supernode.sh", "wrong-ca", "--superlink", secure["address"],
-                                 "--ca", str(other / "ca.crt"), "--auth-key", str(secure["keys"] / "site-1"),
-                                 "--partition-id", "1", "--num-partitions", "2", "--port", str(port),
-                                 "--wait-connected", "90", check=False)
-        assert wrong.returncode != 0
-        assert _said_it_stopped(wrong), wrong.output
+        wrong = _refused_supernode(secure, "wrong-ca", other / "ca.crt", secure["keys"] / "site-1", 1)
         assert "CERTIFICATE_VERIFY_FAILED" in wrong.log
-        assert "SuperNode ID:" not in wrong.log
-        assert not alive(wrong.pid)
-        assert time.monotonic() - began < 120
-
 
     def test_flwr_run_without_the_ca_is_refused(self, secure, tmp_path):
         deployment = secure["deployment"]

@@ -155,11 +155,15 @@ def test_no_training_data_is_an_error() -> None:
 WORSE_REWRITE = f"<IMPROVED_VARIABLE>{PROMPT_OPENING}</IMPROVED_VARIABLE>"  # drops the answer format
 
 
+def one_step(rewrite: str, proximal: bool):
+    """One local step on the mixed batch whose optimizer proposes ``rewrite``."""
+    forward, backward = sim_engine(), sim_engine(optimizer_reply=rewrite)
+    return train_prompt(TASK.start_prompt, TASK, mixed_batch(), forward.engine, backward.engine,
+                        LocalSettings(steps=1, batch_size=2, proximal=proximal))
+
+
 def test_proximal_reverts_a_rewrite_that_scores_worse() -> None:
-    batch = mixed_batch()
-    forward, backward = sim_engine(), sim_engine(optimizer_reply=WORSE_REWRITE)
-    result = train_prompt(TASK.start_prompt, TASK, batch, forward.engine, backward.engine,
-                          LocalSettings(steps=1, batch_size=2, proximal=True))
+    result = one_step(WORSE_REWRITE, proximal=True)
     m = result.metrics
     assert result.prompt == TASK.start_prompt
     assert (m.steps, m.steps_reverted, m.steps_accepted) == (1, 1, 0)
@@ -169,10 +173,7 @@ def test_proximal_reverts_a_rewrite_that_scores_worse() -> None:
 
 
 def test_without_proximal_the_worse_rewrite_is_accepted() -> None:
-    batch = mixed_batch()
-    forward, backward = sim_engine(), sim_engine(optimizer_reply=WORSE_REWRITE)
-    result = train_prompt(TASK.start_prompt, TASK, batch, forward.engine, backward.engine,
-                          LocalSettings(steps=1, batch_size=2, proximal=False))
+    result = one_step(WORSE_REWRITE, proximal=False)
     m = result.metrics
     assert result.prompt == PROMPT_OPENING
     assert (m.steps_reverted, m.steps_accepted) == (0, 1)
@@ -181,11 +182,7 @@ def test_without_proximal_the_worse_rewrite_is_accepted() -> None:
 
 
 def test_proximal_keeps_a_rewrite_that_scores_the_same() -> None:
-    batch = mixed_batch()
-    same_score = f"<IMPROVED_VARIABLE>Be precise. {TASK.start_prompt}</IMPROVED_VARIABLE>"
-    forward, backward = sim_engine(), sim_engine(optimizer_reply=same_score)
-    result = train_prompt(TASK.start_prompt, TASK, batch, forward.engine, backward.engine,
-                          LocalSettings(steps=1, batch_size=2, proximal=True))
+    result = one_step(f"<IMPROVED_VARIABLE>Be precise. {TASK.start_prompt}</IMPROVED_VARIABLE>", proximal=True)
     assert result.prompt == f"Be precise. {TASK.start_prompt}"
     assert (result.metrics.steps_accepted, result.metrics.steps_reverted) == (1, 0)
 

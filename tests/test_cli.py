@@ -14,7 +14,8 @@ from fedtextgrad_core.llm import EndpointSettings, make_engine
 from fedtextgrad_core.sim_llm import full_prompt
 from fedtextgrad_core.tasks import get_task
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from . import SHARED_DATA
+
 ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\), malformed replies (\d+), LLM calls (\d+)")
 
 

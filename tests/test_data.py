@@ -17,24 +17,24 @@ from fedtextgrad_core.data import BBH_URL, Example, load_splits
 from fedtextgrad_core.errors import ConfigError, DataError
 from fedtextgrad_core.tasks import get_task
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+from . import SHARED_DATA
+
 BBH_TASKS = ("object_counting", "word_sorting", "multistep_arithmetic_two")
 
 
 @pytest.fixture
 def data_dir() -> Path:
-    if not (DATA_DIR / "bbh").is_dir() or not (DATA_DIR / "gsm8k").is_dir():
-        pytest.skip(f"real data not found at {DATA_DIR}")
-    return DATA_DIR
+    if not (SHARED_DATA / "bbh").is_dir() or not (SHARED_DATA / "gsm8k").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
 
 
 def _raw_bbh(task: str) -> list[dict]:
-    return json.loads((DATA_DIR / "bbh" / f"{task}.json").read_text())["examples"]
+    return json.loads((SHARED_DATA / "bbh" / f"{task}.json").read_text())["examples"]
 
 
 def _raw_gsm8k(split: str) -> list[dict]:
-    lines = (DATA_DIR / "gsm8k" / f"{split}.jsonl").read_text().splitlines()
+    lines = (SHARED_DATA / "gsm8k" / f"{split}.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 

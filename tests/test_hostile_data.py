@@ -27,7 +27,8 @@ from fedtextgrad_core.data import BBH_SIZE, GSM8K_TRAIN, GSM8K_VAL, Splits, load
 from fedtextgrad_core.errors import ConfigError, DataError
 from fedtextgrad_core.tasks import TASKS, get_task
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+from . import SHARED_DATA
+
 FIVE_MB = 5 * 1024 * 1024
 MEGABYTE = 1024 * 1024
 # Generous for a loaded 2-core machine; a catastrophic regex would take minutes, not seconds.
@@ -203,10 +204,10 @@ def test_crlf_bom_and_blank_lines_still_load(workdir: Path) -> None:
 
 def test_the_real_files_pass_the_checks() -> None:
     """The checks must not refuse the real data sets (read from the shared folder, never copied)."""
-    if not (DATA_DIR / "bbh").is_dir():
-        pytest.skip(f"real data not found at {DATA_DIR}")
+    if not (SHARED_DATA / "bbh").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
     for task in TASKS:
-        splits = load_splits(task, str(DATA_DIR))
+        splits = load_splits(task, str(SHARED_DATA))
         assert splits.train and splits.val and splits.test
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from fedtextgrad_core.data import load_splits
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.partitioning import PARTITIONINGS, ClientData, client_data, partition
+from fedtextgrad_core.partitioning import (
+    PARTITIONINGS,
+    ClientData,
+    client_data,
+    partition,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+from . import SHARED_DATA
+
 TASKS3 = ["object_counting", "word_sorting", "multistep_arithmetic_two"]
 
 
@@ -125,9 +129,9 @@ def test_partition_id_out_of_range(partition_id, num_partitions):
 
 
 def test_real_gsm8k_homogeneous():
-    if not (DATA_DIR / "gsm8k").is_dir():
-        pytest.skip(f"real data not found at {DATA_DIR}")
-    clients = [client_data("homogeneous", ["gsm8k"], i, 3, str(DATA_DIR), seed=0) for i in range(3)]
+    if not (SHARED_DATA / "gsm8k").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    clients = [client_data("homogeneous", ["gsm8k"], i, 3, str(SHARED_DATA), seed=0) for i in range(3)]
     assert [len(c.train) for c in clients] == [67, 67, 66]
     assert [len(c.val) for c in clients] == [100, 100, 100]
     assert sum(len(c.test) for c in clients) == 1319

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtextgrad_core.client_work import evaluate_split, local_round
+from fedtextgrad_core.run.client_round import evaluate_split, local_round
 
 app = ClientApp()
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtextgrad_core.checkpoint import checkpoint_to_resume
+from fedtextgrad_core.run.checkpoint import checkpoint_to_resume
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.federation import PromptFederation
-from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.robust_merge import check_holdout_available
-from fedtextgrad_core.settings import RunSettings
+from fedtextgrad_core.run.federation import PromptFederation
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.method.robust_merge import check_holdout_available
+from fedtextgrad_core.run.settings import RunSettings
 
-from .strategy import PromptStrategy
+from server_app.strategy import PromptStrategy
 
 app = ServerApp()
 

@@ -17,14 +17,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedtextgrad_core.federation import (
+from fedtextgrad_core.run.federation import (
     ClientFailure,
     ClientReply,
     EvalReply,
     PromptFederation,
     require_enough,
 )
-from fedtextgrad_core.settings import RunSettings
+from fedtextgrad_core.run.settings import RunSettings
 
 NODE_WAIT_LOG_SECONDS = 10.0
 

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from fedtextgrad_core.sim_server import make_server
+from fedtextgrad_core.sim.server import make_server
 
-from .simulation_helpers import stop_superlinks
+from tests.simulation_helpers import stop_superlinks
 
 
 @contextmanager

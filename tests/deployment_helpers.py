@@ -121,7 +121,7 @@ def start_sim_server(log_path: Path, *args: str, timeout: float = 60) -> tuple[s
     """
     port = free_ports(1)[0]
     with log_path.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "fedtextgrad_core.cli", "sim-server", "--port", str(port),
+        process = subprocess.Popen([sys.executable, "-m", "fedtextgrad_core.tools.cli", "sim-server", "--port", str(port),
                                     *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     if not wait_until(lambda: serves_models(url) or process.poll() is not None, timeout, 0.1) or not serves_models(url):
@@ -266,7 +266,7 @@ def read_results(run_dir: Path) -> tuple[dict, list[dict]]:
 # --- the counting sim server ----------------------------------------------------------
 
 def _serve_counting(port: int) -> None:
-    from fedtextgrad_core.sim_server import make_server
+    from fedtextgrad_core.sim.server import make_server
 
     server = make_server("127.0.0.1", port)
     lock = threading.Lock()

@@ -186,7 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _sim_reply(body: bytes) -> str:
-    from fedtextgrad_core.sim_llm import SimLLM
+    from fedtextgrad_core.sim import SimLLM
 
     return SimLLM().complete(json.loads(body)["messages"])
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedtextgrad_core.checkpoint import checkpoint_to_resume
-from fedtextgrad_core.federation import PromptFederation
-from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.settings import RunSettings
+from fedtextgrad_core.run.checkpoint import checkpoint_to_resume
+from fedtextgrad_core.run.federation import PromptFederation
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.run.settings import RunSettings
 from server_app.strategy import PromptStrategy
 
 

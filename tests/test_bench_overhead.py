@@ -9,10 +9,10 @@ import time
 import openai
 import pytest
 
-from fedtextgrad_core.sim_server import make_server
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.sim.server import make_server
+from fedtextgrad_core.data.tasks import get_task
 
-from .benchmarks.critical_path import (
+from tests.benchmarks.critical_path import (
     SERVER,
     Call,
     Structure,

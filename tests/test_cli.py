@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.cli import main
-from fedtextgrad_core.data import load_splits
-from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.llm import EndpointSettings, make_engine
-from fedtextgrad_core.sim_llm import full_prompt
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.tools.cli import main
+from fedtextgrad_core.data.loaders import load_splits
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+from fedtextgrad_core.sim import full_prompt
+from fedtextgrad_core.data.tasks import get_task
 
-from . import SHARED_DATA
+from tests import SHARED_DATA
 
 ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\), malformed replies (\d+), LLM calls (\d+)")
 
@@ -134,8 +134,8 @@ def test_analyze_prints_metrics_of_each_prompt_file(tmp_path: Path, capsys: pyte
 
 
 def test_compare_two_runs_prints_a_table_and_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from .flower_loopback import LoopbackGrid
-    from .test_strategy import make_strategy
+    from tests.flower_loopback import LoopbackGrid
+    from tests.test_strategy import make_strategy
 
     folders = []
     for merge in ("summarize", "summarize-uid"):

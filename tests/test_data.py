@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core import data
-from fedtextgrad_core.data import BBH_URL, Example, load_splits
+from fedtextgrad_core.data import loaders as data
+from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.data.loaders import BBH_URL, load_splits
 from fedtextgrad_core.errors import ConfigError, DataError
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.data.tasks import get_task
 
-from . import SHARED_DATA
+from tests import SHARED_DATA
 
 BBH_TASKS = ("object_counting", "word_sorting", "multistep_arithmetic_two")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from .deployment_helpers import (
+from tests.deployment_helpers import (
     DEPLOY,
     ROOT,
     Deployment,
@@ -46,8 +46,8 @@ from .deployment_helpers import (
     read_results,
     wait_until,
 )
-from .flower_loopback import LoopbackGrid, default_run_config
-from .resume_helpers import outcome, run_server
+from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.resume_helpers import outcome, run_server
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .simulation_helpers import flwr_run
+from tests.simulation_helpers import flwr_run
 
 
 def test_default_federation_improves_the_prompt_and_leaves_a_complete_results_folder(flwr_home, tmp_path):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.cli import main
-from fedtextgrad_core.endpoint_bench import (
+from fedtextgrad_core.tools.cli import main
+from fedtextgrad_core.tools.endpoint_bench import (
     EndpointBench,
     LevelResult,
     format_table,
@@ -24,8 +24,8 @@ from fedtextgrad_core.endpoint_bench import (
     summarise,
 )
 
-from .conftest import serving_sim
-from .faulty_llm_server import FaultyLLMServer, closed_port
+from tests.conftest import serving_sim
+from tests.faulty_llm_server import FaultyLLMServer, closed_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY_MS = 100.0
@@ -46,7 +46,7 @@ def faulty() -> Iterator[FaultyLLMServer]:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The real command line, in its own process, as a site would run it."""
-    return subprocess.run([sys.executable, "-m", "fedtextgrad_core.cli", "bench", "endpoint", *args],
+    return subprocess.run([sys.executable, "-m", "fedtextgrad_core.tools.cli", "bench", "endpoint", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -169,7 +169,7 @@ def test_percentiles_interpolate_between_ranks() -> None:
 
 
 def test_a_server_without_usage_gives_n_a_tokens_not_zero() -> None:
-    from fedtextgrad_core.endpoint_bench import EndpointBenchReport, _Outcome
+    from fedtextgrad_core.tools.endpoint_bench import EndpointBenchReport, _Outcome
 
     result = summarise(2, [_Outcome(0.1), _Outcome(0.2, completion_tokens=5)], wall=0.2)
     assert result.completion_tokens is None and result.completion_tokens_per_s is None

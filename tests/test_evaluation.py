@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from fedtextgrad_core.client_work import evaluate_split
-from fedtextgrad_core.data import Example
-from fedtextgrad_core.evaluation import Scores, answer_all, evaluate_prompt
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.partitioning import client_data
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.run.client_round import evaluate_split
+from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.method.evaluation import Scores, answer_all, evaluate_prompt
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.data.partitioning import client_data
+from fedtextgrad_core.data.tasks import get_task
 
-from .concurrency_probe import InFlightProbe
+from tests.concurrency_probe import InFlightProbe
 
 TASK = get_task("object_counting")
 

@@ -23,11 +23,11 @@ import signal
 
 import pytest
 
-from . import SHARED_DATA
-from .deployment_helpers import kill_pids, start_sim_server
-from .faulty_llm_server import FaultyLLMServer
-from .flower_loopback import LoopbackGrid, default_run_config
-from .resume_helpers import run_server
+from tests import SHARED_DATA
+from tests.deployment_helpers import kill_pids, start_sim_server
+from tests.faulty_llm_server import FaultyLLMServer
+from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.resume_helpers import run_server
 
 # the second send of round 2 onwards: 1 = initial evaluation, 2/3 = round 1 train/evaluate, 4 = round 2 train
 ROUND_2_STARTS = 4

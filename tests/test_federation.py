@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core import report
-from fedtextgrad_core.federation import (
+from fedtextgrad_core.run import report
+from fedtextgrad_core.run.federation import (
     ClientFailure,
     ClientReply,
     EvalReply,
@@ -17,10 +17,10 @@ from fedtextgrad_core.federation import (
     require_enough,
     weighted_accuracy,
 )
-from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.results import RunRecorder
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.sim_llm import CATALOGUE, insert_instruction, instructions_in
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.sim import CATALOGUE, insert_instruction, instructions_in
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEARNED = CATALOGUE["object_counting"]

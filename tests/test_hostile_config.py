@@ -22,16 +22,16 @@ from flwr.common.config import parse_config_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtextgrad_core.client_work import (
+from fedtextgrad_core.run.client_round import (
     NodeIdentity,
     evaluate_split,
     load_client_data,
     node_identity,
 )
 from fedtextgrad_core.errors import ConfigError, DataError
-from fedtextgrad_core.llm import EndpointSettings
-from fedtextgrad_core.partitioning import ClientData
-from fedtextgrad_core.settings import RunSettings, client_endpoints
+from fedtextgrad_core.llm.engine import EndpointSettings
+from fedtextgrad_core.data.partitioning import ClientData
+from fedtextgrad_core.run.settings import RunSettings, client_endpoints
 from tests.flower_loopback import default_run_config
 
 RUN_CONFIG = default_run_config()

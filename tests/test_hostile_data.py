@@ -23,11 +23,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fedtextgrad_core.data import BBH_SIZE, GSM8K_TRAIN, GSM8K_VAL, Splits, load_splits
+from fedtextgrad_core.data.examples import Splits
+from fedtextgrad_core.data.loaders import BBH_SIZE, GSM8K_TRAIN, GSM8K_VAL, load_splits
 from fedtextgrad_core.errors import ConfigError, DataError
-from fedtextgrad_core.tasks import TASKS, get_task
+from fedtextgrad_core.data.tasks import TASKS, get_task
 
-from . import SHARED_DATA
+from tests import SHARED_DATA
 
 FIVE_MB = 5 * 1024 * 1024
 MEGABYTE = 1024 * 1024

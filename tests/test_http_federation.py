@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from .deployment_helpers import start_sim_server
-from .flower_loopback import LoopbackGrid
-from .test_strategy import make_strategy
+from tests.deployment_helpers import start_sim_server
+from tests.flower_loopback import LoopbackGrid
+from tests.test_strategy import make_strategy
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,27 @@ import json
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtextgrad_core.client_work import (
+from fedtextgrad_core.run.client_round import (
     NodeIdentity,
     check_leakage,
     load_client_data,
     local_round,
 )
-from fedtextgrad_core.data import Example
+from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.errors import ConfigError, LeakageError
-from fedtextgrad_core.federation import PromptFederation
-from fedtextgrad_core.leakage import (
+from fedtextgrad_core.run.federation import PromptFederation
+from fedtextgrad_core.method.leakage import (
     LEAK_MARKER,
     find_leaks,
     guard_prompt,
     training_ngrams,
 )
-from fedtextgrad_core.results import RunRecorder
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.data.tasks import get_task
 from server_app.strategy import PromptStrategy
 
-from .flower_loopback import LoopbackGrid, default_run_config
+from tests.flower_loopback import LoopbackGrid, default_run_config
 
 QUESTION = ("I have a piano, two flutes, a violin, and three trombones. "
             "How many musical instruments do I have?")

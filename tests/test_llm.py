@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from fedtextgrad_core.errors import ConfigError, LLMError, SimUnsupportedError
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, Usage, make_engine
-from fedtextgrad_core.sim_llm import SimLLM, approx_tokens
-from fedtextgrad_core.sim_server import make_server
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, Usage, make_engine
+from fedtextgrad_core.sim import SimLLM, approx_tokens
+from fedtextgrad_core.sim.server import make_server
+from fedtextgrad_core.data.tasks import get_task
 
-from .concurrency_probe import InFlightProbe
+from tests.concurrency_probe import InFlightProbe
 
 TASK = get_task("object_counting")
 QUESTION = "I have a flute, a piano, four stoves, and two violins. How many musical instruments do I have?"

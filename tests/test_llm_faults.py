@@ -17,21 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fedtextgrad_core import openai_backend
-from fedtextgrad_core.client_work import evaluate_split, local_round
-from fedtextgrad_core.data import Example
+from fedtextgrad_core.llm import openai_transport as openai_backend
+from fedtextgrad_core.run.client_round import evaluate_split, local_round
+from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.errors import LLMError
-from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.federation import PromptFederation, RoundFailed
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.openai_backend import TransientLLMError
-from fedtextgrad_core.results import RunRecorder
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.run.federation import PromptFederation, RoundFailed
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.llm.openai_transport import TransientLLMError
+from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.data.tasks import get_task
 from server_app.strategy import PromptStrategy
 
-from .faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
-from .flower_loopback import LoopbackGrid, default_run_config
+from tests.faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
+from tests.flower_loopback import LoopbackGrid, default_run_config
 
 TASK = get_task("object_counting")
 

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fedtextgrad_core.client_work import local_round
-from fedtextgrad_core.data import Example, load_splits
-from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.local_training import LocalSettings, batch_accuracy, train_prompt
-from fedtextgrad_core.partitioning import client_data
-from fedtextgrad_core.sim_llm import SimLLM, approx_tokens, has_answer_format, instructions_in
-from fedtextgrad_core.tasks import PROMPT_OPENING, get_task
+from fedtextgrad_core.run.client_round import local_round
+from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.data.loaders import load_splits
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.method.local_training import LocalSettings, batch_accuracy, train_prompt
+from fedtextgrad_core.data.partitioning import client_data
+from fedtextgrad_core.sim import SimLLM, approx_tokens, has_answer_format, instructions_in
+from fedtextgrad_core.data.tasks import PROMPT_OPENING, get_task
 
 TASK = get_task("object_counting")
 SPLITS = load_splits(TASK.name, "synthetic", seed=0, synthetic_size=100)

@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.merging import (
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.method.merging import (
     MERGE_METHODS,
     MERGE_REQUEST,
     UID_REQUEST,
@@ -17,15 +17,15 @@ from fedtextgrad_core.merging import (
     merge_prompts,
     minimum_token_budget,
 )
-from fedtextgrad_core.prompt_metrics import count_tokens
-from fedtextgrad_core.sim_llm import (
+from fedtextgrad_core.text import count_tokens
+from fedtextgrad_core.sim import (
     CATALOGUE,
     SimLLM,
     insert_instruction,
     instructions_in,
 )
-from fedtextgrad_core.sim_llm.catalogue import split_sentences
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.text import split_sentences
+from fedtextgrad_core.data.tasks import get_task
 
 TASK = get_task("object_counting")
 FORMAT = TASK.format_instruction
@@ -129,12 +129,12 @@ def test_format_moved_to_the_middle_is_put_last_once() -> None:
 def test_useless_summary_falls_back_to_concat_with_a_logged_reason(
         reply: str, reason_word: str, caplog: pytest.LogCaptureFixture) -> None:
     prompts = client_prompts()
-    with caplog.at_level(logging.WARNING, logger="fedtextgrad_core.merging"):
+    with caplog.at_level(logging.WARNING, logger="fedtextgrad_core.method.merging"):
         result = merge_prompts(prompts, "summarize-uid", FORMAT, scripted(reply))
     assert result.prompt == merge_prompts(prompts, "concat", FORMAT).prompt
     assert reason_word in result.fallback_reason
     assert result.method == "summarize-uid"
-    logged = [r for r in caplog.records if r.name == "fedtextgrad_core.merging" and r.levelno == logging.WARNING]
+    logged = [r for r in caplog.records if r.name == "fedtextgrad_core.method.merging" and r.levelno == logging.WARNING]
     assert len(logged) == 1 and result.fallback_reason in logged[0].getMessage()
 
 

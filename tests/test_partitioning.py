@@ -6,16 +6,16 @@ from collections import Counter
 
 import pytest
 
-from fedtextgrad_core.data import load_splits
+from fedtextgrad_core.data.loaders import load_splits
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.partitioning import (
+from fedtextgrad_core.data.partitioning import (
     PARTITIONINGS,
     ClientData,
     client_data,
     partition,
 )
 
-from . import SHARED_DATA
+from tests import SHARED_DATA
 
 TASKS3 = ["object_counting", "word_sorting", "multistep_arithmetic_two"]
 

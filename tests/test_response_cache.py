@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core import openai_backend, response_cache
-from fedtextgrad_core.client_work import evaluate_split
-from fedtextgrad_core.data import Example
+from fedtextgrad_core.llm import cache as response_cache
+from fedtextgrad_core.llm import openai_transport as openai_backend
+from fedtextgrad_core.run.client_round import evaluate_split
+from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.errors import ConfigError, LLMError
-from fedtextgrad_core.evaluation import answer_all, evaluate_prompt
-from fedtextgrad_core.llm import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.response_cache import ResponseCache, cache_key
-from fedtextgrad_core.settings import endpoint_settings
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.method.evaluation import answer_all, evaluate_prompt
+from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.llm.cache import ResponseCache, cache_key
+from fedtextgrad_core.run.settings import endpoint_settings
+from fedtextgrad_core.data.tasks import get_task
 
-from .faulty_llm_server import FaultyLLMServer
-from .flower_loopback import default_run_config
+from tests.faulty_llm_server import FaultyLLMServer
+from tests.flower_loopback import default_run_config
 
 TASK = get_task("object_counting")
 EXAMPLES = [Example(f"I have {n} apples and a banana. How many fruits do I have?", str(n + 1)) for n in range(5)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedtextgrad_core.results import RunRecorder, default_run_name
+from fedtextgrad_core.run.recorder import RunRecorder, default_run_name
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

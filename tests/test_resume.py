@@ -14,7 +14,7 @@ import random
 
 import pytest
 
-from fedtextgrad_core.checkpoint import (
+from fedtextgrad_core.run.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     check_same_run,
@@ -23,8 +23,8 @@ from fedtextgrad_core.checkpoint import (
 )
 from fedtextgrad_core.errors import ConfigError
 
-from .flower_loopback import LoopbackGrid, default_run_config
-from .resume_helpers import outcome, run_server
+from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.resume_helpers import outcome, run_server
 
 # two of three clients per round: the sampling generator matters for the comparison
 SHORT = {"num-server-rounds": 3, "fraction-train": 0.67, "local-steps": 1, "batch-size": 2,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.prompt_metrics import text_metrics
-from fedtextgrad_core.run_comparison import (
+from fedtextgrad_core.method.prompt_metrics import text_metrics
+from fedtextgrad_core.tools.compare import (
     NotARunFolder,
     compare_runs,
     format_table,
@@ -17,10 +17,10 @@ from fedtextgrad_core.run_comparison import (
     plot_comparison,
     plot_prompt_dynamics,
 )
-from fedtextgrad_core.sim_llm import instructions_in
+from fedtextgrad_core.sim import instructions_in
 
-from .flower_loopback import LoopbackGrid
-from .test_strategy import make_strategy
+from tests.flower_loopback import LoopbackGrid
+from tests.test_strategy import make_strategy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MERGES = ("summarize", "summarize-uid")

@@ -23,14 +23,14 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
 
-from fedtextgrad_core.cli import main as cli_main
+from fedtextgrad_core.tools.cli import main as cli_main
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.sim_server import make_server
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.sim.server import make_server
 from server_app.server_app import main as server_main
 
-from .faulty_llm_server import closed_port
-from .flower_loopback import LoopbackGrid, default_run_config
+from tests.faulty_llm_server import closed_port
+from tests.flower_loopback import LoopbackGrid, default_run_config
 
 KEY_ENV = "FEDTEXTGRAD_TEST_SECRET_KEY"
 # where textgrad_import sends TextGrad's own log file

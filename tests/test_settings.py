@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fedtextgrad_core.client_work import evaluate_split, local_round, node_identity
+from fedtextgrad_core.run.client_round import evaluate_split, local_round, node_identity
 from fedtextgrad_core.errors import ConfigError, DataError
-from fedtextgrad_core.llm import EndpointSettings, make_engine
-from fedtextgrad_core.settings import RunSettings, client_endpoints, endpoint_settings
-from fedtextgrad_core.tasks import GENERIC_FORMAT, get_task
+from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+from fedtextgrad_core.run.settings import RunSettings, client_endpoints, endpoint_settings
+from fedtextgrad_core.data.tasks import GENERIC_FORMAT, get_task
 
 
 def rejected(config: dict, setting: str, value: object) -> str:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from fedtextgrad_core.errors import SimUnsupportedError
-from fedtextgrad_core.lexicon import CATEGORIES, NUMBER_NAMES, article
-from fedtextgrad_core.sim_llm import (
+from fedtextgrad_core.data.lexicon import CATEGORIES, NUMBER_NAMES, article
+from fedtextgrad_core.sim import (
     CATALOGUE,
     SimLLM,
     approx_tokens,
@@ -24,9 +24,9 @@ from fedtextgrad_core.sim_llm import (
     has_answer_format,
     insert_instruction,
     instructions_in,
-    split_sentences,
 )
-from fedtextgrad_core.tasks import NUMBER_FORMAT, PROMPT_OPENING, WORDS_FORMAT, get_task
+from fedtextgrad_core.data.tasks import NUMBER_FORMAT, PROMPT_OPENING, WORDS_FORMAT, get_task
+from fedtextgrad_core.text import split_sentences
 
 TASKS = list(CATALOGUE)
 BBH_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "bbh"
@@ -87,7 +87,7 @@ def _own_questions(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 def synthetic(task: str, n: int = 120, seed: int = 0) -> list[tuple[str, str]]:
     """The project's generator when it is importable, else questions written here."""
     try:
-        from fedtextgrad_core.synthetic import generate
+        from fedtextgrad_core.data.synthetic import generate
 
         return [(e.question, e.answer) for e in generate(task, n, seed)]
     except (ImportError, AttributeError, TypeError):

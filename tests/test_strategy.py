@@ -7,14 +7,14 @@ import json
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedtextgrad_core.federation import PromptFederation, RoundFailed
-from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.results import RunRecorder
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.sim_llm import instructions_in
+from fedtextgrad_core.run.federation import PromptFederation, RoundFailed
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.sim import instructions_in
 from server_app.strategy import PromptStrategy, error_reason
 
-from .flower_loopback import LoopbackGrid, default_run_config
+from tests.flower_loopback import LoopbackGrid, default_run_config
 
 
 def make_strategy(tmp_path, **overrides):
@@ -115,7 +115,7 @@ def test_evaluation_is_weighted_by_examples(tmp_path):
     ]
     evals, failures = strategy.evaluation_replies(1, replies)
     assert not failures
-    from fedtextgrad_core.federation import weighted_accuracy
+    from fedtextgrad_core.run.federation import weighted_accuracy
 
     assert weighted_accuracy(evals) == pytest.approx(39 / 100)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.lexicon import CATEGORIES, NOUN_CATEGORY, NUMBER_WORDS
-from fedtextgrad_core.synthetic import SUPPORTED_TASKS, generate
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.data.lexicon import CATEGORIES, NOUN_CATEGORY, NUMBER_WORDS
+from fedtextgrad_core.data.synthetic import SUPPORTED_TASKS, generate
+from fedtextgrad_core.data.tasks import get_task
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -120,7 +120,7 @@ def test_tasks_get_different_streams_for_the_same_seed():
 
 def test_examples_are_identical_across_processes_with_different_hash_seeds():
     script = (
-        "from fedtextgrad_core.synthetic import generate\n"
+        "from fedtextgrad_core.data.synthetic import generate\n"
         "for t in ('object_counting', 'word_sorting', 'multistep_arithmetic_two'):\n"
         "    print(repr(generate(t, 20, 7)))\n"
     )

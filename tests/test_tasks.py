@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.tasks import (
+from fedtextgrad_core.data.tasks import (
     GENERIC_FORMAT,
     NUMBER_FORMAT,
     PROMPT_OPENING,

@@ -8,20 +8,20 @@ import json
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtextgrad_core.federation import (
+from fedtextgrad_core.run.federation import (
     ClientFailure,
     ClientReply,
     PromptFederation,
     RoundFailed,
 )
-from fedtextgrad_core.llm import make_engine
-from fedtextgrad_core.results import RunRecorder
-from fedtextgrad_core.settings import RunSettings
-from fedtextgrad_core.sim_llm import full_prompt
-from fedtextgrad_core.upload_checks import upload_problem
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.sim import full_prompt
+from fedtextgrad_core.method.upload_checks import upload_problem
 from server_app.strategy import PromptStrategy
 
-from .flower_loopback import LoopbackGrid, default_run_config
+from tests.flower_loopback import LoopbackGrid, default_run_config
 
 GOOD = full_prompt("object_counting")
 

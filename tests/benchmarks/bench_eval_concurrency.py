@@ -16,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from fedtextgrad_core.evaluation import evaluate_prompt
-from fedtextgrad_core.llm import EndpointSettings, make_engine
-from fedtextgrad_core.sim_server import make_server
-from fedtextgrad_core.synthetic import generate
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+from fedtextgrad_core.sim.server import make_server
+from fedtextgrad_core.data.synthetic import generate
+from fedtextgrad_core.data.tasks import get_task
 
 
 def main(argv: list[str] | None = None) -> dict:

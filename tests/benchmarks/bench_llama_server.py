@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedtextgrad_core.evaluation import answer_all
-from fedtextgrad_core.llm import EndpointSettings, make_engine
-from fedtextgrad_core.synthetic import generate
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.method.evaluation import answer_all
+from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+from fedtextgrad_core.data.synthetic import generate
+from fedtextgrad_core.data.tasks import get_task
 from tests.llama_server import N_CTX, missing_requirement, start_llama_server
 
 HERE = Path(__file__).resolve().parent

@@ -35,13 +35,13 @@ from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 
-from fedtextgrad_core.client_work import NodeIdentity, load_client_data
-from fedtextgrad_core.settings import RunSettings
+from fedtextgrad_core.run.client_round import NodeIdentity, load_client_data
+from fedtextgrad_core.run.settings import RunSettings
 from server_app.server_app import app as server_app
 
-from ..deployment_helpers import QUIET_ENV, cmdline, kill_pids
-from ..flower_loopback import ROOT, LoopbackGrid, default_run_config
-from .critical_path import (
+from tests.deployment_helpers import QUIET_ENV, cmdline, kill_pids
+from tests.flower_loopback import ROOT, LoopbackGrid, default_run_config
+from tests.benchmarks.critical_path import (
     SERVER,
     Call,
     Figures,
@@ -53,7 +53,7 @@ from .critical_path import (
     read_call_log,
     server_extra,
 )
-from .sim_fleet import SimFleet
+from tests.benchmarks.sim_fleet import SimFleet
 
 FLWR_LOCK = "/tmp/fedtextgrad-flwr.lock"
 FLWR_TIMEOUT_SECONDS = 900

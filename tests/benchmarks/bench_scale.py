@@ -40,8 +40,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..deployment_helpers import cmdline
-from ..simulation_helpers import stop_superlinks
+from tests.deployment_helpers import cmdline
+from tests.simulation_helpers import stop_superlinks
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK_FILE = "/tmp/fedtextgrad-flwr.lock"

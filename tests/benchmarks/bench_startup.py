@@ -47,7 +47,7 @@ with open("pyproject.toml", "rb") as handle:
     run_config = dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 run_config.update({"local-steps": 1, "client-val-eval": False})
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-from fedtextgrad_core.tasks import get_task
+from fedtextgrad_core.data.tasks import get_task
 prompt = get_task(run_config["task"]).start_prompt
 message = Message(content=RecordDict({"config": ConfigRecord({"prompt": prompt, "server-round": 1})}),
                   message_type=MessageType.TRAIN, dst_node_id=100)

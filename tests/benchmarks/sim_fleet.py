@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Self
 
-from ..deployment_helpers import start_sim_server
+from tests.deployment_helpers import start_sim_server
 
 START_TIMEOUT_SECONDS = 30.0
 

@@ -1,0 +1,1 @@
+"""LLM engines: TextGrad's engine interface over OpenAI-compatible servers or any registered backend."""

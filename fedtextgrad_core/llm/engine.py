@@ -1,0 +1,230 @@
+"""LLM engines: one TextGrad ``EngineLM`` over either an OpenAI-compatible endpoint or the sim.
+
+Everything above this module asks an engine for text and never cares which backend
+answers: vLLM, Ollama, SGLang, llama.cpp's server and hosted APIs all speak the
+OpenAI chat protocol (``openai_backend.py``), and the simulated LLM answers in-process
+through the same class. The engine owns what every backend needs alike: a
+per-endpoint limit on requests in flight, bounded retries with exponential backoff
+and jitter, the optional reply cache, and thread-safe counts of calls, tokens,
+retries and seconds, so clients can report what a round cost.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.llm.openai_transport import OpenAIChat, TransientLLMError, api_key_for, check_once
+from fedtextgrad_core.llm.cache import cache_key, open_cache
+from fedtextgrad_core.llm.textgrad_adapter import tg
+
+BACKENDS = ("sim", "openai")
+BACKOFF_CAP_SECONDS = 8.0
+
+# (messages) -> (reply text, prompt tokens, completion tokens)
+ChatFn = Callable[[list[dict[str, str]]], tuple[str, int, int]]
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Where one model lives and how to sample from it."""
+
+    backend: str = "sim"
+    base_url: str = ""
+    model: str = "sim"
+    api_key_env: str = ""  # the NAME of an environment variable; the key never enters config
+    temperature: float = 0.0
+    max_tokens: int = 512
+    timeout: float = 60.0
+    concurrency: int = 8
+    max_retries: int = 3
+    retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
+    cache_path: str = ""  # empty: no reply cache
+    sim_latency_ms: float = 0.0
+
+    def describe(self) -> str:
+        if self.backend == "sim":
+            return "sim (simulated LLM, in-process)"
+        return f"{self.model} at {self.base_url}"
+
+
+@dataclass
+class Usage:
+    """What an engine has spent; added up per client and per round."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    errors: int = 0  # calls that failed after their retries
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: Usage) -> None:
+        for key, value in asdict(other).items():
+            setattr(self, key, getattr(self, key) + value)
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{key}": value for key, value in asdict(self).items()}
+
+
+_slots: dict[tuple[str, str, int], threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def endpoint_slots(settings: EndpointSettings) -> threading.BoundedSemaphore:
+    """One limit on requests in flight per endpoint per process, shared by all its engines.
+
+    Keyed by the server, not the model: forward and backward models served by one
+    server share its limit.
+    """
+    key = (settings.backend, settings.base_url, settings.concurrency)
+    with _slots_lock:
+        return _slots.setdefault(key, threading.BoundedSemaphore(settings.concurrency))
+
+
+_pools: dict[tuple[str, str, int], ThreadPoolExecutor] = {}
+_in_pool = threading.local()  # set in pool workers, so a nested map runs inline instead of deadlocking
+
+
+def _mark_worker() -> None:
+    _in_pool.active = True
+
+
+def endpoint_pool(settings: EndpointSettings) -> ThreadPoolExecutor:
+    """Worker threads for concurrent calls to one endpoint, kept for the life of the process.
+
+    A fresh pool per batch started its threads one by one, each start waiting for the
+    new thread to get the GIL: on a busy 2-core machine that put tens of milliseconds
+    before every batch's first request, on the critical path of every local step.
+    Keyed like ``endpoint_slots``, with as many workers as requests may be in flight.
+    """
+    key = (settings.backend, settings.base_url, settings.concurrency)
+    with _slots_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(max_workers=settings.concurrency, initializer=_mark_worker,
+                                                    thread_name_prefix=f"llm-{settings.backend}")
+        return pool
+
+
+class ChatEngine(tg.EngineLM):
+    """A TextGrad engine that sends (system, user) chat messages through ``chat``."""
+
+    def __init__(self, settings: EndpointSettings, chat: ChatFn):
+        self.settings = settings
+        self.model_string = settings.model
+        self._chat = chat
+        self._lock = threading.Lock()
+        self._slots = endpoint_slots(settings)
+        self._pool = endpoint_pool(settings)
+        self._cache = open_cache(settings.cache_path) if settings.cache_path else None
+        self._last = threading.local()
+        self.usage = Usage()
+
+    def map(self, work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+        """``work`` on every item, up to the endpoint's concurrency at once, results in item order."""
+        items = list(items)
+        if len(items) <= 1 or getattr(_in_pool, "active", False):
+            return [work(item) for item in items]
+        futures = [self._pool.submit(work, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            # on a failure, the items not started are dropped and the ones in flight are
+            # waited for: nothing of this call keeps using the endpoint after it returns
+            for future in futures:
+                future.cancel()
+            wait(futures)
+
+    def last_reply(self) -> str:
+        """The last reply this thread got: how callers inspect what a library call received."""
+        return getattr(self._last, "reply", "")
+
+    def _count(self, **spent: float) -> None:
+        with self._lock:
+            for key, value in spent.items():
+                setattr(self.usage, key, getattr(self.usage, key) + value)
+
+    def _call_with_retries(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        attempt = 0
+        while True:
+            try:
+                with self._slots:
+                    return self._chat(messages)
+            except TransientLLMError as exc:
+                if attempt >= self.settings.max_retries:
+                    raise TransientLLMError(f"{exc} (gave up after {attempt + 1} attempts)") from exc
+                delay = min(BACKOFF_CAP_SECONDS, self.settings.retry_backoff * 2 ** attempt)
+                time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: clients do not retry in lockstep
+                attempt += 1
+                self._count(retries=1)
+
+    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+        messages = [{"role": "system", "content": system_prompt or self.system_prompt},
+                    {"role": "user", "content": prompt}]
+        key = None
+        if self._cache is not None:
+            s = self.settings
+            key = cache_key(s.backend, s.base_url, s.model, s.temperature, s.max_tokens, messages)
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._count(cache_hits=1)
+                self._last.reply = cached[0]
+                return cached[0]
+        start = time.perf_counter()
+        try:
+            text, prompt_tokens, completion_tokens = self._call_with_retries(messages)
+        except Exception:
+            self._count(errors=1)
+            raise
+        self._count(calls=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                    seconds=time.perf_counter() - start)
+        if key is not None:
+            self._cache.put(key, text or "", prompt_tokens, completion_tokens)
+        self._last.reply = text or ""
+        return text or ""
+
+    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+        return self.generate(prompt, system_prompt=system_prompt, **kwargs)
+
+    def take_usage(self) -> Usage:
+        """Return what was spent since the last call and start counting afresh."""
+        with self._lock:
+            spent, self.usage = self.usage, Usage()
+        return spent
+
+
+def _sim_chat(settings: EndpointSettings) -> ChatFn:
+    from fedtextgrad_core.sim import SimLLM, approx_tokens
+
+    sim = SimLLM(latency_ms=settings.sim_latency_ms)
+
+    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        reply = sim.complete(messages)
+        prompt_tokens = sum(approx_tokens(m["content"]) for m in messages)
+        return reply, prompt_tokens, approx_tokens(reply)
+
+    return chat
+
+
+def make_engine(settings: EndpointSettings, key_setting: str = "llm-api-key-env") -> ChatEngine:
+    """The one way to get an engine; ``key_setting`` names the config key in errors."""
+    if settings.backend == "sim":
+        return ChatEngine(settings, _sim_chat(settings))
+    if settings.backend == "openai":
+        if not settings.base_url:
+            raise ConfigError(key_setting.replace("api-key-env", "base-url"), "", "the URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+        chat = OpenAIChat(settings.base_url, settings.model, api_key_for(settings.api_key_env, key_setting),
+                          settings.temperature, settings.max_tokens, settings.timeout)
+        check_once(chat, key_setting.replace("api-key-env", "base-url"))
+        return ChatEngine(settings, chat)
+    raise ConfigError(key_setting.replace("api-key-env", "backend"), settings.backend, "sim or openai")

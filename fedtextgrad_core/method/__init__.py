@@ -1,0 +1,1 @@
+"""The FedTextGrad method: local TextGrad steps, merging, evaluation, and the checks around uploads."""

@@ -1,0 +1,106 @@
+"""The client's leakage guard: find verbatim pieces of its own training data in a prompt.
+
+An optimiser LLM that sees training questions may copy one into the prompt (as a worked
+example, say), and the prompt is the one thing a client uploads. Before upload the
+client looks for runs of ``n`` or more tokens in a row that also occur in one of its
+training questions or answers, and then redacts them, refuses to upload, or only counts
+them, as the site chose (``leakage-guard``).
+
+Tokens are runs of letters and digits plus the arithmetic symbols ``+ - * / = ( )``,
+lower-cased. Other punctuation is ignored, so re-punctuating a quote does not hide it;
+the arithmetic symbols are kept because in an arithmetic question they are most of the
+text, and without them a copied expression would be too few "words" to notice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fedtextgrad_core.data.examples import Example
+
+__all__ = ["LEAK_MARKER", "LeakReport", "find_leaks", "guard_prompt", "training_ngrams"]
+
+LEAK_MARKER = "[redacted]"
+_TOKEN = re.compile(r"\w+|[-+*/=()]")
+
+NGram = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LeakReport:
+    """What the guard found in one prompt, and the prompt it would upload."""
+
+    prompt: str  # the prompt to upload: redacted when the guard redacts, else as given
+    passages: int  # distinct verbatim passages (overlapping matches joined into one)
+    ngrams: int  # token windows of length n shared with a training example
+    redactions: int  # passages removed from the prompt
+    longest: int  # tokens in the longest passage
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"leak_passages": float(self.passages), "leaked_ngrams": float(self.ngrams),
+                "leak_redactions": float(self.redactions), "leak_longest_tokens": float(self.longest)}
+
+
+def _tokens(text: str) -> list[re.Match[str]]:
+    return list(_TOKEN.finditer(text or ""))
+
+
+def training_ngrams(examples: Iterable[Example], n: int) -> set[NGram]:
+    """Every run of ``n`` tokens in the questions and answers of ``examples``."""
+    grams: set[NGram] = set()
+    for example in examples:
+        for text in (example.question, example.answer):
+            words = [m.group(0).lower() for m in _tokens(text)]
+            grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return grams
+
+
+def find_leaks(prompt: str, grams: set[NGram], n: int) -> tuple[list[tuple[int, int]], int, int]:
+    """Character spans of ``prompt`` copied from training text, the number of shared
+    windows, and the longest passage in tokens. Overlapping or touching windows form one
+    span, so a quoted question counts as one passage however long it is."""
+    tokens = _tokens(prompt)
+    words = [m.group(0).lower() for m in tokens]
+    runs: list[list[int]] = []  # [first token, last token] of each passage
+    windows = 0
+    for start in range(len(words) - n + 1):
+        if tuple(words[start:start + n]) not in grams:
+            continue
+        windows += 1
+        end = start + n - 1
+        if runs and start <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([start, end])
+    spans = [(tokens[first].start(), tokens[last].end()) for first, last in runs]
+    longest = max((last - first + 1 for first, last in runs), default=0)
+    return spans, windows, longest
+
+
+def _redact(prompt: str, spans: Sequence[tuple[int, int]]) -> str:
+    pieces, cursor = [], 0
+    for start, end in spans:
+        pieces += [prompt[cursor:start], LEAK_MARKER]
+        cursor = end
+    pieces.append(prompt[cursor:])
+    return "".join(pieces)
+
+
+def guard_prompt(prompt: str, train: Iterable[Example], n: int, mode: str) -> LeakReport:
+    """Check ``prompt`` against the training examples; redact in mode 'redact'.
+
+    Mode 'refuse' and 'off' leave the prompt as it is: refusing is the caller's move
+    (it raises with the counts), and 'off' still counts, so a site that switched the
+    guard off can see in its metrics what it would have caught.
+    """
+    spans, windows, longest = find_leaks(prompt, training_ngrams(train, n), n)
+    redact = mode == "redact" and bool(spans)
+    return LeakReport(
+        prompt=_redact(prompt, spans) if redact else prompt,
+        passages=len(spans),
+        ngrams=windows,
+        redactions=len(spans) if redact else 0,
+        longest=longest,
+    )

@@ -1,0 +1,119 @@
+"""Fitting prompt text into a token budget: count it, drop repeats, clip it, pack it in groups.
+
+Why this exists: with many clients, the concatenated client prompts overflow any
+context window, and one summarisation request cannot show the summariser every
+prompt. The merge (``merging.py``) therefore keeps every text it sends or returns
+under ``merge-token-budget`` with these helpers, and says what it had to leave out.
+
+Tokens are counted with :func:`fedtextgrad_core.text.count_tokens`, the same counter as the
+prompt metrics in the run folder (tiktoken's ``cl100k_base`` if it is already cached,
+else the regex word-piece split; never a download), so a budget and the recorded
+prompt lengths are in the same unit. A real model's tokenizer differs from either by
+some percent, and a chat request adds a few template tokens per message: leave that
+much headroom below the model's context window when choosing the budget.
+
+Text is cut only between sentences, split by the catalogue's splitter, which never
+splits inside a quoted span such as 'Answer: $VALUE'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from fedtextgrad_core.text import count_tokens
+from fedtextgrad_core.text import split_sentences
+
+
+def tokens(text: str) -> int:
+    return count_tokens(text)[0]
+
+
+def tokenizer_name() -> str:
+    return count_tokens("")[1]
+
+
+def sentence_key(sentence: str) -> str:
+    """Two sentences are repeats when they differ only in case and spacing."""
+    return " ".join(sentence.lower().split())
+
+
+def distinct_sentences(texts: Sequence[str]) -> tuple[list[str], int]:
+    """Every sentence of ``texts`` once, first-seen order, and how many repeats were removed."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    repeats = 0
+    for text in texts:
+        for sentence in split_sentences(text):
+            key = sentence_key(sentence)
+            if key in seen:
+                repeats += 1
+                continue
+            seen.add(key)
+            kept.append(sentence)
+    return kept, repeats
+
+
+def missing_sentences(cut: Sequence[str], prompt: str) -> list[str]:
+    """The sentences of ``cut`` that ``prompt`` does not hold, each once: a sentence cut from
+    one group's text may still have reached the merged prompt through another group."""
+    present = {sentence_key(s) for s in split_sentences(prompt)}
+    missing: list[str] = []
+    for sentence in cut:
+        key = sentence_key(sentence)
+        if key not in present:
+            present.add(key)
+            missing.append(sentence)
+    return missing
+
+
+def clip_sentences(sentences: Sequence[str], max_tokens: int, suffix: str = "") -> tuple[str, list[str]]:
+    """The sentences, in order, that fit in ``max_tokens`` together with ``suffix``; and the rest.
+
+    A sentence that does not fit is skipped and later, shorter ones are still tried, so
+    one long sentence does not cost every sentence after it. Token counts of single
+    sentences add up exactly for the regex counter; for a BPE counter they are checked on
+    the joined text and the last kept sentences are given up until it fits.
+    """
+    room = max_tokens - (tokens(suffix) if suffix else 0)
+    kept: list[str] = []
+    dropped: list[str] = []
+    used = 0
+    for sentence in sentences:
+        size = tokens(sentence)
+        if used + size <= room:
+            kept.append(sentence)
+            used += size
+        else:
+            dropped.append(sentence)
+    while kept and tokens(_join(kept, suffix)) > max_tokens:
+        dropped.insert(0, kept.pop())
+    return " ".join(kept), dropped
+
+
+def clip_text(text: str, max_tokens: int, suffix: str = "") -> tuple[str, list[str]]:
+    """``text`` cut between sentences to fit in ``max_tokens`` with ``suffix``; unchanged if it fits."""
+    if tokens(_join([text], suffix)) <= max_tokens:
+        return text, []
+    return clip_sentences(split_sentences(text), max_tokens, suffix)
+
+
+def pack_groups(items: Sequence[str], fits: Callable[[Sequence[str]], bool]) -> list[list[str]]:
+    """Consecutive groups of ``items``, each as large as ``fits`` allows (at least one item each).
+
+    Greedy in order: when every item takes at most half of the room, every group but the
+    last holds two or more items, so each round of merging at least nearly halves the count.
+    """
+    groups: list[list[str]] = []
+    current: list[str] = []
+    for item in items:
+        if current and not fits(current + [item]):
+            groups.append(current)
+            current = []
+        current.append(item)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _join(parts: Sequence[str], suffix: str) -> str:
+    return " ".join([*(p for p in parts if p), *([suffix] if suffix else [])])

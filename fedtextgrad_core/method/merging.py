@@ -1,0 +1,301 @@
+"""Merging client prompts into one global prompt: concat, summarize, summarize-uid.
+
+Following the paper's code, the task's answer-format instruction is stripped from
+the client prompts and appended once to the result, so the format survives any
+merge. The summariser sees each prompt ending with the format, as the merge request
+asks it to keep that final instruction; a reply that drops it is repaired and
+flagged. A summariser that returns nothing usable is not trusted: the merge falls
+back to concatenation and says why.
+
+Under a token budget (``merge-token-budget``) nothing the merge sends or returns is
+longer than the budget, counted as in ``merge_budget.py``:
+
+- ``concat``: the joined prompts when they fit (the paper's concat); otherwise repeated
+  sentences are removed and then trailing sentences left out until it fits, and the
+  result lists what was left out.
+- ``summarize``/``summarize-uid``: one request when every prompt fits in it, as before.
+  Otherwise the merge is hierarchical: identical prompts are shown once, each prompt is
+  cut (between sentences) to at most half of what a request has room for, the prompts
+  are merged in consecutive groups whose request fits the budget, and the group results
+  are merged again the same way until one prompt is left. The result records how many
+  calls and levels that took and the largest request, so a run can show it stayed under.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.llm.engine import ChatEngine
+from fedtextgrad_core.method.merge_budget import (
+    clip_sentences,
+    clip_text,
+    distinct_sentences,
+    missing_sentences,
+    pack_groups,
+    tokenizer_name,
+    tokens,
+)
+
+log = logging.getLogger(__name__)
+
+MERGE_METHODS = ("concat", "summarize", "summarize-uid")
+
+MERGE_REQUEST = (
+    "Merge the following list of prompts into a single, cohesive prompt while preserving all "
+    "original information. Ensure that the final instruction remains unchanged and is placed as "
+    "the last sentence. Provide only the merged prompt."
+)
+UID_REQUEST = (
+    "Apply the Uniform Information Density principle: spread the information evenly across the "
+    "merged prompt, keep one clear sentence for each distinct instruction, and remove redundancy "
+    "so that no part is overloaded or padded."
+)
+MERGER_SYSTEM_PROMPT = "You merge system prompts for language models. Reply with the merged prompt only."
+
+
+# Below this many tokens for one prompt inside a request, a hierarchical merge cannot say
+# anything useful; a budget that leaves less is refused rather than producing empty prompts.
+MIN_PROMPT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    prompt: str
+    method: str
+    fallback_reason: str = ""  # why the LLM's merge was not used (for some groups), if it was not
+    format_repaired: bool = False  # the summariser dropped the answer format; it was re-appended
+    token_budget: int | None = None  # None: merged without a budget
+    dropped_sentences: tuple[str, ...] = ()  # cut to stay within the budget and not in the merged prompt
+    duplicates_removed: int = 0  # repeated sentences (concat) or identical prompts (summarize) shown once
+    summariser_calls: int = 0
+    merge_levels: int = 0  # 1: one request; more: groups merged, then their results merged, ...
+    largest_summariser_input_tokens: int = 0  # system prompt + request of the largest call
+    tokenizer: str = ""  # what counted the tokens
+
+    def budget_record(self) -> dict[str, object]:
+        """What a round record keeps about the budget and the summariser's inputs."""
+        return {
+            "merge_token_budget": self.token_budget,
+            "merge_dropped_sentences": list(self.dropped_sentences),
+            "merge_duplicates_removed": self.duplicates_removed,
+            "merge_summariser_calls": self.summariser_calls,
+            "merge_levels": self.merge_levels,
+            "merge_largest_summariser_input_tokens": self.largest_summariser_input_tokens,
+            "merge_tokenizer": self.tokenizer,
+        }
+
+
+def check_method(method: str) -> str:
+    if method not in MERGE_METHODS:
+        raise ConfigError("merge", method, ", ".join(MERGE_METHODS))
+    return method
+
+
+def strip_format(prompt: str, format_instruction: str) -> str:
+    return re.sub(r"\s+", " ", prompt.replace(format_instruction, " ")).strip()
+
+
+def with_format(prompt: str, format_instruction: str) -> str:
+    """``prompt`` with the format instruction exactly once, as its last sentence."""
+    body = strip_format(prompt, format_instruction)
+    return f"{body} {format_instruction}".strip()
+
+
+def merge_request(prompts: Sequence[str], uid: bool) -> str:
+    parts = [MERGE_REQUEST]
+    if uid:
+        parts.append(UID_REQUEST)
+    listed = "\n".join(f"<PROMPT>{p}</PROMPT>" for p in prompts)
+    return " ".join(parts) + "\n\n" + listed
+
+
+def _clean_reply(reply: str) -> str:
+    reply = re.sub(r"</?PROMPT>", " ", reply or "")
+    return re.sub(r"\s+", " ", reply).strip()
+
+
+def merge_prompts(prompts: Sequence[str], method: str, format_instruction: str,
+                  engine: ChatEngine | None = None, token_budget: int | None = None) -> MergeResult:
+    """Merge ``prompts`` (at least one) with ``method``; LLM methods need ``engine``.
+
+    With ``token_budget``, no summariser request and not the merged prompt is longer
+    than that many tokens (see the module doc); without, one request shows every prompt.
+    """
+    check_method(method)
+    if not prompts:
+        raise ValueError("no prompts to merge")
+    if token_budget is not None:
+        check_token_budget(token_budget, method, format_instruction)
+    bodies = [strip_format(p, format_instruction) for p in prompts]
+    if method == "concat":
+        return _concat(bodies, format_instruction, token_budget)
+    if engine is None:
+        raise ValueError(f"merge method {method} needs an LLM engine")
+    return _Summarisation(engine, method, format_instruction, token_budget).merge(bodies)
+
+
+def minimum_token_budget(method: str, format_instruction: str) -> int:
+    """The smallest budget ``method`` can work with: the answer format and a short prompt for
+    concat; for the summarize merges, a request holding two such prompts."""
+    check_method(method)
+    if method == "concat":
+        return tokens(format_instruction) + MIN_PROMPT_TOKENS
+    overhead = _request_tokens([], method == "summarize-uid")
+    return overhead + 2 * (_shown_tokens("", format_instruction) + MIN_PROMPT_TOKENS)
+
+
+def check_token_budget(token_budget: object, method: str, format_instruction: str) -> int:
+    """``token_budget`` if ``method`` can work within it, else a ConfigError naming the minimum."""
+    minimum = minimum_token_budget(method, format_instruction)
+    if isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < minimum:
+        raise ConfigError("merge-token-budget", token_budget,
+                          f"a whole number of tokens, at least {minimum} for merge '{method}' "
+                          f"(the merge request and the answer format alone take part of it)")
+    return token_budget
+
+
+def _concat(bodies: Sequence[str], format_instruction: str, token_budget: int | None) -> MergeResult:
+    joined = with_format(" ".join(b for b in bodies if b), format_instruction)
+    if token_budget is None or tokens(joined) <= token_budget:
+        return MergeResult(joined, "concat", token_budget=token_budget, tokenizer=tokenizer_name())
+    sentences, repeats = distinct_sentences(bodies)
+    body, dropped = clip_sentences(sentences, token_budget, format_instruction)
+    if dropped:
+        log.info("merge: concat left out %d sentence(s) to stay within %d tokens", len(dropped), token_budget)
+    return MergeResult(with_format(body, format_instruction), "concat", token_budget=token_budget,
+                       dropped_sentences=tuple(dropped), duplicates_removed=repeats, tokenizer=tokenizer_name())
+
+
+def _request_tokens(shown: Sequence[str], uid: bool) -> int:
+    """Tokens the summariser reads for one request: its system prompt and the request."""
+    return tokens(MERGER_SYSTEM_PROMPT + "\n" + merge_request(shown, uid))
+
+
+def _shown_tokens(body: str, format_instruction: str) -> int:
+    """What one prompt adds to a request: its text, the format it ends with, the tags."""
+    return tokens(f"<PROMPT>{with_format(body, format_instruction)}</PROMPT>")
+
+
+def _useless(reply: str, merged_body: str) -> str:
+    """Why a summariser reply cannot be used as a merged prompt, or ''."""
+    if not merged_body:
+        return "the summariser returned an empty prompt" if not reply else "the summariser returned only the answer format"
+    if MERGE_REQUEST[:48] in merged_body:  # weak models copy the request into the "prompt"
+        return "the summariser echoed the merge request instead of merging"
+    return ""
+
+
+@dataclass
+class _Summarisation:
+    """One summarize / summarize-uid merge, in one request or in groups under a budget."""
+
+    engine: ChatEngine
+    method: str
+    format_instruction: str
+    budget: int | None
+    calls: int = 0
+    largest: int = 0
+    repaired: bool = False
+    reasons: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def uid(self) -> bool:
+        return self.method == "summarize-uid"
+
+    def merge(self, bodies: list[str]) -> MergeResult:
+        if self.budget is None or self._fits(bodies):
+            return self._single(bodies)
+        return self._hierarchical(bodies)
+
+    # --- every prompt in one request (the paper's merge) ---------------------------------
+    def _single(self, bodies: list[str]) -> MergeResult:
+        reply, merged_body = self._ask(bodies)
+        reason = _useless(reply, merged_body)
+        if reason:
+            log.warning("merge: %s; using the concatenated prompts instead", reason)
+            concat = _concat(bodies, self.format_instruction, self.budget)
+            self.dropped.extend(concat.dropped_sentences)
+            return self._result(concat.prompt, levels=1, fallback=reason, repeats=concat.duplicates_removed)
+        if self.format_instruction not in reply:
+            self.repaired = True
+            log.info("merge: the summariser dropped the answer format; appending it again")
+        return self._result(self._final(merged_body), levels=1)
+
+    # --- groups that fit the budget, merged, then merged again -----------------------------
+    def _hierarchical(self, bodies: list[str]) -> MergeResult:
+        items: list[str] = []
+        for body in bodies:  # an identical prompt adds nothing to a merge: show it once
+            if body and body not in items:
+                items.append(body)
+        repeats = len(bodies) - len(items)
+        # every prompt at most half of a request's room, so that any two fit in one request
+        room = self.budget - _request_tokens([], self.uid)
+        cap = room // 2 - _shown_tokens("", self.format_instruction)
+        items = [self._clip(item, cap) for item in items]
+        levels = 0
+        while len(items) > 1:
+            groups = pack_groups(items, self._fits)
+            if len(groups) == len(items):  # token counts that do not add up let no pair fit: cut more
+                cap = cap * 3 // 4
+                items = [self._clip(item, cap) for item in items]
+                continue
+            levels += 1
+            last = len(groups) == 1
+            items = [group[0] if len(group) == 1 else self._merge_group(group, levels, None if last else cap)
+                     for group in groups]
+        if levels == 0:  # identical prompts: one remains, merged alone as a single prompt would be
+            result = self._single(items or [""])
+            return self._result(result.prompt, levels=1, fallback=result.fallback_reason, repeats=repeats)
+        if self.reasons:
+            log.warning("merge: %s; those groups were concatenated instead", "; ".join(self.reasons))
+        return self._result(self._final(items[0]), levels=levels, fallback="; ".join(self.reasons), repeats=repeats)
+
+    def _fits(self, group: Sequence[str]) -> bool:
+        shown = [with_format(b, self.format_instruction) for b in group]
+        return _request_tokens(shown, self.uid) <= self.budget
+
+    def _merge_group(self, group: list[str], level: int, cap: int | None) -> str:
+        """One group's merged prompt body, at most ``cap`` tokens (None: the final merge)."""
+        reply, merged_body = self._ask(group)
+        reason = _useless(reply, merged_body)
+        if reason:
+            self.reasons.append(f"level {level}, a group of {len(group)} prompts: {reason}")
+            sentences, _ = distinct_sentences(group)
+            merged_body = " ".join(sentences)
+        elif self.format_instruction not in reply:
+            self.repaired = True
+        return merged_body if cap is None else self._clip(merged_body, cap)
+
+    # --- shared steps --------------------------------------------------------------------
+    def _ask(self, bodies: Sequence[str]) -> tuple[str, str]:
+        """Ask the summariser to merge ``bodies``, each shown ending with the answer format
+        (the request says to keep that final instruction); (cleaned reply, its body)."""
+        shown = [with_format(b, self.format_instruction) for b in bodies]
+        self.calls += 1
+        self.largest = max(self.largest, _request_tokens(shown, self.uid))
+        reply = _clean_reply(self.engine.generate(merge_request(shown, uid=self.uid),
+                                                  system_prompt=MERGER_SYSTEM_PROMPT))
+        return reply, strip_format(reply, self.format_instruction)
+
+    def _clip(self, body: str, cap: int) -> str:
+        kept, dropped = clip_text(body, cap)
+        self.dropped.extend(dropped)
+        return kept
+
+    def _final(self, body: str) -> str:
+        """The merged prompt: the body, cut to the budget if need be, and the format last."""
+        if self.budget is not None:
+            body, dropped = clip_text(body, self.budget, self.format_instruction)
+            self.dropped.extend(dropped)
+        return with_format(body, self.format_instruction)
+
+    def _result(self, prompt: str, levels: int, fallback: str = "", repeats: int = 0) -> MergeResult:
+        return MergeResult(prompt, self.method, fallback_reason=fallback, format_repaired=self.repaired,
+                           token_budget=self.budget, dropped_sentences=tuple(missing_sentences(self.dropped, prompt)),
+                           duplicates_removed=repeats, summariser_calls=self.calls, merge_levels=levels,
+                           largest_summariser_input_tokens=self.largest, tokenizer=tokenizer_name())

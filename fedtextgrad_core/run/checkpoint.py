@@ -1,0 +1,117 @@
+"""The server's state after each finished round, so a killed run can continue where it stopped.
+
+A federated run lasts hours and crosses organisations; a server crash must cost at most
+the round in progress. After the initial evaluation and after every round the server
+writes ``checkpoint.json`` (atomically) into the run folder: the global and best prompts,
+the scores, the last finished round and the state of the random generator that samples
+clients. ``resume-from`` reads it back; the rounds already in ``rounds.jsonl`` are kept
+and never redone. Resuming is refused when a setting that shapes the results differs,
+since the continued run would no longer be the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedtextgrad_core.errors import ConfigError
+
+CHECKPOINT_FILE = "checkpoint.json"
+
+# Settings a resumed run may change: where things are, how patiently servers are
+# asked, and how long the run goes on. Everything else must match the saved run.
+MAY_CHANGE = frozenset({
+    "resume-from", "run-name", "results-dir", "num-server-rounds",
+    "llm-base-url", "backward-base-url", "server-base-url",
+    "llm-api-key-env", "backward-api-key-env", "server-api-key-env",
+    "llm-timeout", "llm-concurrency", "llm-max-retries", "llm-retry-backoff", "llm-cache-path",
+    "sim-latency-ms",
+})
+
+
+@dataclass
+class Checkpoint:
+    """Everything the server needs to continue after ``round``."""
+
+    round: int  # the last finished round; 0 = the initial evaluation is done
+    global_prompt: str
+    best_prompt: str
+    best_accuracy: float | None
+    best_round: int
+    initial_accuracy: float | None
+    rng_state: list  # random.Random.getstate(), as JSON lists
+    run_config: dict[str, object] = field(default_factory=dict)
+    resumed_after: list[int] = field(default_factory=list)  # rounds after which earlier resumes happened
+
+    def random(self) -> random.Random:
+        """A generator in exactly the saved state."""
+        version, internal, gauss = self.rng_state
+        generator = random.Random()
+        generator.setstate((version, tuple(internal), gauss))
+        return generator
+
+
+def rng_state(generator: random.Random) -> list:
+    version, internal, gauss = generator.getstate()
+    return [version, list(internal), gauss]
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
+    target = folder / CHECKPOINT_FILE
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(asdict(checkpoint)) + "\n", encoding="utf-8")
+    tmp.replace(target)
+
+
+def resume_folder(value: str) -> Path:
+    """The run folder named by ``resume-from``, checked to hold an unfinished run."""
+    folder = Path(value).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError("resume-from", value, f"the results folder of an earlier run; {folder} is not a folder")
+    if not (folder / CHECKPOINT_FILE).exists():
+        raise ConfigError("resume-from", value,
+                          f"a run folder with {CHECKPOINT_FILE}; {folder} has none (not a run folder, or the run "
+                          "stopped before its initial evaluation finished: start it again instead)")
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("finished") is True:
+        raise ConfigError("resume-from", value, f"an unfinished run; the run in {folder} finished, there is nothing to resume")
+    return folder
+
+
+def load_checkpoint(folder: Path) -> Checkpoint:
+    path = folder / CHECKPOINT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        checkpoint = Checkpoint(**data)
+        checkpoint.random()  # the generator state must be usable, not only present
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError("resume-from", str(folder),
+                          f"a readable {CHECKPOINT_FILE}; {path} is damaged ({type(exc).__name__}: {exc})") from None
+    return checkpoint
+
+
+def check_same_run(saved: Mapping[str, object], now: Mapping[str, object], folder: Path) -> None:
+    """Refuse to continue a run under settings that would make it another run."""
+    differ = sorted(key for key in set(saved) | set(now)
+                    if key not in MAY_CHANGE and saved.get(key) != now.get(key))
+    if differ:
+        listed = ", ".join(f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})" for key in differ)
+        raise ConfigError("resume-from", str(folder),
+                          f"the same settings as the saved run, apart from {', '.join(sorted(MAY_CHANGE - {'resume-from'}))}; "
+                          f"these differ: {listed}")
+
+
+def checkpoint_to_resume(resume_from: str, run_config: Mapping[str, object]) -> tuple[Path, Checkpoint] | None:
+    """(run folder, checkpoint) named by ``resume-from``, checked; None for a new run."""
+    if not resume_from:
+        return None
+    folder = resume_folder(resume_from)
+    checkpoint = load_checkpoint(folder)
+    check_same_run(checkpoint.run_config, run_config, folder)
+    return folder, checkpoint

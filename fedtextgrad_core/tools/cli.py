@@ -1,0 +1,193 @@
+"""The ``fedtextgrad`` command: what users do around a federated run.
+
+    fedtextgrad eval --task object_counting --prompt-file best.txt --split test [--backend openai ...]
+    fedtextgrad sim-server --port 8765 [--latency-ms 200]
+    fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
+    fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
+    fedtextgrad bench endpoint --base-url URL --model M --concurrency 1,4,16,64   load-test your LLM server
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT
+from fedtextgrad_core.errors import ConfigError, FedTextGradError
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.data.loaders import load_splits
+    from fedtextgrad_core.method.evaluation import evaluate_prompt
+    from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
+    from fedtextgrad_core.run.settings import endpoint_settings
+    from fedtextgrad_core.data.tasks import get_task
+
+    task = get_task(args.task)
+    if args.limit < 0:
+        raise ConfigError("--limit", args.limit, "0 (score every example) or a positive number")
+    prompt_path = Path(args.prompt_file)
+    if not prompt_path.is_file():
+        raise FedTextGradError(f"--prompt-file '{prompt_path}' does not exist or is not a file")
+    prompt = prompt_path.read_text(encoding="utf-8").strip()
+    if not prompt:
+        raise FedTextGradError(f"--prompt-file '{prompt_path}' is empty")
+    config = {
+        "llm-backend": args.backend, "llm-base-url": args.base_url, "llm-model": args.model,
+        "llm-api-key-env": args.api_key_env, "llm-concurrency": args.concurrency,
+        "llm-max-tokens": args.max_tokens, "llm-timeout": args.timeout,
+    }
+    settings: EndpointSettings = endpoint_settings(config, "llm")
+    splits = load_splits(task.name, args.data_dir, seed=args.seed)
+    examples = getattr(splits, args.split)
+    if args.limit:
+        examples = examples[: args.limit]
+    engine = make_engine(settings)
+    print(f"scoring {len(examples)} {args.split} examples of {task.name} with {settings.describe()} ...", flush=True)
+    scores = evaluate_prompt(engine, task, prompt, examples)
+    usage = engine.take_usage()
+    print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}), "
+          f"malformed replies {scores.malformed}, LLM calls {usage.calls}, "
+          f"tokens {usage.prompt_tokens + usage.completion_tokens}, {scores.seconds:.1f}s")
+    return 0
+
+
+def _read_prompt_file(name: str) -> str:
+    path = Path(name)
+    if not path.is_file():
+        raise FedTextGradError(f"'{path}' does not exist or is not a file")
+    text = path.read_text(encoding="utf-8")
+    text = text.removesuffix("\n")  # prompts/*.txt end with one added newline
+    if not text.strip():
+        raise FedTextGradError(f"'{path}' is empty")
+    return text
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze, format_metrics_table
+
+    prompts = [(name, _read_prompt_file(name)) for name in args.prompt_files]
+    client = None
+    if args.base_url:
+        if not args.model:
+            raise ConfigError("--model", "", "the name of the model served at --base-url")
+        client = SurprisalClient(args.base_url, args.model, args.api_key_env, timeout=args.timeout,
+                                 bos_text=args.bos_text, key_setting="--api-key-env")
+    print(format_metrics_table([(name, analyze(text, client)) for name, text in prompts]))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.tools.compare import compare_runs, format_table, load_run, plot_comparison
+
+    runs = [load_run(folder) for folder in args.run_dirs]
+    rows = compare_runs(runs)
+    print(format_table(rows))
+    if args.out:
+        path = plot_comparison(rows, {row["run"]: run["rounds"] for row, run in zip(rows, runs)}, args.out)
+        print(f"plot: {path}")
+    return 0
+
+
+def _sim_server(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.sim.server import serve_forever
+
+    serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host, call_log=args.call_log or None)
+    return 0
+
+
+def _bench_endpoint(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtextgrad_core.tools.endpoint_bench import EndpointBench, format_table, parse_concurrency
+    from fedtextgrad_core.llm.openai_transport import api_key_for
+
+    levels = parse_concurrency(args.concurrency)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise FedTextGradError(f"--out '{out}': the folder '{out.parent}' does not exist")
+    bench = EndpointBench(args.base_url, args.model, api_key_for(args.api_key_env, "--api-key-env"),
+                          max_tokens=args.max_tokens, prompt=args.prompt, timeout=args.timeout)
+    report = bench.run(levels, args.requests, progress=lambda line: print(line, flush=True))
+    print(format_table(report))
+    if out is not None:
+        out.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtextgrad", description="FedTextGrad tools around a federated run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ev = commands.add_parser("eval", help="print the accuracy of a prompt on a task split")
+    ev.add_argument("--task", required=True, help="object_counting, word_sorting, multistep_arithmetic_two or gsm8k")
+    ev.add_argument("--prompt-file", required=True, help="a text file holding the system prompt")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ev.add_argument("--backend", default="sim", choices=["sim", "openai"])
+    ev.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    ev.add_argument("--model", default="sim")
+    ev.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    ev.add_argument("--data-dir", default="synthetic", help="'synthetic' (default), 'hub', or a data file or folder")
+    ev.add_argument("--concurrency", type=int, default=8, help="parallel requests (default 8)")
+    ev.add_argument("--max-tokens", type=int, default=512)
+    ev.add_argument("--timeout", type=float, default=60.0)
+    ev.add_argument("--limit", type=int, default=0, help="score only the first N examples")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(run=_eval)
+
+    sim = commands.add_parser("sim-server", help="serve the simulated LLM as an OpenAI-compatible endpoint")
+    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    sim.add_argument("--latency-ms", type=float, default=0.0, help="added delay per call, for benchmarks")
+    sim.add_argument("--call-log", default="", help="append one JSON line per chat call (kind, start, end) to this file")
+    sim.set_defaults(run=_sim_server)
+
+    an = commands.add_parser("analyze", help="print information-density metrics of prompt files")
+    an.add_argument("prompt_files", nargs="+", metavar="PROMPT_FILE", help="text files holding one prompt each")
+    an.add_argument("--base-url", default="", help="an OpenAI-compatible completions endpoint that returns prompt "
+                    "token log-probabilities (vLLM, llama.cpp) for surprisal; without it: text metrics only")
+    an.add_argument("--model", default="", help="the model name at --base-url")
+    an.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    an.add_argument("--timeout", type=float, default=120.0)
+    an.add_argument("--bos-text", default=None, help="text of the model's BOS token to put before each prompt "
+                    "(default: detect whether the server needs one)")
+    an.set_defaults(run=_analyze)
+
+    cmp_ = commands.add_parser("compare", help="compare run folders: a table and a PNG")
+    cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding summary.json)")
+    cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
+    cmp_.set_defaults(run=_compare)
+
+    bench = commands.add_parser("bench", help="measure an LLM server")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    be = benches.add_parser("endpoint", help="requests/s, tokens/s and latency of an OpenAI-compatible endpoint "
+                            "at several concurrency levels, to choose llm-concurrency")
+    be.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    be.add_argument("--model", required=True, help="the model name the server serves")
+    be.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
+    be.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level after another "
+                    "(default 1,4,16,64)")
+    be.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
+    be.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    be.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message sent")
+    be.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    be.add_argument("--out", default="endpoint-bench.json", help="where to write the JSON results ('' for none)")
+    be.set_defaults(run=_bench_endpoint, command_name="bench endpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FedTextGradError as exc:
+        print(f"fedtextgrad {getattr(args, 'command_name', args.command)}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

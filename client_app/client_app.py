@@ -1,4 +1,4 @@
-"""The ClientApp: unpack the server's message, run the core, pack the reply.
+"""The ClientApp: decode the server's request, run the core, encode the reply.
 
 ``train`` improves the received prompt on this node's private training examples with
 its own LLM endpoints; ``evaluate`` scores a prompt on this node's validation or test
@@ -7,30 +7,26 @@ split. Only prompt text and numbers leave the node.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtextgrad_core.run.client_round import evaluate_split, local_round
+from fedtextgrad_core.run.client_round import answer
+from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, RoundRequest
 
 app = ClientApp()
 
 
+def _reply(msg: Message, context: Context) -> Message:
+    request = RoundRequest.decode(msg.content[REQUEST_RECORD])
+    reply = answer(dict(context.run_config), dict(context.node_config), request)
+    return Message(content=RecordDict({REPLY_RECORD: ConfigRecord(reply.encode())}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    prompt, metrics, num_examples = local_round(
-        dict(context.run_config), dict(context.node_config), str(config["prompt"]),
-        int(config.get("server-round", 0)), dict(config),
-    )
-    metrics["num-examples"] = num_examples
-    content = RecordDict({"prompt": ConfigRecord({"text": prompt}), "metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return _reply(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    metrics = evaluate_split(
-        dict(context.run_config), dict(context.node_config), str(config["prompt"]), str(config.get("split", "val")),
-    )
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _reply(msg, context)

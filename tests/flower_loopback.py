@@ -16,10 +16,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.client_app import app as client_app
+from fedtextgrad_core.run.messages import REPLY_RECORD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,5 +77,5 @@ class LoopbackGrid:
         except Exception as exc:  # what Flower does with a ClientApp that raises
             return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
         if node_id in self.uploads and message.metadata.message_type == MessageType.TRAIN and not reply.has_error():
-            reply.content["prompt"] = ConfigRecord({"text": self.uploads[node_id]})
+            reply.content[REPLY_RECORD]["prompt"] = self.uploads[node_id]
         return reply

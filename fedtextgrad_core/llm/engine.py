@@ -1,12 +1,16 @@
-"""LLM engines: one TextGrad ``EngineLM`` over either an OpenAI-compatible endpoint or the sim.
+"""LLM engines: one TextGrad ``EngineLM`` over any registered chat backend.
 
 Everything above this module asks an engine for text and never cares which backend
 answers: vLLM, Ollama, SGLang, llama.cpp's server and hosted APIs all speak the
-OpenAI chat protocol (``openai_backend.py``), and the simulated LLM answers in-process
-through the same class. The engine owns what every backend needs alike: a
-per-endpoint limit on requests in flight, bounded retries with exponential backoff
-and jitter, the optional reply cache, and thread-safe counts of calls, tokens,
-retries and seconds, so clients can report what a round cost.
+OpenAI chat protocol (``openai_transport.py``), and the simulated LLM answers
+in-process through the same class. Backends register by name in the Python entry
+point group ``fedtextgrad.backends`` (see pyproject.toml), so this module never
+imports the simulator, and a new kind of server is one registration away.
+
+The engine owns what every backend needs alike: a per-endpoint limit on requests in
+flight, bounded retries with exponential backoff and jitter, the optional reply cache,
+and thread-safe counts of calls, tokens, retries and seconds, so clients can report
+what a round cost.
 """
 
 from __future__ import annotations
@@ -17,43 +21,23 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
 from typing import TypeVar
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.llm.openai_transport import OpenAIChat, TransientLLMError, api_key_for, check_once
 from fedtextgrad_core.llm.cache import cache_key, open_cache
+from fedtextgrad_core.llm.endpoint import EndpointSettings
+from fedtextgrad_core.llm.openai_transport import TransientLLMError
 from fedtextgrad_core.llm.textgrad_adapter import tg
 
-BACKENDS = ("sim", "openai")
+BACKEND_GROUP = "fedtextgrad.backends"
 BACKOFF_CAP_SECONDS = 8.0
 
 # (messages) -> (reply text, prompt tokens, completion tokens)
 ChatFn = Callable[[list[dict[str, str]]], tuple[str, int, int]]
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-@dataclass(frozen=True)
-class EndpointSettings:
-    """Where one model lives and how to sample from it."""
-
-    backend: str = "sim"
-    base_url: str = ""
-    model: str = "sim"
-    api_key_env: str = ""  # the NAME of an environment variable; the key never enters config
-    temperature: float = 0.0
-    max_tokens: int = 512
-    timeout: float = 60.0
-    concurrency: int = 8
-    max_retries: int = 3
-    retry_backoff: float = 0.5  # seconds before the first retry; doubles each time
-    cache_path: str = ""  # empty: no reply cache
-    sim_latency_ms: float = 0.0
-
-    def describe(self) -> str:
-        if self.backend == "sim":
-            return "sim (simulated LLM, in-process)"
-        return f"{self.model} at {self.base_url}"
 
 
 @dataclass
@@ -203,28 +187,27 @@ class ChatEngine(tg.EngineLM):
         return spent
 
 
-def _sim_chat(settings: EndpointSettings) -> ChatFn:
-    from fedtextgrad_core.sim import SimLLM, approx_tokens
+@cache
+def _backends() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group=BACKEND_GROUP)}
 
-    sim = SimLLM(latency_ms=settings.sim_latency_ms)
 
-    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
-        reply = sim.complete(messages)
-        prompt_tokens = sum(approx_tokens(m["content"]) for m in messages)
-        return reply, prompt_tokens, approx_tokens(reply)
-
-    return chat
+def backend_names() -> tuple[str, ...]:
+    """The registered backends, the simulator first (it is the default)."""
+    return tuple(sorted(_backends(), key=lambda name: (name != "sim", name)))
 
 
 def make_engine(settings: EndpointSettings, key_setting: str = "llm-api-key-env") -> ChatEngine:
-    """The one way to get an engine; ``key_setting`` names the config key in errors."""
-    if settings.backend == "sim":
-        return ChatEngine(settings, _sim_chat(settings))
-    if settings.backend == "openai":
-        if not settings.base_url:
-            raise ConfigError(key_setting.replace("api-key-env", "base-url"), "", "the URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        chat = OpenAIChat(settings.base_url, settings.model, api_key_for(settings.api_key_env, key_setting),
-                          settings.temperature, settings.max_tokens, settings.timeout)
-        check_once(chat, key_setting.replace("api-key-env", "base-url"))
-        return ChatEngine(settings, chat)
-    raise ConfigError(key_setting.replace("api-key-env", "backend"), settings.backend, "sim or openai")
+    """The one way to get an engine; ``key_setting`` names the config key in errors.
+
+    The backend's factory ``(settings, key_setting) -> chat`` builds the transport and
+    checks the endpoint once (an unreachable server fails here, in seconds).
+    """
+    entry = _backends().get(settings.backend)
+    if entry is None:
+        accepted = " or ".join(backend_names()) or (
+            f"a backend registered in the entry point group {BACKEND_GROUP}; none is (is the project installed? "
+            "pip install -e .)")
+        raise ConfigError(key_setting.replace("api-key-env", "backend"), settings.backend, accepted)
+    factory = entry.load()
+    return ChatEngine(settings, factory(settings, key_setting))

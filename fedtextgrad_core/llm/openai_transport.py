@@ -15,6 +15,7 @@ import re
 import threading
 
 from fedtextgrad_core.errors import ConfigError, LLMError
+from fedtextgrad_core.llm.endpoint import EndpointSettings
 
 log = logging.getLogger(__name__)
 
@@ -204,3 +205,14 @@ def check_once(chat: OpenAIChat, setting_name: str) -> None:
     chat.check(setting_name)
     with _checked_lock:
         _checked.add(key)
+
+
+def openai_chat(settings: EndpointSettings, key_setting: str) -> OpenAIChat:
+    """The ``openai`` backend: chat completions at ``settings.base_url``, checked once per process."""
+    base_setting = key_setting.replace("api-key-env", "base-url")
+    if not settings.base_url:
+        raise ConfigError(base_setting, "", "the URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    chat = OpenAIChat(settings.base_url, settings.model, api_key_for(settings.api_key_env, key_setting),
+                      settings.temperature, settings.max_tokens, settings.timeout)
+    check_once(chat, base_setting)
+    return chat

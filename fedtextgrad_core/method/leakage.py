@@ -20,12 +20,23 @@ from dataclasses import dataclass
 
 from fedtextgrad_core.data.examples import Example
 
-__all__ = ["LEAK_MARKER", "LeakReport", "find_leaks", "guard_prompt", "training_ngrams"]
+__all__ = ["LEAKAGE_GUARDS", "LEAK_MARKER", "LeakCounts", "LeakReport", "find_leaks", "guard_prompt", "training_ngrams"]
 
 LEAK_MARKER = "[redacted]"
+LEAKAGE_GUARDS = ("redact", "refuse", "off")  # what a client does with an upload that quotes its training data
 _TOKEN = re.compile(r"\w+|[-+*/=()]")
 
 NGram = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LeakCounts:
+    """What the guard found in an upload, as numbers only: these travel to the server, the text never does."""
+
+    passages: int = 0  # distinct verbatim passages (overlapping matches joined into one)
+    ngrams: int = 0  # token windows of length n shared with a training example
+    redactions: int = 0  # passages removed from the prompt
+    longest: int = 0  # tokens in the longest passage
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,9 @@ class LeakReport:
     redactions: int  # passages removed from the prompt
     longest: int  # tokens in the longest passage
 
-    def as_metrics(self) -> dict[str, float]:
-        return {"leak_passages": float(self.passages), "leaked_ngrams": float(self.ngrams),
-                "leak_redactions": float(self.redactions), "leak_longest_tokens": float(self.longest)}
+    @property
+    def counts(self) -> LeakCounts:
+        return LeakCounts(self.passages, self.ngrams, self.redactions, self.longest)
 
 
 def _tokens(text: str) -> list[re.Match[str]]:

@@ -33,10 +33,12 @@ SCORER_PURPOSE = "The runtime of a string-based function that checks if the pred
 
 @dataclass(frozen=True)
 class LocalSettings:
-    steps: int = 3
-    batch_size: int = 3
-    proximal: bool = True
-    seed: int = 0
+    """How a client optimises in one round (defaults: run/schema.py)."""
+
+    steps: int
+    batch_size: int
+    proximal: bool
+    seed: int
 
 
 @dataclass

@@ -19,7 +19,7 @@ with a ConfigError.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fedtextgrad_core.data.examples import Example
@@ -27,18 +27,29 @@ from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.method.merging import with_format
-from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.data.synthetic import SUPPORTED_TASKS, generate
 from fedtextgrad_core.data.tasks import get_task
 
-__all__ = ["RobustDecision", "check_holdout_available", "holdout_seed", "holdout_set", "outliers", "select_uploads"]
+__all__ = ["RobustDecision", "RobustSettings", "check_holdout_available", "holdout_seed", "holdout_set", "outliers",
+           "select_uploads"]
+
+
+@dataclass(frozen=True)
+class RobustSettings:
+    """What the robust merge needs from the run."""
+
+    tasks: Sequence[str]
+    seed: int
+    holdout_size: int
+    margin: float
+    format_instruction: str
 
 
 @dataclass(frozen=True)
 class RobustDecision:
     """Each upload's held-out accuracy and which uploads the merge leaves out."""
 
-    scores: dict[str, float]  # label -> held-out accuracy
+    scores: dict[str, float]  # upload key -> held-out accuracy
     median: float
     margin: float
     left_out: list[str] = field(default_factory=list)
@@ -54,10 +65,10 @@ def holdout_seed(seed: int) -> int:
     return -(seed + 1)
 
 
-def check_holdout_available(settings: RunSettings) -> None:
+def check_holdout_available(tasks: Sequence[str]) -> None:
     """Refuse robust-merge for tasks the server cannot build a held-out set for."""
-    missing = [task for task in settings.tasks if task not in SUPPORTED_TASKS]
-    if settings.robust_merge and missing:
+    missing = [task for task in tasks if task not in SUPPORTED_TASKS]
+    if missing:
         raise ConfigError(
             "robust-merge", True,
             f"false for task {', '.join(missing)}: the server builds its held-out set with the synthetic generator, "
@@ -65,11 +76,11 @@ def check_holdout_available(settings: RunSettings) -> None:
         )
 
 
-def holdout_set(settings: RunSettings) -> dict[str, list[Example]]:
+def holdout_set(settings: RobustSettings) -> dict[str, list[Example]]:
     """``robust-holdout-size`` examples shared out over the run's tasks (at least one each)."""
-    check_holdout_available(settings)
+    check_holdout_available(settings.tasks)
     tasks = settings.tasks
-    base, extra = divmod(settings.robust_holdout_size, len(tasks))
+    base, extra = divmod(settings.holdout_size, len(tasks))
     return {task: generate(task, max(1, base + (1 if i < extra else 0)), holdout_seed(settings.seed))
             for i, task in enumerate(tasks)}
 
@@ -98,15 +109,15 @@ def outliers(scores: Mapping[str, float], margin: float) -> list[str]:
     return [label for label, score in scores.items() if median - score > margin + 1e-9]
 
 
-def select_uploads(engine: ChatEngine, settings: RunSettings, prompts: Mapping[str, str]) -> RobustDecision:
-    """Score every upload (label -> prompt) on the server's held-out set and pick the outliers."""
+def select_uploads(engine: ChatEngine, settings: RobustSettings, prompts: Mapping[str, str]) -> RobustDecision:
+    """Score every upload (key -> prompt) on the server's held-out set and pick the outliers."""
     holdout = holdout_set(settings)
     scores = {label: score_upload(engine, prompt, holdout, settings.format_instruction)
               for label, prompt in prompts.items()}
     return RobustDecision(
         scores=scores,
         median=statistics.median(scores.values()) if scores else 0.0,
-        margin=settings.robust_margin,
-        left_out=outliers(scores, settings.robust_margin),
+        margin=settings.margin,
+        left_out=outliers(scores, settings.margin),
         holdout_examples=sum(len(examples) for examples in holdout.values()),
     )

@@ -45,6 +45,7 @@ class Checkpoint:
     rng_state: list  # random.Random.getstate(), as JSON lists
     run_config: dict[str, object] = field(default_factory=dict)
     resumed_after: list[int] = field(default_factory=list)  # rounds after which earlier resumes happened
+    initial_usage: dict[str, float] = field(default_factory=dict)  # what the start prompt's evaluation cost
 
     def random(self) -> random.Random:
         """A generator in exactly the saved state."""

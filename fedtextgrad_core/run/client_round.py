@@ -1,7 +1,8 @@
 """What a client does when the server asks: train the prompt locally, or score it.
 
-The ClientApp only unpacks Flower messages and calls these two functions with plain
-dicts, so the same code serves simulation, a real SuperNode and the tests.
+The ClientApp decodes the Flower message into a ``RoundRequest``, calls ``answer`` with
+its run and node config, and encodes the reply, so the same code serves simulation, a
+real SuperNode and the tests.
 """
 
 from __future__ import annotations
@@ -11,40 +12,36 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.data.partitioning import ClientData, client_data
+from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError, LeakageError
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
+from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
-from fedtextgrad_core.llm.engine import make_engine
-from fedtextgrad_core.method.local_training import LocalSettings, train_prompt
-from fedtextgrad_core.data.partitioning import ClientData, client_data
-from fedtextgrad_core.run.settings import RunSettings, client_endpoints, text_setting
-from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.method.local_training import train_prompt
+from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.settings import RunSettings, client_settings
 
-SPLITS = ("val", "test")
-# A site decides for itself what leaves it: its node config may override these run settings.
-NODE_LEAKAGE_KEYS = ("leakage-guard", "leakage-ngram")
+Config = Mapping[str, object]
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
     partition_id: int
     num_partitions: int
-    data_source: str
 
 
-def node_identity(settings: RunSettings, node_config: Mapping[str, object]) -> NodeIdentity:
+def node_identity(node_config: Config) -> NodeIdentity:
     """Which share of the data this node holds: simulation injects partition-id and
-    num-partitions; a real SuperNode sets them (and optionally its own data-source)."""
-    partition_id, num_partitions = (_node_int(node_config, key) for key in ("partition-id", "num-partitions"))
-    # The node's own data-source is checked like the run's: quoted text, no control characters.
-    source = text_setting(node_config, "data-source", "") or settings.data_source
-    return NodeIdentity(partition_id, num_partitions, source)
+    num-partitions; a real SuperNode sets them in its node config."""
+    return NodeIdentity(*(_node_int(node_config, key) for key in ("partition-id", "num-partitions")))
 
 
 _WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
 
 
-def _node_int(node_config: Mapping[str, object], key: str) -> int:
+def _node_int(node_config: Config, key: str) -> int:
     """A whole number from the node config: an int, a whole float (1.0) or its digits as text.
 
     Nothing is rounded: partition-id 1.7 is refused, not silently read as client 1.
@@ -66,38 +63,50 @@ def _node_int(node_config: Mapping[str, object], key: str) -> int:
 
 def load_client_data(settings: RunSettings, node: NodeIdentity) -> ClientData:
     return client_data(settings.partitioning, settings.tasks, node.partition_id, node.num_partitions,
-                       node.data_source, settings.seed, settings.synthetic_size)
+                       settings.data_source, settings.seed, settings.synthetic_size)
 
 
-def local_round(run_config: Mapping[str, object], node_config: Mapping[str, object], prompt: str,
-                server_round: int, round_config: Mapping[str, object]) -> tuple[str, dict[str, float], int]:
-    """Improve ``prompt`` on this node's training data; returns (prompt, metrics, examples)."""
-    site_choice = {key: node_config[key] for key in NODE_LEAKAGE_KEYS if key in node_config}
-    settings = RunSettings.from_config({**run_config, **round_config, **site_choice})
-    node = node_identity(settings, node_config)
+def describe(endpoint: EndpointSettings) -> str:
+    """How a client names its LLM to the server: backend and model (and where, for a real one)."""
+    return endpoint.describe()
+
+
+def forward_engine(settings: RunSettings) -> ChatEngine:
+    return make_engine(settings.forward, "llm-api-key-env")
+
+
+def backward_engine(settings: RunSettings, forward: ChatEngine) -> ChatEngine:
+    if settings.backward == settings.forward:
+        return forward
+    return make_engine(settings.backward, "backward-api-key-env")
+
+
+def answer(run_config: Config, node_config: Config, request: RoundRequest) -> TrainReply | EvalReply:
+    """This node's reply to ``request``: train in the training phase, else score."""
+    settings = client_settings(run_config, node_config)
+    node = node_identity(node_config)
+    if request.kind is Phase.TRAIN:
+        return local_round(settings, node, request)
+    return evaluate_split(settings, node, request.prompt, request.kind.split)
+
+
+def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest) -> TrainReply:
+    """Improve the request's prompt on this node's training data."""
     data = load_client_data(settings, node)
     task = get_task(data.task)
-    forward_settings, backward_settings = client_endpoints(run_config, node_config)
-    forward = make_engine(forward_settings, "llm-api-key-env")
-    backward = forward if backward_settings == forward_settings else make_engine(backward_settings, "backward-api-key-env")
-    local = LocalSettings(settings.local.steps, settings.local.batch_size, settings.local.proximal, settings.seed)
-    result = train_prompt(prompt, task, data.train, forward, backward, local,
-                          stream=f"round{server_round}:client{node.partition_id}",
+    forward = forward_engine(settings)
+    backward = backward_engine(settings, forward)
+    result = train_prompt(request.prompt, task, data.train, forward, backward, settings.local,
+                          stream=f"round{request.server_round}:client{node.partition_id}",
                           format_instruction=settings.format_instruction)
     leaks = check_leakage(result.prompt, data.train, settings)
-    metrics: dict[str, float] = {k: float(v) for k, v in result.metrics.as_dict().items()}
-    metrics.update(leaks.as_metrics())
-    metrics["partition_id"] = float(node.partition_id)
+    val = val_usage = None
     if settings.client_val_eval and data.val:
-        scores = evaluate_prompt(forward, task, leaks.prompt, data.val)
-        metrics["val_accuracy"] = scores.accuracy
-        metrics["val_examples"] = float(scores.total)
-        spent = forward.take_usage()
-        metrics["eval_llm_calls"] = float(spent.calls)
-        metrics["eval_tokens"] = float(spent.prompt_tokens + spent.completion_tokens)
-        metrics["eval_llm_retries"] = float(spent.retries)
-        metrics["eval_cache_hits"] = float(spent.cache_hits)
-    return leaks.prompt, metrics, len(data.train)
+        val = evaluate_prompt(forward, task, leaks.prompt, data.val)
+        val_usage = forward.take_usage()
+    return TrainReply(prompt=leaks.prompt, partition_id=node.partition_id, num_examples=len(data.train),
+                      llm=describe(settings.forward), local=result.metrics, leaks=leaks.counts,
+                      val=val, val_usage=val_usage)
 
 
 def check_leakage(prompt: str, train: Sequence[Example], settings: RunSettings) -> LeakReport:
@@ -119,28 +128,11 @@ def check_leakage(prompt: str, train: Sequence[Example], settings: RunSettings) 
     return report
 
 
-def evaluate_split(run_config: Mapping[str, object], node_config: Mapping[str, object], prompt: str,
-                   split: str) -> dict[str, float]:
+def evaluate_split(settings: RunSettings, node: NodeIdentity, prompt: str, split: str) -> EvalReply:
     """Score ``prompt`` on this node's validation or test split."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    settings = RunSettings.from_config(run_config)
-    node = node_identity(settings, node_config)
     data = load_client_data(settings, node)
     task = get_task(data.task)
-    forward_settings, _ = client_endpoints(run_config, node_config)
-    engine = make_engine(forward_settings, "llm-api-key-env")
+    engine = forward_engine(settings)
     scores = evaluate_prompt(engine, task, prompt, getattr(data, split))
-    spent = engine.take_usage()
-    return {
-        "correct": float(scores.correct),
-        "total": float(scores.total),
-        "accuracy": scores.accuracy,
-        "malformed": float(scores.malformed),
-        "partition_id": float(node.partition_id),
-        "llm_calls": float(spent.calls),
-        "tokens": float(spent.prompt_tokens + spent.completion_tokens),
-        "llm_retries": float(spent.retries),
-        "cache_hits": float(spent.cache_hits),
-        "seconds": scores.seconds,
-    }
+    return EvalReply(partition_id=node.partition_id, llm=describe(settings.forward), scores=scores,
+                     usage=engine.take_usage())

@@ -1,138 +1,264 @@
-"""The run folder: config, one JSON line per round, every prompt, the summary and a plot.
+"""Everything a run leaves behind, as it goes: the console table, the run folder, the checkpoint, the figures.
 
-Everything is written as soon as it is known (rounds appended and flushed, the
-summary replaced atomically), so a run that dies mid-way leaves what it finished.
+The loop (federation.py) decides; the recorder only writes down what was decided, so
+neither the round step nor the state ever prints or touches a file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import time
-from collections.abc import Mapping, Sequence
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from fedtextgrad_core.llm.engine import Usage
+from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze
+from fedtextgrad_core.run import figures, report
+from fedtextgrad_core.run.checkpoint import Checkpoint
+from fedtextgrad_core.run.records import ClientEvaluation, ClientUpload, Failure, RoundRecord, RunSummary
+from fedtextgrad_core.run.round_step import RoundOutcome
+from fedtextgrad_core.run.run_folder import RunFolder, default_run_name
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.run.state import FederationState
+
+log = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
 
 
-def default_run_name(task_label: str, partitioning: str, merge: str) -> str:
-    return f"{task_label}-{partitioning}-{merge}-{time.strftime('%Y%m%d-%H%M%S')}"
+def weighted_accuracy(evaluations: Sequence[ClientEvaluation]) -> float | None:
+    total = sum(e.reply.scores.total for e in evaluations)
+    return sum(e.reply.scores.correct for e in evaluations) / total if total else None
 
 
-def _safe(name: str) -> str:
-    """A file name made of letters, digits, '.', '-' and '_' only."""
-    return re.sub(r"[^\w.\-]+", "_", name).strip("._")
+def examples_of(evaluations: Sequence[ClientEvaluation]) -> int:
+    return sum(e.reply.scores.total for e in evaluations)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def usage_of(evaluations: Sequence[ClientEvaluation]) -> Usage:
+    total = Usage()
+    for evaluation in evaluations:
+        total.add(evaluation.reply.usage)
+    return total
 
 
-class RunRecorder:
-    """Writes one run's folder under ``results_dir``."""
+class Recorder:
+    """Writes one run: what it prints, its folder, its checkpoint and its figures."""
 
-    def __init__(self, results_dir: str | Path, run_name: str, config: Mapping[str, object]):
-        base = Path(results_dir).expanduser().resolve()
-        name = _safe(run_name) or "run"
-        self.path, number = base / name, 1
-        while (self.path / "rounds.jsonl").exists():  # never overwrite an earlier run
-            number += 1
-            self.path = base / f"{name}-{number}"
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "prompts").mkdir(exist_ok=True)
-        self.rounds_file = self.path / "rounds.jsonl"
-        self.rounds_file.write_text("", encoding="utf-8")
-        _atomic_write(self.path / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    def __init__(self, folder: RunFolder, settings: RunSettings, echo: Echo = print,
+                 surprisal: SurprisalClient | None = None, history: Sequence[RoundRecord] = ()):
+        self.folder = folder
+        self.settings = settings
+        self.echo = echo
+        # per-token surprisal of merged prompts from the server's own endpoint, when it is a real
+        # one (the sim has no token probabilities); text metrics need no LLM and are always taken
+        if surprisal is None and settings.server.backend == "openai":
+            surprisal = SurprisalClient.from_endpoint(settings.server, "server-api-key-env")
+        self.surprisal = surprisal
+        self.history: list[RoundRecord] = list(history)
+        self.error = ""
+        self.test_failures: tuple[Failure, ...] = ()
+        self.client_llms: dict[str, str] = {}
+        self._drawing: threading.Thread | None = None
+        self.initial_metrics = self.prompt_metrics(settings.start_prompt, with_surprisal=True)
 
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    # --- opening ----------------------------------------------------------------------------------
     @classmethod
-    def reopen(cls, folder: Path, finished_rounds: int) -> RunRecorder:
-        """The folder of an interrupted run, to continue writing in. Round records after
-        ``finished_rounds`` (a round cut short between its record and its checkpoint) and a
-        half-written last line are dropped, so the resumed rounds are written exactly once."""
-        recorder = cls.__new__(cls)
-        recorder.path = folder
-        recorder.rounds_file = folder / "rounds.jsonl"
-        (folder / "prompts").mkdir(exist_ok=True)
-        kept = []
-        if recorder.rounds_file.exists():
-            for line in recorder.rounds_file.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if int(record.get("round", 0)) <= finished_rounds:
-                    kept.append(line + "\n")
-        _atomic_write(recorder.rounds_file, "".join(kept))
-        return recorder
+    def open(cls, settings: RunSettings, run_config: Mapping[str, object],
+             resume: tuple[Path, Checkpoint] | None = None, echo: Echo = print,
+             surprisal: SurprisalClient | None = None) -> tuple[Recorder, FederationState]:
+        """A new run in a new folder, or (``resume``) the interrupted run continued in its own folder."""
+        if resume is None:
+            name = settings.run_name or default_run_name("+".join(settings.tasks), settings.partitioning, settings.merge)
+            folder = RunFolder.create(settings.results_dir, name,
+                                      {"run_config": dict(run_config), "settings": settings.as_dict()})
+            state = FederationState.start(settings.start_prompt, settings.seed, run_config)
+            history: list[RoundRecord] = []
+        else:
+            folder = RunFolder.reopen(resume[0], resume[1].round)
+            state = FederationState.resume(resume[1])
+            history = state.check_history(folder.read_rounds())
+        echo(f"results folder: {folder.path}")
+        recorder = cls(folder, settings, echo, surprisal, history)
+        if resume is None:
+            folder.save_prompt("round-000-initial", state.global_prompt)
+        else:
+            echo(f"resuming {folder.path} after round {state.finished_round}: validation accuracy "
+                 f"{report.percent(state.best_accuracy)} (best, round {state.best_round}) so far")
+            echo(report.header())
+        return recorder, state
 
-    def save_prompt(self, name: str, text: str) -> str:
-        """Write a prompt to prompts/<name>.txt and return its path relative to the run."""
-        relative = Path("prompts") / (_safe(name) + ".txt")
-        _atomic_write(self.path / relative, text + "\n")
-        return str(relative)
+    # --- what happens -----------------------------------------------------------------------------
+    def initial(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
+                failures: Sequence[Failure]) -> None:
+        self._remember_llms(evaluations)
+        for failure in failures:
+            self.echo(report.failure_row(0, failure.label, f"(evaluation) {failure.reason}"))
+        self.echo(f"initial prompt: validation accuracy {report.percent(state.initial_accuracy)} "
+                  f"on {examples_of(evaluations)} examples")
+        self.echo(report.header())
+        self.write_summary(state, finished=False)
+        state.save(self.path)
 
-    def append_round(self, record: Mapping[str, object]) -> None:
-        with self.rounds_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+    def uploads(self, outcome: RoundOutcome) -> tuple[ClientUpload, ...]:
+        """Print the round's client rows and failures, save the uploads, and measure each one."""
+        server_round = outcome.round
+        labels = {u.client.key: u.label for u in outcome.accepted}
+        for upload in outcome.accepted:
+            self.echo(report.client_row(server_round, upload.label, upload.reply))
+        for failure in outcome.failures:
+            stage = "" if failure.stage == "train" else f"({failure.stage} rejected) "
+            self.echo(report.failure_row(server_round, failure.label, stage + failure.reason))
+        if outcome.robust is not None:
+            robust = outcome.robust
+            scores = ", ".join(f"client {labels[key]} {report.percent(score)}" for key, score in robust.scores.items())
+            self.echo(f"round {server_round}: robust merge, held-out accuracy of each upload on "
+                      f"{robust.holdout_examples} server examples: {scores}")
+            for key in robust.left_out:
+                self.echo(f"round {server_round}: robust merge left out client {labels[key]}: held-out accuracy "
+                          f"{report.percent(robust.scores[key])}, more than {100 * robust.margin:.0f} points "
+                          f"below the median {report.percent(robust.median)}")
+        merged = outcome.merge
+        if merged.fallback_reason:
+            self.echo(f"round {server_round}: merge fell back to concatenation: {merged.fallback_reason}")
+        if merged.dropped_sentences:
+            self.echo(f"round {server_round}: merge left out {len(merged.dropped_sentences)} sentence(s) to stay "
+                      f"within merge-token-budget={merged.token_budget} (listed in rounds.jsonl)")
+        uploads = tuple(
+            ClientUpload(label=u.label, client=u.client, reply=u.reply,
+                         prompt_metrics=self.prompt_metrics(u.reply.prompt, with_surprisal=False),
+                         holdout_accuracy=outcome.robust.scores[u.client.key] if outcome.robust else None,
+                         left_out=outcome.left_out(u))
+            for u in outcome.accepted)
+        self.folder.save_client_prompts(server_round, [
+            {"label": u.label, "node_id": u.client.node_id, "partition_id": u.client.partition_id,
+             "left_out": u.left_out, "prompt": u.reply.prompt} for u in uploads])
+        self.folder.save_prompt(f"round-{server_round:03d}-merged", outcome.merged_prompt)
+        self.client_llms.update({u.label: u.reply.llm for u in uploads})
+        return uploads
 
-    def write_summary(self, summary: Mapping[str, object]) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    def round_done(self, record: RoundRecord, state: FederationState) -> None:
+        for failure in record.failures:
+            if failure.stage == "evaluate":
+                self.echo(report.failure_row(record.round, failure.label, f"(evaluation) {failure.reason}"))
+        self._remember_llms(record.evaluations)
+        self.echo(report.merged_row(record.round, self.settings.merge, record.val_accuracy, record.val_examples,
+                                    state.best_accuracy, record.merged_prompt, record.seconds))
+        self.folder.append_round(record)
+        self.history.append(record)
+        self.write_summary(state, finished=False)
+        state.save(self.path)
+        self._draw_figures(state)
 
-    def read_rounds(self) -> list[dict]:
-        lines = self.rounds_file.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+    def finished(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
+                 failures: Sequence[Failure]) -> RunSummary:
+        """The best prompt's test accuracy, over the clients that answered (the others are listed)."""
+        self.folder.save_prompt("best", state.best_prompt)
+        for failure in failures:
+            self.echo(report.failure_row(state.finished_round, failure.label, f"(test) {failure.reason}"))
+        self.test_failures = tuple(failures)
+        test_accuracy = weighted_accuracy(evaluations)
+        summary = self.write_summary(state, finished=True, test_accuracy=test_accuracy,
+                                     test_examples=examples_of(evaluations), test_usage=usage_of(evaluations))
+        self._figures_done()
+        sim = " (simulated LLM)" if self.settings.simulated else ""
+        self.echo(f"best prompt (round {state.best_round}): validation {report.percent(state.best_accuracy)}, "
+                  f"test {report.percent(test_accuracy)}{sim}")
+        self.echo(f"results: {self.path}")
+        return summary
 
-    def plot_accuracy(self, rounds: Sequence[Mapping[str, object]], initial_accuracy: float | None) -> Path:
-        """accuracy.png: merged-prompt validation accuracy per round, and one line per client.
+    def stopped(self, state: FederationState, error: BaseException) -> None:
+        """Keep what was done and say why the run stopped, before the error propagates."""
+        self.error = f"{type(error).__name__}: {error}"
+        self.folder.save_prompt("best", state.best_prompt)
+        self.write_summary(state, finished=False)
+        self._figures_done()
+        self.echo(f"run stopped: {self.error}")
+        self.echo(f"results so far: {self.path}")
 
-        A client's line is the validation accuracy of the prompt it uploaded, on its own
-        validation data; the merged line is the federated validation accuracy.
-        """
-        import matplotlib
+    # --- the summary --------------------------------------------------------------------------------
+    def write_summary(self, state: FederationState, finished: bool, test_accuracy: float | None = None,
+                      test_examples: int = 0, test_usage: Usage | None = None) -> RunSummary:
+        s = self.settings
+        summary = RunSummary(
+            finished=finished, error=self.error, rounds=len(self.history), rounds_planned=s.num_rounds,
+            task=tuple(s.tasks), partitioning=s.partitioning, merge=s.merge, initial_prompt=s.start_prompt,
+            initial_val_accuracy=state.initial_accuracy, best_val_accuracy=state.best_accuracy,
+            best_round=state.best_round, best_prompt=state.best_prompt, final_prompt=state.global_prompt,
+            results_dir=str(self.path), initial_prompt_metrics=self.initial_metrics, test_accuracy=test_accuracy,
+            test_examples=test_examples, test_failures=self.test_failures,
+            resumed_after_rounds=tuple(state.resumed_after), cost=self._cost(state, test_usage),
+            client_llms=dict(sorted(self.client_llms.items())), server_llm=s.server_llm, simulated=s.simulated,
+        )
+        self.folder.write_summary(summary)
+        return summary
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def _cost(self, state: FederationState, test_usage: Usage | None) -> dict[str, dict[str, int]]:
+        """LLM calls and tokens of the finished rounds, by where they were spent."""
+        cost = {part: {"llm_calls": 0, "tokens": 0}
+                for part in ("client_training", "client_evaluation", "server_merge", "total")}
 
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        merged_x, merged_y = ([0], [initial_accuracy]) if initial_accuracy is not None else ([], [])
-        clients: dict[str, tuple[list[int], list[float]]] = {}
-        for record in rounds:
-            number = int(record["round"])
-            if record.get("val_accuracy") is not None:
-                merged_x.append(number)
-                merged_y.append(float(record["val_accuracy"]))
-            for client in record.get("clients", []):
-                accuracy = client.get("metrics", {}).get("val_accuracy")
-                if accuracy is not None:
-                    xs, ys = clients.setdefault(str(client["label"]), ([], []))
-                    xs.append(number)
-                    ys.append(float(accuracy))
-        for label, (xs, ys) in sorted(clients.items()):
-            ax.plot(xs, ys, marker="o", linewidth=1, alpha=0.7, label=f"client {label} (local prompt)")
-        ax.plot(merged_x, merged_y, marker="s", linewidth=2.5, color="black", label="merged prompt")
-        ax.set_xlabel("round")
-        ax.set_ylabel("validation accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xticks(sorted({*merged_x, *(x for xs, _ in clients.values() for x in xs)}))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_title(self.path.name, fontsize=9)
-        fig.tight_layout()
-        target = self.path / "accuracy.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        return target
+        def add(part: str, calls: int, tokens: int) -> None:
+            for key in (part, "total"):
+                cost[key]["llm_calls"] += calls
+                cost[key]["tokens"] += tokens
 
-    def plot_prompt_metrics(self, rounds: Sequence[Mapping[str, object]], initial_accuracy: float | None,
-                            initial_prompt: str | None = None,
-                            initial_metrics: Mapping[str, object] | None = None) -> Path:
-        """prompt_metrics.png: merged-prompt length and surprisal variance per round beside
-        validation accuracy (one thin line per client's own prompt)."""
-        from fedtextgrad_core.tools.compare import plot_prompt_dynamics
+        def add_usage(part: str, usage: Usage | None) -> None:
+            if usage is not None:
+                add(part, usage.calls, usage.prompt_tokens + usage.completion_tokens)
 
-        return plot_prompt_dynamics(rounds, self.path / "prompt_metrics.png", initial_accuracy=initial_accuracy,
-                                    initial_prompt=initial_prompt, initial_metrics=initial_metrics,
-                                    title=self.path.name)
+        add_usage("client_evaluation", state.initial_usage)
+        for record in self.history:
+            for upload in record.uploads:
+                local = upload.reply.local
+                add("client_training", local.llm_calls, local.prompt_tokens + local.completion_tokens)
+                add_usage("client_evaluation", upload.reply.val_usage)
+            for evaluation in record.evaluations:
+                add_usage("client_evaluation", evaluation.reply.usage)
+            add_usage("server_merge", record.server_llm)
+        add_usage("client_evaluation", test_usage)
+        return cost
+
+    # --- measurements and figures ---------------------------------------------------------------------
+    def prompt_metrics(self, prompt: str, with_surprisal: bool) -> dict[str, Any] | None:
+        """Information-density metrics of a prompt (prompt_metrics.py); never fails the run."""
+        try:
+            return analyze(prompt, self.surprisal if with_surprisal else None).as_dict()
+        except Exception as exc:
+            log.warning("could not measure a prompt: %s: %s", type(exc).__name__, exc)
+            return None
+
+    def _remember_llms(self, evaluations: Sequence[ClientEvaluation]) -> None:
+        self.client_llms.update({e.label: e.reply.llm for e in evaluations})
+
+    def _draw_figures(self, state: FederationState) -> None:
+        """Draw the figures in the background, while the next round waits on its clients: drawing takes
+        about a second of CPU on a small machine, which on the server's critical path would be the
+        largest cost it adds to a round."""
+        self._figures_done()
+        rounds, initial = list(self.history), state.initial_accuracy
+        self._drawing = threading.Thread(target=self._draw, args=(rounds, initial), name="figures", daemon=True)
+        self._drawing.start()
+
+    def _figures_done(self) -> None:
+        """Wait for the figures being drawn; at the end of a run, they are complete then."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
+
+    def _draw(self, rounds: list[RoundRecord], initial_accuracy: float | None) -> None:
+        title, sim = self.path.name, self.settings.simulated
+        try:
+            figures.plot_accuracy(rounds, self.path / "accuracy.png", initial_accuracy, title, sim)
+        except Exception as exc:  # a figure must never cost the run its results
+            log.warning("could not draw accuracy.png: %s", exc)
+        try:
+            figures.plot_prompt_dynamics(rounds, self.path / "prompt_metrics.png", initial_accuracy,
+                                         self.initial_metrics, self.settings.start_prompt, title, sim)
+        except Exception as exc:
+            log.warning("could not draw prompt_metrics.png: %s", exc)

@@ -1,24 +1,28 @@
 """The per-round progress table printed by the server.
 
 One row per client and one for the merged prompt, so a user watching a long run
-sees who improved what, what it cost, and which clients failed and why.
+sees who improved what, what it cost, and which clients failed and why. Validation
+accuracies carry their example counts: a client scores its own prompt on its own
+validation share, the merged prompt is scored on every sampled client's share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+
+from fedtextgrad_core.run.messages import TrainReply
 
 COLUMNS = (
-    ("round", 5), ("who", 22), ("batch acc", 15), ("val acc", 7), ("steps kept", 11),
+    ("round", 5), ("who", 22), ("batch acc", 15), ("val acc (n)", 13), ("steps kept", 11),
     ("calls", 6), ("retries", 7), ("tokens", 8), ("secs", 6), ("prompt chars", 12),
 )
 
 
 def percent(value: object) -> str:
-    return "-" if value is None else f"{100 * float(value):.1f}%"
+    return "-" if value is None else f"{100 * float(value):.1f}%"  # type: ignore[arg-type]
 
 
-def _row(cells: Sequence[str]) -> str:
+def _row(cells: Sequence[object]) -> str:
     return "  ".join(str(cell)[:width].ljust(width) for cell, (_, width) in zip(cells, COLUMNS)).rstrip()
 
 
@@ -27,13 +31,21 @@ def header() -> str:
     return f"{line}\n{'-' * len(line)}"
 
 
-def client_row(server_round: int, label: str, metrics: Mapping[str, float], prompt: str) -> str:
-    before, after = metrics.get("batch_accuracy_before"), metrics.get("batch_accuracy_after")
-    tokens = int(metrics.get("prompt_tokens", 0) + metrics.get("completion_tokens", 0))
+def accuracy_of(accuracy: float | None, examples: int) -> str:
+    return "-" if accuracy is None else f"{percent(accuracy)} ({examples})"
+
+
+def client_row(server_round: int, label: str, reply: TrainReply) -> str:
+    local = reply.local
+    val = reply.val
+    seconds = local.seconds + (val.seconds if val is not None else 0.0)
     return _row([
-        server_round, f"client {label}", f"{percent(before)}>{percent(after)}", percent(metrics.get("val_accuracy")),
-        f"{int(metrics.get('steps_accepted', 0))}/{int(metrics.get('steps', 0))}",
-        int(metrics.get("llm_calls", 0)), int(metrics.get("llm_retries", 0)), tokens, f"{metrics.get('seconds', 0):.1f}", len(prompt),
+        server_round, f"client {label}",
+        f"{percent(local.batch_accuracy_before)}>{percent(local.batch_accuracy_after)}",
+        accuracy_of(val.accuracy, val.total) if val is not None else "-",
+        f"{local.steps_accepted}/{local.steps}",
+        local.llm_calls, local.llm_retries, local.prompt_tokens + local.completion_tokens, f"{seconds:.1f}",
+        len(reply.prompt),
     ])
 
 
@@ -41,9 +53,9 @@ def failure_row(server_round: int, label: str, reason: str) -> str:
     return _row([server_round, f"client {label}", "FAILED"] + [""] * (len(COLUMNS) - 3)) + f"  {reason}"
 
 
-def merged_row(server_round: int, method: str, val_accuracy: float | None, best: float | None,
+def merged_row(server_round: int, method: str, val_accuracy: float | None, examples: int, best: float | None,
                prompt: str, seconds: float) -> str:
     return _row([
-        server_round, f"merged ({method})", "", percent(val_accuracy), f"best {percent(best)}",
+        server_round, f"merged ({method})", "", accuracy_of(val_accuracy, examples), f"best {percent(best)}",
         "", "", "", f"{seconds:.1f}", len(prompt),
     ])

@@ -20,9 +20,10 @@ from fedtextgrad_core.errors import ConfigError, FedTextGradError
 def _eval(args: argparse.Namespace) -> int:
     from fedtextgrad_core.data.loaders import load_splits
     from fedtextgrad_core.method.evaluation import evaluate_prompt
-    from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
-    from fedtextgrad_core.run.settings import endpoint_settings
     from fedtextgrad_core.data.tasks import get_task
+    from fedtextgrad_core.llm.endpoint import EndpointSettings
+    from fedtextgrad_core.llm.engine import make_engine
+    from fedtextgrad_core.run.settings import endpoint_settings
 
     task = get_task(args.task)
     if args.limit < 0:
@@ -85,7 +86,7 @@ def _compare(args: argparse.Namespace) -> int:
     rows = compare_runs(runs)
     print(format_table(rows))
     if args.out:
-        path = plot_comparison(rows, {row["run"]: run["rounds"] for row, run in zip(rows, runs)}, args.out)
+        path = plot_comparison(rows, {row["run"]: run.rounds for row, run in zip(rows, runs)}, args.out)
         print(f"plot: {path}")
     return 0
 
@@ -114,6 +115,13 @@ def _bench_endpoint(args: argparse.Namespace) -> int:
     if out is not None:
         out.write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
         print(f"wrote {out}")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.run import schema
+
+    print(schema.markdown_table() if args.format == "markdown" else schema.pyproject_block())
     return 0
 
 
@@ -159,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding summary.json)")
     cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
     cmp_.set_defaults(run=_compare)
+
+    st = commands.add_parser("settings", help="print every run setting: the README table or pyproject's block")
+    st.add_argument("--format", default="markdown", choices=["markdown", "pyproject"],
+                    help="markdown: the README's settings table (default); pyproject: [tool.flwr.app.config]")
+    st.set_defaults(run=_settings)
 
     bench = commands.add_parser("bench", help="measure an LLM server")
     benches = bench.add_subparsers(dest="bench", required=True)

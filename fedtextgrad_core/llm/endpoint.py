@@ -1,0 +1,28 @@
+"""Where one model lives and how to ask it: the settings every backend reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Where one model lives and how to sample from it (defaults: run/schema.py, the one table of settings)."""
+
+    backend: str
+    base_url: str
+    model: str
+    api_key_env: str  # the NAME of an environment variable; the key never enters config
+    temperature: float
+    max_tokens: int
+    timeout: float
+    concurrency: int
+    max_retries: int
+    retry_backoff: float  # seconds before the first retry; doubles each time
+    cache_path: str  # empty: no reply cache
+    sim_latency_ms: float
+
+    def describe(self) -> str:
+        if self.backend == "sim":
+            return "sim (simulated LLM, in-process)"
+        return f"{self.model} at {self.base_url}"

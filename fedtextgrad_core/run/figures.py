@@ -1,0 +1,152 @@
+"""The figures of a run folder (``accuracy.png``, ``prompt_metrics.png``) and the series behind them.
+
+Drawing reads only typed round records, so a figure of a finished run, of a run still going
+and of a run recorded by an older version look alike. ``fedtextgrad compare`` draws from the
+same series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedtextgrad_core.run.records import RoundRecord
+
+SIM_NOTE = "simulated LLM: these numbers show the machinery works, not how a real model does"
+NO_SURPRISAL = "no surprisal recorded\n(needs an endpoint that returns\nprompt token log-probabilities)"
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def merged_series(rounds: Sequence[RoundRecord]) -> dict[str, list]:
+    """Per round of the merged prompt: round, val accuracy, chars, surprisal variance (None if absent)."""
+    series: dict[str, list] = {"round": [], "val_accuracy": [], "chars": [], "surprisal_variance": []}
+    for record in rounds:
+        metrics = record.merged_prompt_metrics or {}
+        series["round"].append(record.round)
+        series["val_accuracy"].append(record.val_accuracy)
+        series["chars"].append(metrics.get("chars", len(record.merged_prompt)))
+        series["surprisal_variance"].append(metrics.get("surprisal_variance"))
+    return series
+
+
+def client_series(rounds: Sequence[RoundRecord]) -> dict[str, dict[str, list]]:
+    """Per client label, per round: its own val accuracy, its prompt's chars and surprisal variance."""
+    clients: dict[str, dict[str, list]] = {}
+    for record in rounds:
+        for upload in record.uploads:
+            series = clients.setdefault(upload.label, {"round": [], "val_accuracy": [], "chars": [],
+                                                       "surprisal_variance": []})
+            metrics = upload.prompt_metrics or {}
+            val = upload.reply.val
+            series["round"].append(record.round)
+            series["val_accuracy"].append(val.accuracy if val is not None else None)
+            series["chars"].append(metrics.get("chars", len(upload.reply.prompt)))
+            series["surprisal_variance"].append(metrics.get("surprisal_variance"))
+    return clients
+
+
+def points(xs: Sequence, ys: Sequence) -> tuple[list, list]:
+    pairs = [(x, float(y)) for x, y in zip(xs, ys) if y is not None]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def no_data(ax: Any, what: str) -> None:
+    """An empty panel says why it is empty, with no axes that suggest a scale."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, what, ha="center", va="center", fontsize=8, color="gray", wrap=True, transform=ax.transAxes)
+
+
+def style(axes: Sequence[Any], titles: Sequence[str], ylabels: Sequence[str]) -> None:
+    for ax, title, ylabel in zip(axes, titles, ylabels):
+        ax.set_title(title, fontsize=9)
+        if not ax.axison:
+            continue
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+
+
+def _merged_line(ax: Any, xs: list, ys: list) -> None:
+    # drawn first and wide, so a client whose line coincides with it stays visible on top
+    ax.plot(xs, ys, marker="s", markersize=9, linewidth=5, alpha=0.35, color="black", label="merged prompt", zorder=1)
+
+
+def plot_accuracy(rounds: Sequence[RoundRecord], path: Path, initial_accuracy: float | None, title: str,
+                  simulated: bool) -> Path:
+    """accuracy.png: the merged prompt's federated validation accuracy per round, and per client the
+    validation accuracy of the prompt it uploaded, on its own validation data."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    merged = merged_series(rounds)
+    xs, ys = points(merged["round"], merged["val_accuracy"])
+    if initial_accuracy is not None:
+        xs, ys = [0, *xs], [initial_accuracy, *ys]
+    _merged_line(ax, xs, ys)
+    markers = "o^vD<>pX*h"
+    for index, (label, series) in enumerate(sorted(client_series(rounds).items())):
+        cx, cy = points(series["round"], series["val_accuracy"])
+        if cy:
+            ax.plot(cx, cy, marker=markers[index % len(markers)], linewidth=1, label=f"client {label} (its own prompt)",
+                    zorder=2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("validation accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title + (f"\n{SIM_NOTE}" if simulated else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_prompt_dynamics(rounds: Sequence[RoundRecord], path: Path, initial_accuracy: float | None,
+                         initial_metrics: Mapping[str, Any] | None, initial_prompt: str, title: str,
+                         simulated: bool) -> Path:
+    """prompt_metrics.png: per round, merged-prompt length and surprisal variance beside validation
+    accuracy; thin lines are the clients' own prompts. Round 0 is the initial prompt."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    keys = ("val_accuracy", "chars", "surprisal_variance")
+    merged = merged_series(rounds)
+    start = (initial_accuracy, (initial_metrics or {}).get("chars", len(initial_prompt)),
+             (initial_metrics or {}).get("surprisal_variance"))
+    have_surprisal = any(v is not None for v in merged["surprisal_variance"])
+    for ax, key, first in zip(axes, keys, start):
+        if key == "surprisal_variance" and not have_surprisal:
+            continue
+        xs, ys = points(merged["round"], merged[key])
+        if first is not None:
+            xs, ys = [0, *xs], [float(first), *ys]
+        if ys:
+            _merged_line(ax, xs, ys)
+    for label, series in sorted(client_series(rounds).items()):
+        for ax, key in zip(axes, keys):
+            if key == "surprisal_variance" and not have_surprisal:
+                continue
+            xs, ys = points(series["round"], series[key])
+            if ys:
+                ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=f"client {label}", zorder=2)
+    if not have_surprisal:
+        no_data(axes[2], NO_SURPRISAL)
+    axes[0].set_ylim(-0.02, 1.02)
+    style(axes, ["validation accuracy", "prompt length", "surprisal variance (uniformity)"],
+          ["accuracy", "characters", "bits² per token"])
+    if axes[0].lines:
+        axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title + (f" — {SIM_NOTE}" if simulated else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

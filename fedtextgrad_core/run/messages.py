@@ -1,0 +1,92 @@
+"""What the server and a client say to each other, as typed records with one codec each.
+
+The server sends a ``RoundRequest`` (what to do, on which prompt); a client answers a
+training request with a ``TrainReply`` and an evaluation with an ``EvalReply``. Each
+record turns into the flat ``key -> value`` map a Flower ``ConfigRecord`` holds
+(``encode``) and back (``decode``), and both Flower apps use exactly these functions,
+so the two sides cannot disagree on a key. Only prompt text and numbers travel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from fedtextgrad_core.llm.engine import Usage
+from fedtextgrad_core.method.evaluation import Scores
+from fedtextgrad_core.method.leakage import LeakCounts
+from fedtextgrad_core.method.local_training import LocalMetrics
+from fedtextgrad_core.run.codec import MalformedRecord, flatten, from_plain, to_plain, unflatten
+
+# The name of the one ConfigRecord each message carries.
+REQUEST_RECORD = "request"
+REPLY_RECORD = "reply"
+
+
+class Phase(str, Enum):
+    """What a message asks of a client. A round has a training and an evaluation phase; the run
+    begins with an evaluation of the start prompt (round 0) and ends with the test phase."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    TEST = "test"
+
+    @property
+    def split(self) -> str:
+        """The data split the phase scores on (training uses the training split)."""
+        return {"train": "train", "evaluate": "val", "test": "test"}[self.value]
+
+
+class _Codec:
+    """``encode``/``decode`` between a record and a flat map (a Flower ConfigRecord's content)."""
+
+    def encode(self) -> dict[str, Any]:
+        return flatten(to_plain(self))
+
+    @classmethod
+    def decode(cls, flat: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+        if not isinstance(flat, Mapping):
+            raise MalformedRecord(f"the message holds no {cls.__name__} record")
+        return from_plain(cls, unflatten(flat))
+
+
+@dataclass(frozen=True)
+class RoundRequest(_Codec):
+    """Server -> client: the phase, the round it belongs to, and the prompt to train or score."""
+
+    phase: str  # a Phase value
+    server_round: int  # 0: the start prompt's evaluation; the test phase carries the last finished round
+    prompt: str
+
+    @property
+    def kind(self) -> Phase:
+        try:
+            return Phase(self.phase)
+        except ValueError:
+            raise MalformedRecord(f"phase {self.phase!r} is not one of {', '.join(p.value for p in Phase)}") from None
+
+
+@dataclass(frozen=True)
+class TrainReply(_Codec):
+    """Client -> server after local training: the improved prompt and what it took."""
+
+    prompt: str
+    partition_id: int  # the share of the data the client says it holds: for display only
+    num_examples: int  # training examples
+    llm: str  # the client's forward model, as the client describes it
+    local: LocalMetrics
+    leaks: LeakCounts
+    val: Scores | None = None  # the client's own new prompt on its validation split (client-val-eval)
+    val_usage: Usage | None = None  # what that validation cost
+
+
+@dataclass(frozen=True)
+class EvalReply(_Codec):
+    """Client -> server after scoring a prompt on its validation or test split."""
+
+    partition_id: int
+    llm: str
+    scores: Scores
+    usage: Usage

@@ -1,0 +1,124 @@
+"""Where prompts are merged: one round's uploads in, the merged prompt and what happened out.
+
+``merge_round`` is the server's decision for a round, with no files and no printing:
+check every upload, leave out outliers (robust merge), merge what is left, and say
+which prompt the clients should score next. What it decided comes back as a
+``RoundOutcome``; the recorder writes it and the loop sends the evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fedtextgrad_core.errors import FedTextGradError
+from fedtextgrad_core.llm.engine import ChatEngine, Usage
+from fedtextgrad_core.method.merging import MergeResult, merge_prompts
+from fedtextgrad_core.method.robust_merge import RobustDecision, select_uploads
+from fedtextgrad_core.method.upload_checks import upload_problem
+from fedtextgrad_core.run.messages import TrainReply
+from fedtextgrad_core.run.records import ClientId, Failure, MergeRecord
+from fedtextgrad_core.run.settings import RunSettings
+
+
+class RoundFailed(FedTextGradError):
+    """Too few clients answered a round; the message carries their errors."""
+
+
+def require_enough(stage: str, server_round: int, ok: int, failures: Sequence[Failure], required: int) -> None:
+    """Fail the round loudly, with every client's error, when fewer than ``required`` answered."""
+    if ok >= required:
+        return
+    reasons = "; ".join(f"client {f.label}: {f.reason}" for f in failures) or "no replies arrived"
+    raise RoundFailed(
+        f"round {server_round} {stage}: only {ok} client(s) succeeded, at least {required} required "
+        f"(min-train-clients). Errors: {reasons}"
+    )
+
+
+def required_clients(settings: RunSettings, answered: int) -> int:
+    """How many successes a stage needs: min-train-clients, or fewer when fewer were asked."""
+    return min(settings.clients_needed, max(1, answered))
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One successful training reply, and who sent it (labelled for people)."""
+
+    label: str
+    client: ClientId
+    reply: TrainReply
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What the server decided in a round, before the merged prompt is evaluated."""
+
+    round: int
+    accepted: tuple[Upload, ...]  # passed the upload checks (robust-merge may still have left some out)
+    failures: tuple[Failure, ...]  # training failures and rejected uploads, each with its stage
+    robust: RobustDecision | None
+    robust_usage: Usage | None  # what the held-out scoring cost the server's LLM
+    merge: MergeResult
+    server_usage: Usage  # everything the server's LLM spent this round: merging and scoring
+
+    @property
+    def merged_prompt(self) -> str:
+        """The evaluation plan: this prompt is scored on every sampled client's validation split next."""
+        return self.merge.prompt
+
+    @property
+    def merge_record(self) -> MergeRecord:
+        m = self.merge
+        return MergeRecord(method=m.method, fallback_reason=m.fallback_reason, format_repaired=m.format_repaired,
+                           token_budget=m.token_budget, dropped_sentences=m.dropped_sentences,
+                           duplicates_removed=m.duplicates_removed, summariser_calls=m.summariser_calls,
+                           levels=m.merge_levels, largest_summariser_input_tokens=m.largest_summariser_input_tokens,
+                           tokenizer=m.tokenizer)
+
+    def left_out(self, upload: Upload) -> bool:
+        return self.robust is not None and upload.client.key in self.robust.left_out
+
+
+def check_uploads(uploads: Sequence[Upload], max_chars: int) -> tuple[list[Upload], list[Failure]]:
+    """Uploads fit to merge, and the rejected ones as failures with their reason (upload_checks.py)."""
+    accepted, rejected = [], []
+    for upload in uploads:
+        problem = upload_problem(upload.reply.prompt, max_chars)
+        if problem is None:
+            accepted.append(upload)
+        else:
+            rejected.append(Failure(upload.label, "upload", problem, upload.client.node_id))
+    return accepted, rejected
+
+
+def merge_round(server_round: int, uploads: Sequence[Upload], failures: Sequence[Failure], settings: RunSettings,
+                merger: ChatEngine | None, scorer: Callable[[], ChatEngine] | None = None) -> RoundOutcome:
+    """Upload checks, then the robust filter, then the merge; raises RoundFailed when too few are left.
+
+    ``uploads`` come in a fixed order (the loop sorts them), so a seed gives the same prompt.
+    ``scorer`` gives the server's engine for robust scoring when there is no merger (concat).
+    """
+    accepted, rejected = check_uploads(uploads, settings.max_prompt_chars)
+    if rejected:  # the transport counted these clients as successes; they are not
+        answered = len(accepted) + len(failures) + len(rejected)
+        require_enough("upload check", server_round, len(accepted), [*failures, *rejected],
+                       required_clients(settings, answered))
+    robust, robust_usage = None, None
+    if settings.robust_merge and accepted:
+        engine = merger or (scorer() if scorer else None)
+        if engine is None:
+            raise ValueError("robust-merge needs the server's LLM engine")
+        earlier = engine.take_usage()  # count the scoring alone...
+        robust = select_uploads(engine, settings.robust, {u.client.key: u.reply.prompt for u in accepted})
+        robust_usage = engine.take_usage()
+        engine.usage.add(earlier)  # ...and leave what was spent before on the engine's count
+    kept = [u for u in accepted if robust is None or u.client.key not in robust.left_out]
+    merged = merge_prompts([u.reply.prompt for u in kept], settings.merge, settings.format_instruction, merger,
+                           settings.merge_token_budget)
+    server_usage = Usage()
+    for spent in (merger.take_usage() if merger else None, robust_usage):
+        if spent is not None:
+            server_usage.add(spent)
+    return RoundOutcome(round=server_round, accepted=tuple(accepted), failures=(*failures, *rejected),
+                        robust=robust, robust_usage=robust_usage, merge=merged, server_usage=server_usage)

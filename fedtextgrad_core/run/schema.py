@@ -1,0 +1,385 @@
+"""Every run setting in one table: its key, kind, default, bounds, who may set it, and one line of doc.
+
+Validation, the node-override rule, the defaults in ``[tool.flwr.app.config]`` and the README's
+settings table all come from ``SETTINGS`` (tests check pyproject and the README against it), so a
+setting is added or changed here and nowhere else. Reading a value checks it once, at start, and a
+wrong value stops the run with one line naming the setting, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fedtextgrad_core.data.loaders import MAX_SYNTHETIC_SIZE
+from fedtextgrad_core.data.partitioning import PARTITIONINGS
+from fedtextgrad_core.data.tasks import TASKS
+from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.llm.engine import backend_names
+from fedtextgrad_core.method.leakage import LEAKAGE_GUARDS
+from fedtextgrad_core.method.merging import MERGE_METHODS
+
+Config = Mapping[str, object]
+
+# Upper bounds where a larger value is never meant and would stall a run instead of failing
+# it: Python cannot sleep or wait on a socket for 1e300 seconds, and a million retries at the
+# 8 s back-off cap is a hang.
+MAX_TIMEOUT_SECONDS = 86_400.0  # one day per LLM call
+MAX_RETRIES = 100
+MAX_SIM_LATENCY_MS = 60_000.0  # one minute per simulated call
+MAX_ROUNDS = 10_000
+MAX_STEPS = 1_000
+MAX_BATCH = 10_000
+MAX_CLIENTS = 1_000_000
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 1_000_000
+MAX_CONCURRENCY = 1_024
+MAX_PROMPT_CHARS = 10_000_000
+
+# Keys Flower itself puts in a node's config (simulation injects them; a SuperNode is given them).
+FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting."""
+
+    key: str
+    kind: str  # int | number | fraction | bool | text | choice | list | url | env-name
+    default: Any
+    doc: str
+    low: float | None = None
+    high: float | None = None
+    choices: Callable[[], tuple[str, ...]] | None = None  # a function: some lists are only known at run time
+    node: bool = False  # a SuperNode's node config may override the run's value
+    section: str = "federation"
+
+    def accepted(self) -> tuple[str, ...]:
+        return self.choices() if self.choices else ()
+
+    def read(self, config: Config) -> Any:
+        """The checked value of this setting in ``config`` (its default when absent)."""
+        return _READERS[self.kind](self, config.get(self.key, self.default))
+
+    def shown_default(self) -> str:
+        if isinstance(self.default, bool):
+            return "true" if self.default else "false"
+        if isinstance(self.default, str):
+            return f"`{self.default}`" if self.default else "empty"
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+    def shown_accepted(self) -> str:
+        if self.kind in ("choice", "list"):
+            return ("comma-separated, from " if self.kind == "list" else "") + ", ".join(f"`{c}`" for c in self.accepted())
+        if self.kind == "bool":
+            return "true, false"
+        if self.kind in ("int", "number"):
+            low = "" if self.low is None else f"≥ {self.low:g}"
+            high = "" if self.high is None else f"≤ {self.high:g}"
+            return " and ".join(part for part in (low, high) if part) or "a number"
+        if self.kind == "fraction":
+            return "(0, 1]"
+        if self.kind == "url":
+            return "empty or an `http(s)://host[:port]` URL"
+        if self.kind == "env-name":
+            return "empty or an environment variable's NAME"
+        return "text"
+
+
+# --- readers: one per kind, each refusing with the setting, the value and what is accepted ------------
+
+def _finite(value: object) -> bool:
+    """A real number (not a bool, NaN or infinity). Python ints are always finite; passing a huge
+    one to ``math.isfinite`` would overflow, so ints are not."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _bounds(setting: Setting) -> str:
+    low = 0 if setting.low is None else setting.low
+    text = f"at least {low:g}"
+    return text + (f" and at most {setting.high:g}" if setting.high is not None else "")
+
+
+def _int(setting: Setting, value: object) -> int:
+    low = 0 if setting.low is None else setting.low
+    if (not _finite(value) or int(value) != value or value < low  # type: ignore[call-overload, operator]
+            or (setting.high is not None and value > setting.high)):  # type: ignore[operator]
+        raise ConfigError(setting.key, value, f"a whole number of {_bounds(setting)}")
+    return int(value)  # type: ignore[call-overload]
+
+
+def _number(setting: Setting, value: object) -> float:
+    low = 0 if setting.low is None else setting.low
+    if not _finite(value) or value < low or (setting.high is not None and value > setting.high):  # type: ignore[operator]
+        raise ConfigError(setting.key, value, f"a number of {_bounds(setting)}")
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float range: only reachable without an upper bound
+        raise ConfigError(setting.key, value, "a number of at least 0 and below 1e308") from None
+
+
+def _fraction(setting: Setting, value: object) -> float:
+    if not _finite(value) or not 0 < value <= 1:  # type: ignore[operator]
+        raise ConfigError(setting.key, value, "a number in (0, 1]")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _bool(setting: Setting, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(setting.key, value, "true or false")
+    return value
+
+
+def has_control(text: str) -> bool:
+    return any(unicodedata.category(char) in ("Cc", "Cs") for char in text)
+
+
+def _text(setting: Setting, value: object) -> str:
+    """Quoted text, trimmed. Control characters are refused: every text setting is a name, a path or
+    a URL, where a NUL or a newline only ever causes a confusing failure later."""
+    if not isinstance(value, str):
+        raise ConfigError(setting.key, value, "a text value in quotes")
+    value = value.strip()
+    if has_control(value):
+        raise ConfigError(setting.key, value, "text without control characters (no NUL, tab, newline or escape codes)")
+    return value
+
+
+def _choice(setting: Setting, value: object) -> str:
+    text = _text(setting, value)
+    if text == "" and setting.default == "":  # empty: inherit (the backward model's backend is the forward one's)
+        return text
+    if text not in setting.accepted():
+        raise ConfigError(setting.key, text, ", ".join(setting.accepted()))
+    return text
+
+
+def _list(setting: Setting, value: object) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in _text(setting, value).split(",") if item.strip())
+    for item in items:
+        if item not in setting.accepted():
+            raise ConfigError(setting.key, item, "comma-separated names from " + ", ".join(setting.accepted()))
+    return items
+
+
+def _url(setting: Setting, value: object) -> str:
+    """An http(s) URL with a host (and a valid port, if one is given), or empty."""
+    text = _text(setting, value)
+    if not text:
+        return text
+    accepted = "an http:// or https:// URL with a host, e.g. http://127.0.0.1:8000/v1"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise ConfigError(setting.key, text, accepted) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
+        raise ConfigError(setting.key, text, accepted)
+    return text
+
+
+def _env_name(setting: Setting, value: object) -> str:
+    text = value.strip() if isinstance(value, str) else value
+    if text != "" and not (isinstance(text, str) and _ENV_NAME.fullmatch(text)):
+        # never repeat the value: it may be the key itself, pasted in the wrong place
+        raise ConfigError(setting.key, "<not shown>",
+                          "the NAME of an environment variable (letters, digits and '_'), never the key itself")
+    return str(text)
+
+
+_READERS: dict[str, Callable[[Setting, object], Any]] = {
+    "int": _int, "number": _number, "fraction": _fraction, "bool": _bool, "text": _text,
+    "choice": _choice, "list": _list, "url": _url, "env-name": _env_name,
+}
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+def _tasks() -> tuple[str, ...]:
+    return tuple(TASKS)
+
+
+def _endpoint(role: str, what: str, node: bool, backend_default: str, model_default: str) -> list[Setting]:
+    section = "endpoints"
+    return [
+        Setting(f"{role}-backend", "choice", backend_default,
+                f"{what}: `sim` (the simulated LLM, a test double) or `openai` (any OpenAI-compatible server)"
+                + ("" if backend_default else "; empty: the forward model's"),
+                choices=backend_names, node=node, section=section),
+        Setting(f"{role}-base-url", "url", "", f"{what}: the server's URL, e.g. `http://127.0.0.1:8000/v1`",
+                node=node, section=section),
+        Setting(f"{role}-model", "text", model_default, f"{what}: the model name the server knows", node=node,
+                section=section),
+        Setting(f"{role}-api-key-env", "env-name", "",
+                f"{what}: the NAME of the environment variable holding the API key (never the key)", node=node,
+                section=section),
+    ]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- the federation ---
+    Setting("num-server-rounds", "int", 3, "federated rounds", low=1, high=MAX_ROUNDS),
+    Setting("fraction-train", "fraction", 1.0, "share of connected clients sampled per round (at least min-train-clients)"),
+    Setting("min-train-clients", "int", 2, "a round with fewer successful clients stops the run with their errors",
+            low=1, high=MAX_CLIENTS),
+    Setting("seed", "int", 0, "data split, client sampling and batch sampling", high=MAX_SEED),
+    # --- the task and its data ---
+    Setting("task", "choice", "object_counting", "the task of every client (homogeneous, centralized)",
+            choices=_tasks, section="data"),
+    Setting("partitioning", "choice", "homogeneous",
+            "`homogeneous`: one task split evenly (seeded); `heterogeneous`: client i gets task i of "
+            "heterogeneous-tasks; `centralized`: one client, all training data",
+            choices=lambda: PARTITIONINGS, section="data"),
+    Setting("heterogeneous-tasks", "list", "object_counting,word_sorting,multistep_arithmetic_two",
+            "one task per client when heterogeneous", choices=_tasks, section="data"),
+    Setting("data-source", "text", "synthetic",
+            "`synthetic` (seeded generator, no files), `hub` (online), or a local file or folder", node=True,
+            section="data"),
+    Setting("synthetic-size", "int", 250, "examples generated per task (split 20/40/40 % train/val/test)",
+            low=1, high=MAX_SYNTHETIC_SIZE, section="data"),
+    # --- local TextGrad optimisation on each client ---
+    Setting("local-steps", "int", 3, "TextGrad steps per client per round", low=1, high=MAX_STEPS, section="local"),
+    Setting("batch-size", "int", 3, "examples per step", low=1, high=MAX_BATCH, section="local"),
+    Setting("proximal", "bool", True, "keep a local step only if the same batch does not score worse",
+            section="local"),
+    Setting("client-val-eval", "bool", True, "each client also scores its own new prompt on its validation split",
+            section="local"),
+    # --- merging on the server ---
+    Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
+            choices=lambda: MERGE_METHODS, section="merge"),
+    Setting("merge-token-budget", "int", 3000,
+            "most tokens one summariser call reads (larger merges go in groups); the merged prompt never exceeds it",
+            low=1, high=MAX_TOKENS, section="merge"),
+    # --- untrusted uploads and private data ---
+    Setting("max-prompt-chars", "int", 8000,
+            "a client upload longer than this, empty, or with control characters is rejected before merging",
+            low=1, high=MAX_PROMPT_CHARS, section="safety"),
+    Setting("robust-merge", "bool", False,
+            "score each upload on a server-side held-out set and leave out those far below the others",
+            section="safety"),
+    Setting("robust-holdout-size", "int", 12, "size of that held-out set (robust-merge)", low=1, high=10_000,
+            section="safety"),
+    Setting("robust-margin", "fraction", 0.2,
+            "an upload scoring more than this below the median upload is left out (robust-merge)", section="safety"),
+    Setting("leakage-guard", "choice", "redact",
+            "what a client does when its prompt quotes its own training examples", choices=lambda: LEAKAGE_GUARDS,
+            node=True, section="safety"),
+    Setting("leakage-ngram", "int", 8, "that many words in a row shared with a training example count as a quote",
+            low=1, high=10_000, node=True, section="safety"),
+    # --- LLM endpoints ---
+    *_endpoint("llm", "the model being prompted on each client (forward)", True, "sim", "sim"),
+    *_endpoint("backward", "the model that writes feedback and rewrites prompts", True, "", ""),
+    *_endpoint("server", "the ServerApp's own model, for the summarize merges", False, "sim", "sim"),
+    Setting("llm-temperature", "number", 0.0, "sampling temperature of every endpoint", high=100, node=True,
+            section="endpoints"),
+    Setting("llm-max-tokens", "int", 512, "most tokens per reply", low=1, high=MAX_TOKENS, node=True,
+            section="endpoints"),
+    Setting("llm-timeout", "number", 60.0, "seconds per LLM call", high=MAX_TIMEOUT_SECONDS, node=True,
+            section="endpoints"),
+    Setting("llm-concurrency", "int", 8, "requests in flight per endpoint (batch answers, evaluation)",
+            low=1, high=MAX_CONCURRENCY, node=True, section="endpoints"),
+    Setting("llm-max-retries", "int", 3, "retries on connection errors, timeouts, 429 and 5xx (never on other 4xx)",
+            high=MAX_RETRIES, node=True, section="endpoints"),
+    Setting("llm-retry-backoff", "number", 0.5, "seconds before the first retry; doubles each time (with jitter), at most 8",
+            high=3600, node=True, section="endpoints"),
+    Setting("llm-cache-path", "text", "", "a SQLite file to cache replies in (off when empty); hits are counted",
+            node=True, section="endpoints"),
+    Setting("sim-latency-ms", "number", 0.0, "added delay per simulated LLM call (benchmarks)",
+            high=MAX_SIM_LATENCY_MS, node=True, section="endpoints"),
+    # --- results ---
+    Setting("results-dir", "text", "results",
+            "where the run folder goes (a relative path is taken from the folder the SuperLink was started in)",
+            section="results"),
+    Setting("run-name", "text", "", "the run folder's name; empty: <task>-<partitioning>-<merge>-<timestamp>",
+            section="results"),
+    Setting("resume-from", "text", "", "the folder of an unfinished run: continue after its last finished round",
+            section="results"),
+)
+
+BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}
+NODE_KEYS = frozenset(setting.key for setting in SETTINGS if setting.node)
+
+
+def defaults() -> dict[str, object]:
+    """The default run config, as ``[tool.flwr.app.config]`` must declare it."""
+    return {setting.key: setting.default for setting in SETTINGS}
+
+
+def read(config: Config, key: str) -> Any:
+    return BY_KEY[key].read(config)
+
+
+def check_known(config: Config, where: str = "run config") -> None:
+    """Refuse a key no setting has: a typo would otherwise be ignored in silence."""
+    for key in config:
+        if key not in BY_KEY:
+            raise ConfigError(key, config[key], f"a known setting; '{key}' is not one (see the settings table in "
+                                                f"the README, or [tool.flwr.app.config] in pyproject.toml)")
+
+
+def node_overrides(node_config: Config) -> dict[str, object]:
+    """The settings a SuperNode's own config sets for its client, checked to be ones it may set.
+
+    A site decides where its data and LLM servers are and what leaves it (``node=True`` keys);
+    settings that shape the federation (the task, the merge, the rounds) are the run's alone.
+    """
+    overrides: dict[str, object] = {}
+    for key, value in node_config.items():
+        if key in FLOWER_NODE_KEYS:
+            continue
+        setting = BY_KEY.get(key)
+        if setting is None:
+            raise ConfigError(key, value, "a setting a node may set: " + ", ".join(sorted(NODE_KEYS)) + " (and "
+                              + ", ".join(FLOWER_NODE_KEYS) + ")")
+        if not setting.node:
+            raise ConfigError(key, value, "a run setting, set by the run (--run-config), not by one node's config")
+        overrides[key] = value
+    return overrides
+
+
+SECTION_TITLES = {
+    "federation": "the federation", "data": "the task and its data", "local": "local TextGrad steps on each client",
+    "merge": "merging on the server", "safety": "untrusted uploads and private data",
+    "endpoints": "LLM endpoints", "results": "results",
+}
+
+
+def markdown_table() -> str:
+    """The README's settings table, written from ``SETTINGS`` (``fedtextgrad settings --markdown``)."""
+    lines = ["| key | default | accepted | node may set | what |", "|---|---|---|---|---|"]
+    section = ""
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines.append(f"| **{SECTION_TITLES[section]}** | | | | |")
+        lines.append(f"| `{setting.key}` | {setting.shown_default()} | {setting.shown_accepted()} | "
+                     f"{'yes' if setting.node else ''} | {setting.doc} |")
+    return "\n".join(lines)
+
+
+def pyproject_block() -> str:
+    """``[tool.flwr.app.config]`` as pyproject.toml holds it, one commented line per setting."""
+    lines = []
+    section = ""
+    for setting in SETTINGS:
+        if setting.section != section:
+            section = setting.section
+            lines.append(f"# --- {SECTION_TITLES[section]} ---")
+        value = setting.default
+        if isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, str):
+            shown = f'"{value}"'
+        else:
+            shown = repr(value)
+        lines.append(f"{setting.key} = {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Everything the server checks and opens before the first message goes out.
+
+A setting that can be checked on the server is checked here, so a bad run stops at once
+with one line; the run folder is opened (or reopened for ``resume-from``) only after that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
+from fedtextgrad_core.method.robust_merge import check_holdout_available
+from fedtextgrad_core.run.checkpoint import checkpoint_to_resume
+from fedtextgrad_core.run.federation import ClientPool, Federation
+from fedtextgrad_core.run.recorder import Recorder
+from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.run.state import FederationState
+
+Echo = Callable[[str], None]
+
+
+def header(settings: RunSettings) -> str:
+    s = settings
+    return (f"FedTextGrad: {s.num_rounds} round(s), task {', '.join(s.tasks)} ({s.partitioning}), merge {s.merge}, "
+            f"{s.local.steps} local step(s) of batch {s.local.batch_size}, proximal {'on' if s.local.proximal else 'off'}"
+            f", client LLM {s.forward.describe()}, server LLM {s.server_llm}")
+
+
+@dataclass
+class ServerRun:
+    """A run ready to start: its settings, its folder and state, and the server's own LLM."""
+
+    settings: RunSettings
+    recorder: Recorder
+    state: FederationState
+    merger: ChatEngine | None
+
+    def federation(self, pool: ClientPool) -> Federation:
+        return Federation(self.settings, pool, self.recorder, self.state, self.merger, scorer=self.scorer)
+
+    def scorer(self) -> ChatEngine:
+        """The server's engine for robust-merge scoring when the merge itself needs none (concat)."""
+        return self.merger or make_engine(self.settings.server, "server-api-key-env")
+
+
+def open_run(run_config: Mapping[str, object], echo: Echo = print) -> ServerRun:
+    """Check the settings, print the header, open the run folder; raises ConfigError on a bad setting."""
+    settings = RunSettings.from_config(run_config)
+    if settings.robust_merge:  # refuse at start, not after round 1's training
+        check_holdout_available(settings.tasks)
+    merger = make_engine(settings.server, "server-api-key-env") if settings.merge != "concat" else None
+    resume = checkpoint_to_resume(settings.resume_from, run_config)
+    echo(header(settings))
+    recorder, state = Recorder.open(settings, run_config, resume, echo=echo)
+    return ServerRun(settings, recorder, state, merger)

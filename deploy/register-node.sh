@@ -10,7 +10,8 @@ Usage: $PROG --superlink HOST:PORT --ca CA_CRT PUBLIC_KEY...
 
 Registers each SuperNode public key (NAME.pub from gen-node-keys.sh) with the SuperLink
 (Flower: 'flwr supernode register'), so a SuperNode holding the matching private key is
-accepted. A key that is already registered is reported and left as it is. Run it where the
+accepted. The node is registered under NAME, and the server names that site's client by it
+in its output and results (a site cannot choose another's name: it is tied to the key). A key that is already registered is reported and left as it is. Run it where the
 SuperLink's port is reachable, usually on the server machine. 'flwr supernode list' (with
 the same connection) shows the registered nodes; 'flwr supernode unregister ID' removes one.
 
@@ -64,7 +65,8 @@ for key in "${KEYS[@]}"; do
     if grep -q "PRIVATE KEY" "$key"; then
         die "'$key' is a PRIVATE key: register the public one ($key.pub); the private key never leaves its site"
     fi
-    if output="$(flwr supernode register "$key" "$CONNECTION" 2>&1)"; then
+    name="$(basename "$key" .pub)"
+    if output="$(flwr supernode register "$key" "$CONNECTION" --name "$name" 2>&1)"; then
         if [[ "$output" =~ SuperNode\ ([0-9]+)\ registered ]]; then
             say "registered $key: SuperNode ID ${BASH_REMATCH[1]}"
             continue

@@ -10,8 +10,6 @@ dropped: each one is a failure with its reason.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -37,12 +35,6 @@ def error_reason(message: Message) -> str:
         return found[-1].strip()
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return lines[-1] if lines else f"error code {message.error.code if message.error else '?'}"
-
-
-def key_name(public_key: bytes) -> str:
-    """A short, stable name for a node's public key, as OpenSSH prints fingerprints."""
-    digest = base64.b64encode(hashlib.sha256(public_key).digest()).decode().rstrip("=")
-    return f"key SHA256:{digest[:12]}"
 
 
 class PromptStrategy(Strategy):
@@ -115,7 +107,7 @@ class PromptStrategy(Strategy):
                 decoded.failures.append((self._client(node_id), error_reason(reply)))
                 continue
             try:
-                record = kind.decode(reply.content[REPLY_RECORD] if REPLY_RECORD in reply.content else None)
+                record = kind.decode(reply.content.get(REPLY_RECORD))
             except MalformedRecord as exc:
                 decoded.failures.append((self._client(node_id), f"malformed reply: {exc}"))
                 continue
@@ -150,17 +142,18 @@ class PromptStrategy(Strategy):
         return ClientId(node_id=node_id, name=self.names.get(node_id, ""), partition_id=partition_id)
 
     def _learn_names(self, grid: Grid) -> None:
-        """With node authentication the SuperLink knows each node's key (and the name it was registered
-        under): a node is then named by that, which it cannot choose for itself."""
+        """With node authentication each SuperNode's key is registered with the SuperLink, under a name
+        (deploy/register-node.sh names it after the key file): a node is then shown by that name, which
+        it cannot choose for itself. Nodes that registered themselves (simulation, --insecure) carry
+        keys of no meaning and no name, and are shown by partition and node id."""
         try:
             nodes = list(grid.get_nodes())
         except Exception:  # a grid without node details (older Flower, tests): node ids only
             return
         for info in nodes:
             name = getattr(info, "name", "") or ""
-            key = getattr(info, "public_key", b"") or b""
-            if name or key:
-                self.names[info.node_id] = name or key_name(key)
+            if name:
+                self.names[info.node_id] = name
 
     def _record_metrics(self, request: RoundRequest, replies: Replies) -> None:
         """Flower's own ``Result``, as other strategies fill it: per round, what the clients reported."""

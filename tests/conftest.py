@@ -10,7 +10,6 @@ from contextlib import contextmanager
 import pytest
 
 from fedtextgrad_core.sim.server import make_server
-
 from tests.simulation_helpers import stop_superlinks
 
 

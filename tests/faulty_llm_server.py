@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         faulty = self.server.faulty
         if self.path.split("?", 1)[0].rstrip("/") != "/v1/models":
             self._error(404, f"no route for GET {self.path}", "not_found_error")
@@ -103,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
             data = [{"id": name, "object": "model", "owned_by": "faulty"} for name in faulty.models]
             self._send_json(200, {"object": "list", "data": data})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         faulty = self.server.faulty
         body = self._read_body()
         if self.path.split("?", 1)[0].rstrip("/") != "/v1/chat/completions":

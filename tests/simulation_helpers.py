@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -46,9 +47,30 @@ def stop_superlinks(flwr_home: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+_PORTS: dict[Path, tuple[int, int]] = {}
+
+
+def _ports_of(flwr_home: Path) -> tuple[int, int]:
+    """The local SuperLink's two ports for this FLWR_HOME: free ones of its own, never Flower's
+    fixed defaults (127.0.0.1:39091/39093), where a SuperLink someone else started may listen and
+    would run this test's app instead."""
+    if flwr_home not in _PORTS:
+        probes = [socket.socket() for _ in range(2)]
+        try:
+            for probe in probes:
+                probe.bind(("127.0.0.1", 0))
+            _PORTS[flwr_home] = (probes[0].getsockname()[1], probes[1].getsockname()[1])
+        finally:
+            for probe in probes:
+                probe.close()
+    return _PORTS[flwr_home]
+
+
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0",
-                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    http_port, control_port = _ports_of(flwr_home)
+    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
 
 
 def flwr_run_command(run_config: str, supernodes: int = 3) -> list[str]:

@@ -9,9 +9,8 @@ import time
 import openai
 import pytest
 
-from fedtextgrad_core.sim.server import make_server
 from fedtextgrad_core.data.tasks import get_task
-
+from fedtextgrad_core.sim.server import make_server
 from tests.benchmarks.critical_path import (
     SERVER,
     Call,

@@ -1,20 +1,22 @@
-"""The ``fedtextgrad eval`` command, called in-process through ``cli.main``."""
+"""The ``fedtextgrad`` command (eval, analyze, compare, settings), called in-process through ``cli.main``."""
 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.tools.cli import main
 from fedtextgrad_core.data.loaders import load_splits
-from fedtextgrad_core.method.evaluation import evaluate_prompt
-from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
-from fedtextgrad_core.sim import full_prompt
 from fedtextgrad_core.data.tasks import get_task
-
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.run import schema
+from fedtextgrad_core.sim import full_prompt
+from fedtextgrad_core.tools.cli import main
 from tests import SHARED_DATA
+from tests.settings_helpers import endpoint
 
 ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\), malformed replies (\d+), LLM calls (\d+)")
 
@@ -34,7 +36,7 @@ def printed_scores(out: str) -> tuple[float, int, int, int, int]:
 
 
 def expected_scores(task: str, prompt: str, examples) -> tuple[int, int]:
-    scores = evaluate_prompt(make_engine(EndpointSettings()), get_task(task), prompt, examples)
+    scores = evaluate_prompt(make_engine(endpoint()), get_task(task), prompt, examples)
     return scores.correct, scores.total
 
 
@@ -134,14 +136,17 @@ def test_analyze_prints_metrics_of_each_prompt_file(tmp_path: Path, capsys: pyte
 
 
 def test_compare_two_runs_prints_a_table_and_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tests.flower_loopback import LoopbackGrid
-    from tests.test_strategy import make_strategy
+    from fedtextgrad_core.run.server_setup import open_run
+    from server_app.strategy import PromptStrategy
+    from tests.flower_loopback import LoopbackGrid, default_run_config
 
     folders = []
     for merge in ("summarize", "summarize-uid"):
-        strategy, run_config, recorder, _ = make_strategy(tmp_path / merge, **{"merge": merge, "num-server-rounds": 1})
-        strategy.start(LoopbackGrid(run_config))
-        folders.append(str(recorder.path))
+        run_config = default_run_config(**{"merge": merge, "num-server-rounds": 1,
+                                           "results-dir": str(tmp_path / merge), "run-name": "run"})
+        run = open_run(run_config, echo=lambda line: None)
+        PromptStrategy(run.federation).start(LoopbackGrid(run_config))
+        folders.append(str(run.recorder.path))
     png = tmp_path / "cmp.png"
     assert main(["compare", *folders, "--out", str(png)]) == 0
     out = capsys.readouterr().out
@@ -149,3 +154,29 @@ def test_compare_two_runs_prints_a_table_and_writes_a_png(tmp_path: Path, capsys
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["compare", str(tmp_path)]) == 2  # not a run folder: one line, exit 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_settings_prints_the_readme_table_naming_every_setting(capsys: pytest.CaptureFixture) -> None:
+    assert main(["settings"]) == 0  # markdown is the default
+    default = capsys.readouterr().out
+    assert main(["settings", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == default and out.strip() == schema.markdown_table()
+    rows = [line for line in out.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == [setting.key for setting in schema.SETTINGS]
+
+
+def test_settings_prints_pyprojects_block_as_toml_holding_the_defaults(capsys: pytest.CaptureFixture) -> None:
+    assert main(["settings", "--format", "pyproject"]) == 0
+    out = capsys.readouterr().out
+    parsed = tomllib.loads(out)
+    assert parsed == schema.defaults()
+    assert all(type(parsed[key]) is type(value) for key, value in schema.defaults().items())
+    # and it is what sits under [tool.flwr.app.config]
+    assert tomllib.loads("[tool.flwr.app.config]\n" + out)["tool"]["flwr"]["app"]["config"] == schema.defaults()
+
+
+def test_settings_refuses_an_unknown_format(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["settings", "--format", "html"])
+    assert exited.value.code == 2 and "invalid choice: 'html'" in capsys.readouterr().err

@@ -15,9 +15,8 @@ import pytest
 from fedtextgrad_core.data import loaders as data
 from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.loaders import BBH_URL, load_splits
-from fedtextgrad_core.errors import ConfigError, DataError
 from fedtextgrad_core.data.tasks import get_task
-
+from fedtextgrad_core.errors import ConfigError, DataError
 from tests import SHARED_DATA
 
 BBH_TASKS = ("object_counting", "word_sorting", "multistep_arithmetic_two")
@@ -339,7 +338,18 @@ def test_hub_failure_is_a_data_error(monkeypatch):
 
     data._real_splits_cached.cache_clear()
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError, match="gsm8k.*Couldn't reach"):
+    with pytest.raises(DataError, match=r"gsm8k.*Couldn't reach"):
         load_splits("gsm8k", "hub")
     with pytest.raises(DataError, match="BIG-Bench-Hard"):
         load_splits("word_sorting", "hub")
+
+
+def test_gsm8k_fedtextgrad_split_is_the_reference_codes(data_dir):
+    """train[:50], val train[200:300], test official_test[300:400] of the same shuffles, 'Question: ' first."""
+    dspy = load_splits("gsm8k", str(data_dir))
+    small = load_splits("gsm8k", str(data_dir), gsm8k_split="fedtextgrad")
+    assert (len(small.train), len(small.val), len(small.test)) == (50, 100, 100)
+    assert small.train[0] == Example("Question: " + dspy.train[0].question, dspy.train[0].answer)
+    assert small.val[-1] == Example("Question: " + dspy.val[99].question, dspy.val[99].answer)
+    assert small.test[0] == Example("Question: " + dspy.test[300].question, dspy.test[300].answer)
+    assert small.test[-1].answer == dspy.test[399].answer

@@ -25,6 +25,7 @@ TestStartChecks covers what the scripts refuse before starting anything.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -49,10 +50,14 @@ from tests.deployment_helpers import (
 from tests.flower_loopback import LoopbackGrid, default_run_config
 from tests.resume_helpers import outcome, run_server
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),
-    reason="needs openssl, ssh-keygen (openssh-client) and Flower's flower-superlink",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.deployment,
+    pytest.mark.skipif(
+        not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),
+        reason="needs openssl, ssh-keygen (openssh-client) and Flower's flower-superlink",
+    ),
+]
 
 CONNECT_TIMEOUT = 120  # a SuperNode retries with backoff (up to 20 s between tries)
 RUN_TIMEOUT = 540
@@ -108,7 +113,7 @@ def _check_complete_run(run_dir: Path, output: str, clients: set[str]) -> tuple[
     assert summary["rounds"] == 2
     assert len(rounds) == 2
     for record in rounds:
-        assert {c["label"] for c in record["clients"]} == clients, record["failures"]
+        assert {c["label"] for c in record["uploads"]} == clients, record["failures"]
         assert record["failures"] == []
     assert summary["test_accuracy"] is not None
     return summary, rounds
@@ -204,8 +209,8 @@ class TestPlainDeployment:
         assert summary["finished"] is True, (summary.get("error"), output[-4000:])
         assert summary["rounds"] == 2 and len(rounds) == 2
         for record in rounds:  # two clients answered every round
-            assert {c["label"] for c in record["clients"]} == {"0", "1"}, record["failures"]
-            assert all(c["metrics"]["llm_calls"] > 0 for c in record["clients"])
+            assert {c["label"] for c in record["uploads"]} == {"0", "1"}, record["failures"]
+            assert all(c["reply"]["local"]["llm_calls"] > 0 for c in record["uploads"])
         assert summary["test_accuracy"] is not None
         # each node's requests went to its own server, named only in that node's --node-config
         assert all(count > 0 for count in plain_run["served"]), plain_run["served"]
@@ -255,13 +260,55 @@ class TestPlainDeployment:
         assert (run_dir / "rounds.jsonl").read_text().startswith(first_round)  # round 1 kept, not redone
         assert read_results(run_dir)[0]["resumed_after_rounds"] == [1]
         # an uninterrupted run of the same seed, in process, with the partitions whose nodes are up
-        partitions = sorted(int(c["label"]) for c in rounds[0]["clients"])
+        partitions = sorted(c["client"]["partition_id"] for c in rounds[0]["uploads"])
         config = default_run_config(**_settings(RUN_CONFIG), **{"results-dir": str(tmp_path / "reference"),
                                                                 "run-name": "run"})
         grid = LoopbackGrid(config, num_nodes=3)
         grid.nodes = {node: cfg for node, cfg in grid.nodes.items() if cfg["partition-id"] in partitions}
         run_server(config, grid)
         assert outcome(run_dir) == outcome(tmp_path / "reference" / "run")
+
+
+# --- two SuperNodes configured alike ----------------------------------------------------------
+
+class TestNodesClaimingTheSamePartition:
+    """Two real SuperNodes started with the same --partition-id: the server tells them apart by node id."""
+
+    def test_both_uploads_are_kept_and_reported(self, tmp_path_factory):
+        deployment = Deployment(tmp_path_factory.mktemp("alike"))
+        results = tmp_path_factory.mktemp("alike-results")
+        try:
+            link_port, *node_ports = free_ports(3)
+            superlink = f"127.0.0.1:{link_port}"
+            deployment.start("start-superlink.sh", "superlink", "--insecure", "--port", str(link_port))
+            nodes = deployment.start_many(*[
+                ("start-supernode.sh", f"twin-{i}", "--insecure", "--superlink", superlink, "--partition-id", "0",
+                 "--num-partitions", "2", "--port", str(node_ports[i]))
+                for i in range(2)
+            ])
+            for node in nodes:
+                assert wait_until(lambda node=node: _connected(node), CONNECT_TIMEOUT), node.log[-3000:]
+            home = deployment.root / "submitter"
+            deployment.script("add-connection.sh", "--name", "alike", "--superlink", superlink, "--insecure",
+                              "--flwr-home", str(home))
+            done = deployment.flwr(home, "run", ".", "alike", "--stream", "--run-config",
+                                   f"{RUN_CONFIG} num-server-rounds=1 results-dir='{results}' run-name='alike'",
+                                   timeout=RUN_TIMEOUT)
+            output = done.stdout + done.stderr
+        finally:
+            deployment.stop_all()
+        summary, (record,) = read_results(results / "alike")
+        assert summary["finished"] is True, (summary.get("error"), output[-3000:])
+        uploads = record["uploads"]
+        node_ids = {u["client"]["node_id"] for u in uploads}
+        assert len(uploads) == 2 and len(node_ids) == 2, uploads  # neither upload overwrote the other
+        assert {u["client"]["partition_id"] for u in uploads} == {0}
+        assert {u["label"] for u in uploads} == {f"0 (node {n})" for n in node_ids}
+        assert "all report partition 0" in output, output[-3000:]
+        saved = [json.loads(line) for line in
+                 (results / "alike" / "prompts" / "round-001-clients.jsonl").read_text().splitlines()]
+        assert {entry["node_id"] for entry in saved} == node_ids
+        assert record["failures"] == [] and record["merge"]["method"] == "summarize-uid"
 
 
 # --- checks the scripts make before anything starts -----------------------------------------
@@ -429,7 +476,8 @@ class TestSecureDeployment:
         home = tmp_path / "no-ca"
         home.mkdir()
         # TLS on, but no root-certificates: the system's CAs do not know the SuperLink's private CA
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "{secure["address"]}"\n')
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "{secure["address"]}"\n')
         started_before = secure["superlink"].log.count("ControlServicer.StartRun")
         began = time.monotonic()
         done = deployment.flwr(home, "run", ".", "secure", "--run-config", f"results-dir='{tmp_path}'", timeout=120)
@@ -443,7 +491,9 @@ class TestSecureDeployment:
     def test_secure_deployment_runs_two_rounds_with_each_node_on_its_own_llm_server(self, secure, tmp_path):
         before = [sim.served() for sim in secure["sims"]]
         output, seconds = _run(secure["deployment"], secure["home"], "secure", tmp_path, "secure")
-        _check_complete_run(tmp_path / "secure", output, {"0", "1"})
+        # with node authentication a client is named by the key it was registered with
+        _, rounds = _check_complete_run(tmp_path / "secure", output, {"0 (site-0)", "1 (site-1)"})
+        assert {c["client"]["name"] for c in rounds[0]["uploads"]} == {"site-0", "site-1"}
         print(f"\nsecure deployment: 2-round run took {seconds:.1f} s")
         served = [sim.served() - b for sim, b in zip(secure["sims"], before)]
         assert all(count > 0 for count in served), served

@@ -23,7 +23,6 @@ from fedtextgrad_core.tools.endpoint_bench import (
     percentile,
     summarise,
 )
-
 from tests.conftest import serving_sim
 from tests.faulty_llm_server import FaultyLLMServer, closed_port
 

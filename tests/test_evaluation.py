@@ -1,5 +1,5 @@
 """Scoring prompts: counts against scripted replies, order, real concurrency; and a node's
-evaluate_split from plain dicts."""
+evaluation (evaluate_split, and answer to an evaluate or test request) from plain dicts."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import time
 
 import pytest
 
-from fedtextgrad_core.run.client_round import evaluate_split
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.method.evaluation import Scores, answer_all, evaluate_prompt
-from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
 from fedtextgrad_core.data.partitioning import client_data
 from fedtextgrad_core.data.tasks import get_task
-
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
+from fedtextgrad_core.method.evaluation import Scores, answer_all, evaluate_prompt
+from fedtextgrad_core.run.client_round import NodeIdentity, answer, evaluate_split
+from fedtextgrad_core.run.codec import MalformedRecord
+from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest
+from fedtextgrad_core.run.settings import RunSettings
 from tests.concurrency_probe import InFlightProbe
+from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
 
@@ -23,7 +26,7 @@ TASK = get_task("object_counting")
 def scripted(replies: dict[str, str], concurrency: int = 8) -> ChatEngine:
     def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
         return replies[messages[-1]["content"]], 1, 1
-    return ChatEngine(EndpointSettings(concurrency=concurrency), chat)
+    return ChatEngine(endpoint(concurrency=concurrency), chat)
 
 
 def test_accuracy_and_malformed_counts() -> None:
@@ -57,7 +60,7 @@ def test_the_prompt_is_sent_as_the_system_message() -> None:
         seen.append(messages)
         return "Answer: 1", 1, 1
 
-    answer_all(ChatEngine(EndpointSettings(), chat), "SYSTEM PROMPT", ["q"])
+    answer_all(ChatEngine(endpoint(), chat), "SYSTEM PROMPT", ["q"])
     assert seen == [[{"role": "system", "content": "SYSTEM PROMPT"}, {"role": "user", "content": "q"}]]
 
 
@@ -73,7 +76,7 @@ def test_results_are_in_question_order_when_replies_arrive_out_of_order() -> Non
             finished.append(index)
         return f"Answer: {index}", 1, 1
 
-    engine = ChatEngine(EndpointSettings(concurrency=n), chat)
+    engine = ChatEngine(endpoint(concurrency=n), chat)
     examples = [Example(f"q{i}", str(i)) for i in range(n)]
     replies = answer_all(engine, "p", [e.question for e in examples])
     assert replies == [f"Answer: {i}" for i in range(n)]
@@ -85,7 +88,7 @@ def test_results_are_in_question_order_when_replies_arrive_out_of_order() -> Non
 @pytest.mark.parametrize("concurrency", [1, 3, 5])
 def test_calls_overlap_up_to_the_configured_concurrency(concurrency: int) -> None:
     probe = InFlightProbe(concurrency, reply="Answer: 1")
-    engine = ChatEngine(EndpointSettings(concurrency=concurrency), probe)
+    engine = ChatEngine(endpoint(concurrency=concurrency), probe)
     examples = [Example(f"q{i}", "1") for i in range(4 * concurrency)]
     scores = evaluate_prompt(engine, TASK, "p", examples)
     assert scores.correct == len(examples)
@@ -99,20 +102,33 @@ def test_calls_overlap_up_to_the_configured_concurrency(concurrency: int) -> Non
 RUN_CONFIG = {"task": "object_counting", "synthetic-size": 100, "seed": 0}
 
 
-@pytest.mark.parametrize("split", ["val", "test"])
-def test_evaluate_split_scores_this_nodes_share(split: str) -> None:
+@pytest.mark.parametrize("phase, split", [(Phase.EVALUATE, "val"), (Phase.TEST, "test")])
+def test_evaluate_split_scores_this_nodes_share(phase: Phase, split: str) -> None:
     node = {"partition-id": 0, "num-partitions": 3}
-    metrics = evaluate_split(RUN_CONFIG, node, TASK.start_prompt, split)
+    reply = answer(RUN_CONFIG, node, RoundRequest(phase=phase.value, server_round=1, prompt=TASK.start_prompt))
+    assert isinstance(reply, EvalReply)
     share = getattr(client_data("homogeneous", ["object_counting"], 0, 3, "synthetic", 0, 100), split)
-    expected = evaluate_prompt(make_engine(EndpointSettings()), TASK, TASK.start_prompt, share)
-    assert metrics["total"] == len(share) > 0
-    assert metrics["correct"] == expected.correct
-    assert metrics["accuracy"] == expected.accuracy
-    assert metrics["malformed"] == 0
-    assert metrics["llm_calls"] == len(share)
-    assert metrics["tokens"] > 0 and metrics["partition_id"] == 0.0
+    expected = evaluate_prompt(make_engine(endpoint()), TASK, TASK.start_prompt, share)
+    scores = reply.scores
+    assert scores.total == len(share) > 0
+    assert scores.correct == expected.correct
+    assert scores.accuracy == expected.accuracy
+    assert scores.malformed == 0
+    assert reply.usage.calls == len(share)
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens > 0 and reply.partition_id == 0
+    assert reply.llm == endpoint().describe()
+    # evaluate_split itself, from checked settings, scores the same split
+    direct = evaluate_split(RunSettings.from_config(RUN_CONFIG), NodeIdentity(0, 3), TASK.start_prompt, split)
+    assert (direct.scores.correct, direct.scores.total) == (scores.correct, scores.total)
+    assert EvalReply.decode(reply.encode()) == reply  # what crosses to the server is what was scored
 
 
-def test_evaluate_split_rejects_the_training_split() -> None:
-    with pytest.raises(ValueError, match="unknown split 'train'"):
-        evaluate_split(RUN_CONFIG, {"partition-id": 0, "num-partitions": 2}, TASK.start_prompt, "train")
+def test_only_the_evaluate_and_test_phases_are_scored_and_never_on_training_data() -> None:
+    # a request names a phase, not a split: evaluate scores validation data, test the test data,
+    # and training never scores (it trains); a phase the client does not know is refused
+    assert {phase: phase.data_split for phase in (Phase.EVALUATE, Phase.TEST)} == {
+        Phase.EVALUATE: "val", Phase.TEST: "test"}
+    node = {"partition-id": 0, "num-partitions": 2}
+    for phase in ("val", "train-eval", "TRAIN", ""):
+        with pytest.raises(MalformedRecord, match="phase"):
+            answer(RUN_CONFIG, node, RoundRequest(phase=phase, server_round=1, prompt=TASK.start_prompt))

@@ -23,6 +23,8 @@ import signal
 
 import pytest
 
+from fedtextgrad_core.run.records import RoundRecord, RunSummary
+from fedtextgrad_core.run.run_folder import RunFolder
 from tests import SHARED_DATA
 from tests.deployment_helpers import kill_pids, start_sim_server
 from tests.faulty_llm_server import FaultyLLMServer
@@ -51,30 +53,38 @@ class FaultFromRound2(LoopbackGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def run_with_fault(tmp_path, node_2: dict, inject) -> tuple[list[dict], dict, list[str], FaultFromRound2]:
+def run_with_fault(tmp_path, node_2: dict, inject
+                   ) -> tuple[list[RoundRecord], RunSummary, list[str], FaultFromRound2]:
     config = default_run_config(**{"num-server-rounds": 2, "min-train-clients": 2, "local-steps": 1,
                                    "batch-size": 2, "synthetic-size": 60, "results-dir": str(tmp_path),
-                                   "run-name": "run", **FAST_FAILURE})
+                                   "run-name": "run", **FAST_FAILURE,
+                                   # client 2 uses an LLM server of its own; the server merges with the
+                                   # simulated LLM on purpose (left unset, the run would refuse that)
+                                   "server-backend": "sim"})
     grid = FaultFromRound2(config, inject, tmp_path / "run", node_overrides={2: {"partition-id": 2, **node_2}})
     _, lines = run_server(config, grid)
-    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    return rounds, summary, lines, grid
+    folder = RunFolder(tmp_path / "run")
+    return folder.read_rounds(), folder.read_summary(), lines, grid
 
 
 def assert_survived(rounds, summary, lines, grid, names: str) -> None:
     """Round 1 whole and kept, round 2 without client 2 and saying why, the run finished."""
-    assert summary["finished"] is True and summary["rounds"] == 2, summary["error"]
+    assert summary.finished is True and summary.rounds == 2, summary.error
     first, second = rounds
-    assert {c["label"] for c in first["clients"]} == {"0", "1", "2"} and first["failures"] == []
-    assert grid.before_fault.splitlines() == [json.dumps(first, default=str)]  # nothing written was lost
-    assert {c["label"] for c in second["clients"]} == {"0", "1"}
-    stages = {f["stage"]: f["reason"] for f in second["failures"] if f["label"] == "2"}
-    assert set(stages) == {"train", "evaluate"}, second["failures"]
+    assert {u.label for u in first.uploads} == {"0", "1", "2"} and first.failures == ()
+    # nothing written was lost: round 1's line is on disk byte for byte as it was before the fault
+    assert len(grid.before_fault.splitlines()) == 1
+    assert (grid.run_dir / "rounds.jsonl").read_text().startswith(grid.before_fault)
+    assert RoundRecord.from_json(json.loads(grid.before_fault)) == first
+    assert {u.label for u in second.uploads} == {"0", "1"}
+    stages = {f.stage: f.reason for f in second.failures if f.label == "2"}
+    assert set(stages) == {"train", "evaluate"}, second.failures
+    assert {f.node_id for f in second.failures} == {102}
     for reason in stages.values():
         assert names in reason, reason
     assert any(line.startswith("2") and "FAILED" in line and names in line for line in lines), lines
-    assert summary["test_failures"] and all(names in f["reason"] for f in summary["test_failures"])
+    assert summary.test_failures and all(names in f.reason for f in summary.test_failures)
+    assert {f.label for f in summary.test_failures} == {"2"}
 
 
 def openai_node(url: str) -> dict:
@@ -97,7 +107,7 @@ def test_an_endpoint_that_turns_faulty_mid_run_is_reported_and_the_run_goes_on(t
             tmp_path, openai_node(server.url), lambda: setattr(server, "mode", mode))
         assert server.chat_requests > 0
     assert_survived(rounds, summary, lines, grid, server.url)
-    reasons = [f["reason"] for f in rounds[1]["failures"]]
+    reasons = [f.reason for f in rounds[1].failures]
     assert all(ENDPOINT_FAULTS[mode].lower() in reason.lower() for reason in reasons), reasons
 
 
@@ -119,4 +129,4 @@ def test_a_data_file_that_disappears_mid_run_is_reported_and_the_run_goes_on(tmp
     data_file.write_bytes((SHARED_DATA / "bbh" / "object_counting.json").read_bytes())  # a site's own copy, in tmp
     rounds, summary, lines, grid = run_with_fault(tmp_path, {"data-source": str(data_file)}, data_file.unlink)
     assert_survived(rounds, summary, lines, grid, str(data_file))
-    assert "does not exist" in rounds[1]["failures"][0]["reason"]
+    assert "does not exist" in rounds[1].failures[0].reason

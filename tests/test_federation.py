@@ -1,154 +1,317 @@
-"""The server's bookkeeping without Flower: PromptFederation, require_enough and the progress table."""
+"""The server's loop and bookkeeping without Flower: Federation over a scripted ClientPool,
+the round step's require_enough, client labels and the progress table."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from fedtextgrad_core.llm.engine import Usage, make_engine
+from fedtextgrad_core.method.evaluation import Scores
+from fedtextgrad_core.method.leakage import LeakCounts
+from fedtextgrad_core.method.local_training import LocalMetrics
 from fedtextgrad_core.run import report
-from fedtextgrad_core.run.federation import (
-    ClientFailure,
-    ClientReply,
-    EvalReply,
-    PromptFederation,
-    RoundFailed,
-    require_enough,
-    weighted_accuracy,
-)
-from fedtextgrad_core.llm.engine import make_engine
-from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.federation import ClientLabels, Federation, Replies
+from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.recorder import Recorder, weighted_accuracy
+from fedtextgrad_core.run.records import ClientEvaluation, ClientId, Failure
+from fedtextgrad_core.run.round_step import RoundFailed, require_enough
+from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.sim import CATALOGUE, insert_instruction, instructions_in
+from tests.flower_loopback import default_run_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LEARNED = CATALOGUE["object_counting"]
 
-
-def federation(tmp_path: Path, merge: str = "concat", lines: list[str] | None = None) -> PromptFederation:
-    settings = RunSettings.from_config({"merge": merge, "num-server-rounds": 3})
-    recorder = RunRecorder(tmp_path, "run", settings.as_dict())
-    merger = make_engine(settings.server) if merge != "concat" else None
-    return PromptFederation(settings, recorder, merger, echo=(lines if lines is not None else []).append)
+Answer = TrainReply | EvalReply | str  # a reply, or the reason the client failed
+# by node; a function of the request: built when asked (the test phase may score several prompts)
+Answers = Mapping[int, Answer] | Callable[[RoundRequest], Mapping[int, Answer]]
 
 
-def client_replies(start: str, learned=LEARNED[:2]) -> list[ClientReply]:
-    return [
-        ClientReply(str(i), insert_instruction(start, ins.sentence), 5,
-                    {"llm_calls": 10.0 + i, "prompt_tokens": 100.0, "completion_tokens": 20.0,
-                     "val_accuracy": 0.5, "steps": 3.0, "steps_accepted": 1.0})
-        for i, ins in enumerate(learned)
-    ]
+class ScriptedPool:
+    """A ClientPool of plain data: what each node answers, per (phase, round).
+
+    Node ``100 + i`` holds partition ``i``. Answers come back in reverse node order, so a
+    test can see that the loop orders them itself. ``watch`` is called before each request
+    is answered (to look at the run folder as the run goes).
+    """
+
+    def __init__(self, partitions: int, script: Mapping[tuple[Phase, int], Answers],
+                 watch: Callable[[RoundRequest], None] | None = None):
+        self.nodes = [100 + i for i in range(partitions)]
+        self.script = script
+        self.watch = watch
+        self.asked: list[tuple[RoundRequest, list[int]]] = []
+
+    def connected(self, wanted: int) -> list[int]:
+        assert len(self.nodes) >= wanted
+        return list(self.nodes)
+
+    def ask(self, request: RoundRequest, node_ids: Sequence[int]) -> Replies:
+        self.asked.append((request, list(node_ids)))
+        if self.watch is not None:
+            self.watch(request)
+        answers = self.script[(request.kind, request.server_round)]
+        if callable(answers):
+            answers = answers(request)
+        replies = Replies()
+        for node in sorted(node_ids, reverse=True):
+            answer = answers[node]
+            if isinstance(answer, str):
+                replies.failures.append((ClientId(node), answer))
+            else:
+                replies.answers.append((ClientId(node, "", answer.partition_id), answer))
+        return replies
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text())
+def train_reply(partition: int, prompt: str, calls: int) -> TrainReply:
+    return TrainReply(prompt=prompt, partition_id=partition, num_examples=5, llm="sim (test)", simulated=True,
+                      local=LocalMetrics(steps=3, steps_accepted=1, llm_calls=calls, prompt_tokens=100,
+                                         completion_tokens=20),
+                      leaks=LeakCounts(), val=Scores(correct=5, total=10, malformed=0, seconds=0.0),
+                      val_usage=Usage(calls=10, prompt_tokens=40, completion_tokens=2))
 
 
-def read_rounds(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+def eval_reply(partition: int, correct: int, total: int) -> EvalReply:
+    """``total`` examples, one LLM call each of 10 + 1 tokens."""
+    return EvalReply(partition_id=partition, llm="sim (test)", simulated=True,
+                     scores=Scores(correct=correct, total=total, malformed=0, seconds=0.0),
+                     usage=Usage(calls=total, prompt_tokens=10 * total, completion_tokens=total))
+
+
+def uploads(start: str, learned=LEARNED[:2], first_partition: int = 0) -> dict[int, TrainReply]:
+    return {100 + first_partition + i: train_reply(first_partition + i, insert_instruction(start, ins.sentence), 10 + i)
+            for i, ins in enumerate(learned)}
+
+
+def evals(*scores: tuple[int, int]) -> dict[int, EvalReply]:
+    return {100 + i: eval_reply(i, correct, total) for i, (correct, total) in enumerate(scores)}
+
+
+def start_prompt() -> str:
+    return RunSettings.from_config({}).start_prompt
+
+
+def make_federation(tmp_path: Path, pool: ScriptedPool, merge: str = "concat", rounds: int = 2,
+                    lines: list[str] | None = None, **overrides) -> Federation:
+    run_config = default_run_config(**{"merge": merge, "num-server-rounds": rounds, "min-train-clients": 1,
+                                       "results-dir": str(tmp_path), "run-name": "run", "test-prompts": "best",
+                                       **overrides})
+    settings = RunSettings.from_config(run_config)
+    echo = (lines if lines is not None else []).append
+    recorder, state = Recorder.open(settings, run_config, echo=echo)
+    merger = make_engine(settings.server, "server-api-key-env") if merge != "concat" else None
+    return Federation(settings, pool, recorder, state, merger)
+
+
+def read_clients_file(folder: Path, server_round: int) -> list[dict]:
+    path = folder / "prompts" / f"round-{server_round:03d}-clients.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_a_run_keeps_the_best_prompt_and_leaves_its_folder(tmp_path: Path) -> None:
+    start = start_prompt()
+    round1 = uploads(start)
+    seen: dict[tuple[str, int], list[int]] = {}
+
+    def watch(request: RoundRequest) -> None:  # what a person watching the folder sees before each request
+        seen[(request.phase, request.server_round)] = [r.round for r in RunFolder(tmp_path / "run").read_rounds()]
+        if (request.phase, request.server_round) == ("train", 1):
+            summary = RunFolder(tmp_path / "run").read_summary()
+            assert summary.initial_val_accuracy == 0.5 and summary.finished is False
+
+    def round_2_uploads(request: RoundRequest) -> dict[int, Answer]:  # built on round 1's merged prompt
+        return {100: train_reply(0, insert_instruction(fed.state.global_prompt, LEARNED[2].sentence), 10),
+                101: "LLMError: timeout"}
+
+    pool = ScriptedPool(2, {
+        (Phase.EVALUATE, 0): evals((4, 10), (6, 10)),
+        (Phase.TRAIN, 1): round1,
+        (Phase.EVALUATE, 1): evals((8, 10), (6, 10)),
+        (Phase.TRAIN, 2): round_2_uploads,
+        (Phase.EVALUATE, 2): {100: eval_reply(0, 5, 10), 101: "LLMError: evaluation timeout"},
+        (Phase.TEST, 2): evals((9, 10), (7, 10)),
+    }, watch)
     lines: list[str] = []
-    fed = federation(tmp_path, lines=lines)
+    fed = make_federation(tmp_path, pool, lines=lines)
     folder = fed.recorder.path
-    start = fed.global_prompt
+    assert folder == (tmp_path / "run").resolve()
     assert (folder / "prompts" / "round-000-initial.txt").read_text() == start + "\n"
+    summary = fed.run()
 
-    assert fed.record_initial([EvalReply("0", 4, 10), EvalReply("1", 6, 10)]) == 0.5
-    assert read_json(folder / "summary.json")["initial_val_accuracy"] == 0.5
+    rounds = RunFolder(folder).read_rounds()
+    assert [r.round for r in rounds] == [1, 2]
+    assert seen[("train", 2)] == [1]  # round 1 was on disk before round 2 started
+    assert seen[("train", 1)] == [] and seen[("test", 2)] == [1, 2]
 
-    # Round 1: better than the start.
-    merged1 = fed.merge(1, client_replies(start), [])
-    assert instructions_in(merged1.prompt, "object_counting") == ["quantities", "category"]
-    assert fed.global_prompt == merged1.prompt
-    fed.finish_round(1, [EvalReply("0", 8, 10), EvalReply("1", 6, 10)], [])
-    on_disk = read_rounds(folder)
-    assert [r["round"] for r in on_disk] == [1]  # on disk before round 2 starts
-    assert on_disk[0]["val_accuracy"] == 0.7 and on_disk[0]["merged_prompt"] == merged1.prompt
-    assert [c["label"] for c in on_disk[0]["clients"]] == ["0", "1"]
-    assert (folder / on_disk[0]["merged_prompt_file"]).read_text() == merged1.prompt + "\n"
-    assert (folder / on_disk[0]["clients"][1]["prompt_file"]).read_text().strip() == client_replies(start)[1].prompt
+    first, second = rounds
+    merged1 = first.merged_prompt
+    assert instructions_in(merged1, "object_counting") == ["quantities", "category"]
+    assert first.val_accuracy == 0.7 and first.val_examples == 20
+    assert [u.label for u in first.uploads] == ["0", "1"]  # partition order, not arrival order
+    assert [u.client for u in first.uploads] == [ClientId(100, "", 0), ClientId(101, "", 1)]
+    assert [u.reply for u in first.uploads] == [round1[100], round1[101]]
+    assert [e.label for e in first.evaluations] == ["0", "1"] and first.failures == ()
+    assert first.merge.method == "concat" and first.server_llm is None
+    assert (folder / "prompts" / "round-001-merged.txt").read_text() == merged1 + "\n"
+    assert read_clients_file(folder, 1) == [
+        {"label": "0", "node_id": 100, "partition_id": 0, "left_out": False, "prompt": round1[100].prompt},
+        {"label": "1", "node_id": 101, "partition_id": 1, "left_out": False, "prompt": round1[101].prompt},
+    ]
 
     # Round 2: worse; the best prompt stays round 1's.
-    merged2 = fed.merge(2, client_replies(merged1.prompt, LEARNED[2:]), [ClientFailure("1", "LLMError: timeout")])
-    fed.finish_round(2, [EvalReply("0", 5, 10)], [])
-    assert fed.global_prompt == merged2.prompt != merged1.prompt
-    assert (fed.best_prompt, fed.best_accuracy, fed.best_round) == (merged1.prompt, 0.7, 1)
-    rounds = read_rounds(folder)
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert rounds[1]["failures"] == [{"label": "1", "stage": "train", "reason": "LLMError: timeout"}]
-    assert rounds[1]["best_val_accuracy"] == 0.7 and rounds[1]["best_round"] == 1
+    merged2 = second.merged_prompt
+    assert merged2 != merged1 and fed.state.global_prompt == merged2
+    assert (fed.state.best_prompt, fed.state.best_accuracy, fed.state.best_round) == (merged1, 0.7, 1)
+    assert [u.label for u in second.uploads] == ["0"]
+    assert second.failures == (Failure("1", "train", "LLMError: timeout", 101),
+                               Failure("1", "evaluate", "LLMError: evaluation timeout", 101))
+    assert second.val_accuracy == 0.5 and second.val_examples == 10
+    assert second.best_val_accuracy == 0.7 and second.best_round == 1
 
-    summary = fed.finish([EvalReply("0", 9, 10), EvalReply("1", 7, 10)])
-    on_disk_summary = read_json(folder / "summary.json")
-    assert on_disk_summary == summary
-    assert summary["finished"] is True and summary["error"] == ""
-    assert summary["initial_val_accuracy"] == 0.5
-    assert summary["best_val_accuracy"] == 0.7
-    assert summary["best_prompt"] == merged1.prompt
-    assert summary["final_prompt"] == merged2.prompt
-    assert summary["test_accuracy"] == 0.8 and summary["test_examples"] == 20
-    assert summary["rounds"] == 2
-    cost = summary["cost"]
+    # the final test (test-prompts=best): an explicit test phase on the best prompt, carrying the last round
+    test_request, test_nodes = pool.asked[-1]
+    assert test_request == RoundRequest(phase="test", server_round=2, prompt=merged1) and test_nodes == [100, 101]
+    assert [request.phase for request, _ in pool.asked] == ["evaluate", "train", "evaluate", "train", "evaluate",
+                                                            "test"]
+
+    assert RunFolder(folder).read_summary() == summary
+    assert summary.finished is True and summary.error == ""
+    assert summary.initial_val_accuracy == 0.5
+    assert summary.best_val_accuracy == 0.7 and summary.best_round == 1
+    assert summary.best_prompt == merged1
+    assert summary.final_prompt == merged2
+    assert summary.test_accuracy == 0.8 and summary.test_examples == 20 and summary.test_failures == ()
+    assert summary.rounds == 2 and summary.rounds_planned == 2
+    assert summary.client_llms == {"0": "sim (test)", "1": "sim (test)"}
+    cost = summary.cost
     assert cost["client_training"]["llm_calls"] == (10 + 11) + 10  # clients of round 1, then the one of round 2
     assert cost["client_training"]["tokens"] == 3 * 120
-    assert cost["server_merge"]["llm_calls"] == 0  # concat asks no LLM
-    assert cost["total"] == cost["client_training"]
-    assert (folder / "prompts" / "best.txt").read_text() == merged1.prompt + "\n"
+    # evaluations: the start prompt (20 examples), rounds 1 (20) and 2 (10), the test (20), one call
+    # of 11 tokens each; and each upload's own validation (10 calls of 42 tokens each, three uploads)
+    assert cost["client_evaluation"]["llm_calls"] == (20 + 20 + 10 + 20) + 3 * 10
+    assert cost["client_evaluation"]["tokens"] == (20 + 20 + 10 + 20) * 11 + 3 * 42
+    assert cost["server_merge"] == {"llm_calls": 0, "tokens": 0}  # concat asks no LLM
+    assert cost["total"] == {key: cost["client_training"][key] + cost["client_evaluation"][key]
+                             for key in ("llm_calls", "tokens")}
+    assert (folder / "prompts" / "best.txt").read_text() == merged1 + "\n"
     assert (folder / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
+    assert "initial prompt: validation accuracy 50.0% on 20 examples" in lines
     assert any("client 1" in line and "FAILED" in line and "LLMError: timeout" in line for line in lines)
+    assert any("client 1" in line and "FAILED" in line and "(evaluation) LLMError: evaluation timeout" in line
+               for line in lines)
+    assert any("merged (concat)" in line and "70.0% (20)" in line for line in lines)
     assert any(str(folder) in line for line in lines)
 
 
 def test_a_tie_does_not_replace_the_best_prompt(tmp_path: Path) -> None:
-    fed = federation(tmp_path)
-    start = fed.global_prompt
-    fed.record_initial([EvalReply("0", 5, 10)])
-    fed.merge(1, client_replies(start), [])
-    fed.finish_round(1, [EvalReply("0", 5, 10)], [])
-    assert (fed.best_prompt, fed.best_round) == (start, 0)
+    start = start_prompt()
+    pool = ScriptedPool(1, {
+        (Phase.EVALUATE, 0): evals((5, 10)), (Phase.TRAIN, 1): {100: uploads(start)[100]},
+        (Phase.EVALUATE, 1): evals((5, 10)), (Phase.TEST, 1): evals((5, 10)),
+    })
+    fed = make_federation(tmp_path, pool, rounds=1)
+    summary = fed.run()
+    assert (fed.state.best_prompt, fed.state.best_round) == (start, 0)
+    assert summary.best_prompt == start and summary.best_round == 0 and summary.final_prompt != start
+    assert pool.asked[-1][0] == RoundRequest(phase="test", server_round=1, prompt=start)
+
+
+def test_the_test_phase_scores_the_best_last_and_start_prompts(tmp_path: Path) -> None:
+    start = start_prompt()
+
+    def tests(request: RoundRequest) -> dict[int, Answer]:  # 9, 7 and 3 of 10 right: best, last, start prompt
+        first, second = RunFolder(tmp_path / "run").read_rounds()
+        correct = {first.merged_prompt: 9, second.merged_prompt: 7, start: 3}[request.prompt]
+        return {100: eval_reply(0, correct, 10), 101: eval_reply(1, correct, 10)}
+
+    def round_2_uploads(request: RoundRequest) -> dict[int, Answer]:
+        return {node: train_reply(node - 100, insert_instruction(request.prompt, LEARNED[2].sentence), 1)
+                for node in (100, 101)}
+
+    pool = ScriptedPool(2, {
+        (Phase.EVALUATE, 0): evals((4, 10), (4, 10)),
+        (Phase.TRAIN, 1): uploads(start), (Phase.EVALUATE, 1): evals((8, 10), (8, 10)),
+        (Phase.TRAIN, 2): round_2_uploads, (Phase.EVALUATE, 2): evals((6, 10), (6, 10)),
+        (Phase.TEST, 2): tests,
+    })
+    fed = make_federation(tmp_path, pool, **{"test-prompts": "best,last,initial"})
+    summary = fed.run()
+    best, last = (r.merged_prompt for r in RunFolder(fed.recorder.path).read_rounds())
+    tested = [request for request, _ in pool.asked if request.kind is Phase.TEST]
+    assert tested == [RoundRequest("test", 2, best), RoundRequest("test", 2, last), RoundRequest("test", 2, start)]
+    assert (summary.test_accuracy, summary.last_test_accuracy, summary.initial_test_accuracy) == (0.9, 0.7, 0.3)
+    assert summary.test_examples == 20
+    assert summary.cost["client_evaluation"]["llm_calls"] == (20 + 20 + 20) + 3 * 20 + 4 * 10  # val, test, own val
 
 
 def test_summarize_merge_records_the_server_llm_usage(tmp_path: Path) -> None:
-    fed = federation(tmp_path, merge="summarize-uid")
-    fed.record_initial([EvalReply("0", 1, 2)])
-    merged = fed.merge(1, client_replies(fed.global_prompt, LEARNED), [])
-    record = fed.finish_round(1, [EvalReply("0", 2, 2)], [])
-    assert instructions_in(merged.prompt, "object_counting") == [ins.id for ins in LEARNED]
-    assert record["merge_method"] == "summarize-uid" and record["merge_fallback_reason"] == ""
-    assert record["merge_format_repaired"] is False
-    assert record["server_llm"]["calls"] == 1 and record["server_llm"]["prompt_tokens"] > 0
+    start = start_prompt()
+    pool = ScriptedPool(len(LEARNED), {
+        (Phase.EVALUATE, 0): evals(*[(1, 2)] * len(LEARNED)), (Phase.TRAIN, 1): uploads(start, LEARNED),
+        (Phase.EVALUATE, 1): evals(*[(2, 2)] * len(LEARNED)), (Phase.TEST, 1): evals(*[(2, 2)] * len(LEARNED)),
+    })
+    fed = make_federation(tmp_path, pool, merge="summarize-uid", rounds=1)
+    summary = fed.run()
+    (record,) = RunFolder(fed.recorder.path).read_rounds()
+    assert instructions_in(record.merged_prompt, "object_counting") == [ins.id for ins in LEARNED]
+    assert record.merge.method == "summarize-uid" and record.merge.fallback_reason == ""
+    assert record.merge.format_repaired is False
+    assert record.server_llm is not None
+    assert record.server_llm.calls == 1 and record.server_llm.prompt_tokens > 0
+    assert summary.cost["server_merge"]["llm_calls"] == 1
+    assert summary.cost["server_merge"]["tokens"] == record.server_llm.prompt_tokens + record.server_llm.completion_tokens
 
 
 def test_evaluation_failures_are_recorded(tmp_path: Path) -> None:
+    start = start_prompt()
     lines: list[str] = []
-    fed = federation(tmp_path, lines=lines)
-    fed.record_initial([EvalReply("0", 1, 2)])
-    fed.merge(1, client_replies(fed.global_prompt), [])
-    record = fed.finish_round(1, [EvalReply("0", 1, 2)], [ClientFailure("1", "DataError: no file")])
-    assert record["failures"] == [{"label": "1", "stage": "evaluate", "reason": "DataError: no file"}]
+    pool = ScriptedPool(2, {
+        (Phase.EVALUATE, 0): evals((1, 2), (1, 2)), (Phase.TRAIN, 1): uploads(start),
+        (Phase.EVALUATE, 1): {100: eval_reply(0, 1, 2), 101: "DataError: no file"},
+        (Phase.TEST, 1): {100: eval_reply(0, 1, 2), 101: "DataError: no test file"},
+    })
+    fed = make_federation(tmp_path, pool, rounds=1, lines=lines)
+    summary = fed.run()
+    (record,) = RunFolder(fed.recorder.path).read_rounds()
+    assert record.failures == (Failure("1", "evaluate", "DataError: no file", 101),)
+    assert [e.label for e in record.evaluations] == ["0"] and record.val_examples == 2
     assert any("(evaluation) DataError: no file" in line for line in lines)
+    assert summary.test_failures == (Failure("1", "test", "DataError: no test file", 101),)
+    assert summary.test_examples == 2
+    assert any("(test) DataError: no test file" in line for line in lines)
 
 
-def test_record_error_leaves_an_unfinished_summary_with_the_error(tmp_path: Path) -> None:
-    fed = federation(tmp_path)
-    fed.record_initial([EvalReply("0", 3, 10)])
-    fed.merge(1, client_replies(fed.global_prompt), [])
-    fed.finish_round(1, [EvalReply("0", 6, 10)], [])
-    fed.record_error(RoundFailed("round 2 training: only 0 client(s) succeeded"))
-    summary = read_json(fed.recorder.path / "summary.json")
-    assert summary["finished"] is False
-    assert summary["error"] == "RoundFailed: round 2 training: only 0 client(s) succeeded"
-    assert summary["rounds"] == 1 and summary["best_val_accuracy"] == 0.6
-    assert summary["test_accuracy"] is None
-    assert (fed.recorder.path / "prompts" / "best.txt").read_text().strip() == fed.best_prompt
+def test_a_failed_round_leaves_an_unfinished_summary_with_the_error(tmp_path: Path) -> None:
+    start = start_prompt()
+    lines: list[str] = []
+    pool = ScriptedPool(2, {
+        (Phase.EVALUATE, 0): evals((3, 10), (3, 10)),
+        (Phase.TRAIN, 1): uploads(start), (Phase.EVALUATE, 1): evals((6, 10), (6, 10)),
+        (Phase.TRAIN, 2): {100: "LLMError: down", 101: "LLMError: down too"},
+    })
+    fed = make_federation(tmp_path, pool, rounds=3, lines=lines)
+    with pytest.raises(RoundFailed) as failed:
+        fed.run()
+    assert str(failed.value).startswith("round 2 training: only 0 client(s) succeeded, at least 1 required")
+    assert "client 0: LLMError: down" in str(failed.value) and "client 1: LLMError: down too" in str(failed.value)
+    summary = RunFolder(fed.recorder.path).read_summary()
+    assert summary.finished is False
+    assert summary.error == f"RoundFailed: {failed.value}"
+    assert summary.rounds == 1 and summary.best_val_accuracy == 0.6 and summary.best_round == 1
+    assert summary.test_accuracy is None
+    assert (fed.recorder.path / "prompts" / "best.txt").read_text().strip() == fed.state.best_prompt
+    assert any(line.startswith("run stopped: RoundFailed: round 2 training") for line in lines)
+    assert [r.round for r in RunFolder(fed.recorder.path).read_rounds()] == [1]
 
 
 def test_require_enough_fails_loudly_with_every_clients_error() -> None:
-    failures = [ClientFailure("0", "LLMError: connection refused"), ClientFailure("2", "DataError: missing file")]
+    failures = [Failure("0", "train", "LLMError: connection refused", 100),
+                Failure("2", "train", "DataError: missing file", 102)]
     with pytest.raises(RoundFailed) as info:
         require_enough("training", 3, 1, failures, 2)
     message = str(info.value)
@@ -160,24 +323,49 @@ def test_require_enough_fails_loudly_with_every_clients_error() -> None:
 
 
 def test_require_enough_passes_when_enough_clients_answered() -> None:
-    require_enough("training", 1, 2, [ClientFailure("2", "boom")], 2)
+    require_enough("training", 1, 2, [Failure("2", "train", "boom")], 2)
     require_enough("training", 1, 3, [], 2)
 
 
 def test_weighted_accuracy_weighs_by_examples() -> None:
-    assert weighted_accuracy([EvalReply("0", 9, 10), EvalReply("1", 0, 30)]) == 9 / 40
+    evaluations = [ClientEvaluation("0", ClientId(100, "", 0), eval_reply(0, 9, 10)),
+                   ClientEvaluation("1", ClientId(101, "", 1), eval_reply(1, 0, 30))]
+    assert weighted_accuracy(evaluations) == 9 / 40
     assert weighted_accuracy([]) is None
+
+
+def test_client_labels_are_partitions_then_node_ids_then_names() -> None:
+    warnings: list[str] = []
+    labels = ClientLabels(warnings.append)
+    assert labels.label(123) == "node 123"  # nothing reported yet
+    labels.see(ClientId(100, "", 0))
+    labels.see(ClientId(101, "", 1))
+    assert (labels.label(100), labels.label(101)) == ("0", "1") and warnings == []
+    labels.see(ClientId(102, "", 0))  # a second node claims partition 0: both kept, told apart by node id
+    assert (labels.label(100), labels.label(102), labels.label(101)) == ("0 (node 100)", "0 (node 102)", "1")
+    assert len(warnings) == 1 and "nodes 100, 102 all report partition 0" in warnings[0]
+    labels.see(ClientId(102, "", 0))
+    assert len(warnings) == 1  # warned once per partition
+    assert labels.client(102) == ClientId(102, "", 0)
+    assert sorted([102, 101, 100], key=labels.order) == [100, 102, 101]
+    labels.see(ClientId(104, "site-b", 3))  # a registered name (deployment with node authentication)
+    labels.see(ClientId(105, "site-c"))
+    assert labels.label(104) == "3 (site-b)" and labels.label(105) == "site-c"
 
 
 def test_report_rows() -> None:
     assert report.percent(None) == "-" and report.percent(0.5) == "50.0%"
     header = report.header().splitlines()
-    assert header[0].startswith("round") and set(header[1]) == {"-"}
-    row = report.client_row(2, "1", {"batch_accuracy_before": 0.5, "batch_accuracy_after": 1.0, "val_accuracy": 0.75,
-                                     "steps_accepted": 2, "steps": 3, "llm_calls": 17, "prompt_tokens": 900,
-                                     "completion_tokens": 100, "seconds": 1.25}, "x" * 321)
-    for cell in ("client 1", "50.0%>100.0%", "75.0%", "2/3", "17", "1000", "1.2", "321"):
+    assert header[0].startswith("round") and "val acc (n)" in header[0] and set(header[1]) == {"-"}
+    reply = TrainReply(prompt="x" * 321, partition_id=1, num_examples=5, llm="sim", simulated=True,
+                       local=LocalMetrics(steps=3, steps_accepted=2, batch_accuracy_before=0.5,
+                                          batch_accuracy_after=1.0, llm_calls=17, prompt_tokens=900,
+                                          completion_tokens=100, seconds=1.0),
+                       leaks=LeakCounts(), val=Scores(correct=6, total=8, malformed=0, seconds=0.25))
+    row = report.client_row(2, "1", reply)
+    for cell in ("client 1", "50.0%>100.0%", "75.0% (8)", "2/3", "17", "1000", "1.2", "321"):
         assert cell in row
     assert report.failure_row(1, "0", "LLMError: down").endswith("LLMError: down")
-    merged = report.merged_row(1, "concat", 0.6, 0.7, "p" * 42, 3.0)
-    assert "merged (concat)" in merged and "60.0%" in merged and "best 70.0%" in merged and "42" in merged
+    merged = report.merged_row(1, "concat", 0.6, 34, 0.7, "p" * 42, 3.0)
+    assert "merged (concat)" in merged and "60.0% (34)" in merged and "best 70.0%" in merged and "42" in merged
+    assert "-" in report.merged_row(1, "concat", None, 0, None, "p", 0.0)

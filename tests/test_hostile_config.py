@@ -5,7 +5,9 @@ traceback from deep inside, and never a value silently rounded or clamped into s
 the user did not write.
 
 The keys come from ``[tool.flwr.app.config]`` in pyproject.toml (through
-``default_run_config``), so a key added later is attacked here without editing this file.
+``default_run_config``), which declares every setting of run/schema.py, so a key added
+later is attacked here without editing this file. A node config may set the schema's
+node keys (and Flower's partition keys); any other key in it is refused by name.
 Hypothesis draws the values; a fixed table adds the classic edge cases to every key, and
 Flower's own ``--run-config`` parser turns typed strings into the values a user can send.
 """
@@ -22,22 +24,26 @@ from flwr.common.config import parse_config_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fedtextgrad_core.data.partitioning import ClientData
+from fedtextgrad_core.errors import ConfigError, DataError
+from fedtextgrad_core.llm.endpoint import EndpointSettings
+from fedtextgrad_core.run import schema
 from fedtextgrad_core.run.client_round import (
     NodeIdentity,
-    evaluate_split,
+    answer,
     load_client_data,
     node_identity,
 )
-from fedtextgrad_core.errors import ConfigError, DataError
-from fedtextgrad_core.llm.engine import EndpointSettings
-from fedtextgrad_core.data.partitioning import ClientData
-from fedtextgrad_core.run.settings import RunSettings, client_endpoints
+from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest
+from fedtextgrad_core.run.settings import RunSettings, client_settings
 from tests.flower_loopback import default_run_config
 
 RUN_CONFIG = default_run_config()
 RUN_KEYS = sorted(RUN_CONFIG)
-# Keys a node config may override (client_endpoints): the endpoint keys of the run config.
-NODE_ENDPOINT_KEYS = sorted(k for k in RUN_KEYS if k.startswith(("llm-", "backward-", "sim-")))
+# Keys a node config may override: the schema's node keys, every one of them declared in pyproject.
+NODE_OVERRIDE_KEYS = sorted(k for k in RUN_KEYS if schema.BY_KEY[k].node)
+# Keys only the run may set: in a node config each is refused, naming itself.
+RUN_ONLY_KEYS = sorted(k for k in RUN_KEYS if not schema.BY_KEY[k].node)
 NODE_ID_KEYS = ("partition-id", "num-partitions")
 
 # A valid value of one key can make another key's value wrong: the error then names the
@@ -127,7 +133,7 @@ def assert_clear(error: BaseException, key: str, allowed: set[str] | None = None
 def check_run_value(key: str, value: object) -> None:
     try:
         checked = RunSettings.from_config({**RUN_CONFIG, key: value})
-    except Exception as error:  # noqa: BLE001 - anything but a ConfigError naming the key fails below
+    except Exception as error:
         assert_clear(error, key)
         return
     assert_sane(checked)
@@ -140,6 +146,10 @@ def test_the_run_config_is_read_from_pyproject() -> None:
     """The key list is the real one (so the tests below cover every key), and its defaults are valid."""
     assert {"num-server-rounds", "seed", "llm-timeout", "leakage-guard", "merge-token-budget"} <= set(RUN_KEYS)
     assert len(RUN_KEYS) >= 40
+    assert set(RUN_KEYS) == set(schema.BY_KEY)  # every setting of the schema is attacked below
+    assert set(NODE_OVERRIDE_KEYS) == schema.NODE_KEYS
+    assert {"data-source", "leakage-guard", "llm-base-url", "backward-model"} <= set(NODE_OVERRIDE_KEYS)
+    assert {"merge", "task", "num-server-rounds", "server-base-url"} <= set(RUN_ONLY_KEYS)
     assert_sane(RunSettings.from_config(RUN_CONFIG))
 
 
@@ -170,7 +180,7 @@ def test_several_hostile_keys_at_once_name_one_of_them(hostile: dict[str, object
     allowed = set(hostile).union(*(CONSEQUENCES.get(k, set()) for k in hostile))
     try:
         checked = RunSettings.from_config({**RUN_CONFIG, **hostile})
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         assert_clear(error, next(iter(hostile)), allowed)
         return
     assert_sane(checked)
@@ -185,7 +195,7 @@ def test_nothing_is_rounded_or_left_to_stall(key: str, value: object) -> None:
     later (a 1e300 s socket timeout, 10**12 synthetic examples, 10**9 retries) are refused."""
     with pytest.raises(ConfigError) as info:
         if key == "partition-id":
-            node_identity(RunSettings.from_config({}), {"partition-id": value, "num-partitions": 3})
+            node_identity({"partition-id": value, "num-partitions": 3})
         else:
             RunSettings.from_config({key: value})
     assert info.value.setting == key
@@ -212,10 +222,12 @@ SETTINGS = RunSettings.from_config({**RUN_CONFIG, "synthetic-size": 20})
 @FAST
 @given(partition_id=HOSTILE, num_partitions=HOSTILE, data_source=HOSTILE)
 def test_node_identity_is_checked_or_named(partition_id: object, num_partitions: object, data_source: object) -> None:
+    """A node's partition (node_identity) and its own data-source (through its client settings)."""
     node = {"partition-id": partition_id, "num-partitions": num_partitions, "data-source": data_source}
     try:
-        identity = node_identity(SETTINGS, node)
-    except Exception as error:  # noqa: BLE001
+        identity = node_identity(node)
+        checked = client_settings(RUN_CONFIG, node)
+    except Exception as error:
         assert_clear(error, "partition-id", {"partition-id", "num-partitions", "data-source"})
         given_value = node[error.setting]
         assert error.value is given_value or error.value == (
@@ -223,7 +235,8 @@ def test_node_identity_is_checked_or_named(partition_id: object, num_partitions:
         return
     assert isinstance(identity, NodeIdentity)
     assert type(identity.partition_id) is int and type(identity.num_partitions) is int
-    assert_sane(identity.data_source)
+    assert_sane(checked.data_source)
+    assert checked.data_source == data_source.strip()  # the node's own, as written
 
 
 @FAST
@@ -231,7 +244,7 @@ def test_node_identity_is_checked_or_named(partition_id: object, num_partitions:
        num_partitions=st.one_of(st.integers(-5, 40), st.sampled_from(["3", 2.0, 0.0])))
 def test_a_node_gets_its_share_or_a_named_range_error(partition_id: object, num_partitions: object) -> None:
     """Whole numbers pass the type check; the range is then checked against the data (4 train examples)."""
-    identity = node_identity(SETTINGS, {"partition-id": partition_id, "num-partitions": num_partitions})
+    identity = node_identity({"partition-id": partition_id, "num-partitions": num_partitions})
     try:
         data = load_client_data(SETTINGS, identity)
     except ConfigError as error:
@@ -242,24 +255,40 @@ def test_a_node_gets_its_share_or_a_named_range_error(partition_id: object, num_
     assert 0 <= identity.partition_id < identity.num_partitions <= 4
 
 
-@pytest.mark.parametrize("key", NODE_ENDPOINT_KEYS)
+@pytest.mark.parametrize("key", NODE_OVERRIDE_KEYS)
 @FAST
 @given(value=HOSTILE)
-def test_node_endpoint_overrides_are_checked_or_named(key: str, value: object) -> None:
+def test_node_overrides_are_checked_or_named(key: str, value: object) -> None:
     try:
-        forward, backward = client_endpoints(RUN_CONFIG, {key: value})
-    except Exception as error:  # noqa: BLE001
+        checked = client_settings(RUN_CONFIG, {key: value})
+    except Exception as error:
         assert_clear(error, key)
         return
-    assert isinstance(forward, EndpointSettings) and isinstance(backward, EndpointSettings)
-    assert_sane(forward)
-    assert_sane(backward)
+    assert isinstance(checked.forward, EndpointSettings) and isinstance(checked.backward, EndpointSettings)
+    assert_sane(checked)
+
+
+@pytest.mark.parametrize("key", RUN_ONLY_KEYS)
+def test_run_only_keys_in_a_node_config_are_refused_by_name(key: str) -> None:
+    """Whatever the value (even the run's own default), a node may not set a run setting."""
+    for value in [RUN_CONFIG[key], *EDGE_VALUES[:6], "", "x" * 100_000, None]:
+        with pytest.raises(ConfigError) as info:
+            client_settings(RUN_CONFIG, {"partition-id": 0, "num-partitions": 2, key: value})
+        assert_clear(info.value, key, set())
+        assert info.value.value is value
+
+
+@FAST
+@given(key=st.text(max_size=30).filter(lambda k: k not in schema.BY_KEY and k not in NODE_ID_KEYS), value=HOSTILE)
+def test_unknown_keys_in_a_node_config_are_refused_by_name(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        client_settings(RUN_CONFIG, {"partition-id": 0, "num-partitions": 2, key: value})
+    assert info.value.setting == key and "expected" in str(info.value)
 
 
 # Keys whose accepted values would make this end-to-end test slow or write files are left
 # out here (a 59 s sim latency, a cache file named by hypothesis); the tests above cover them.
-CLIENT_PATH_KEYS = [*NODE_ID_KEYS, "data-source",
-                    *(k for k in NODE_ENDPOINT_KEYS if k not in ("sim-latency-ms", "llm-cache-path"))]
+CLIENT_PATH_KEYS = [*NODE_ID_KEYS, *(k for k in NODE_OVERRIDE_KEYS if k not in ("sim-latency-ms", "llm-cache-path"))]
 
 
 @SLOW
@@ -271,12 +300,28 @@ def test_the_whole_client_path_stops_with_a_plain_error(node: dict[str, object])
     node.pop("llm-backend", None)  # an accepted 'openai' would need a server: covered above
     node.pop("backward-backend", None)
     run = {**RUN_CONFIG, "synthetic-size": 20}
+    request = RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=SETTINGS.start_prompt)
     try:
-        scores = evaluate_split(run, node, SETTINGS.start_prompt, "val")
+        reply = answer(run, node, request)
     except (ConfigError, DataError) as error:
         message = str(error)
         assert "\n" not in message and "Traceback" not in message
         if isinstance(error, ConfigError):
             assert error.setting in node
         return
-    assert scores["total"] >= 1 and 0.0 <= scores["accuracy"] <= 1.0
+    assert isinstance(reply, EvalReply)
+    assert reply.scores.total >= 1 and 0.0 <= reply.scores.accuracy <= 1.0
+
+
+@pytest.mark.parametrize("key, accepted, refused", [
+    ("leakage-ngram", 1, True), ("llm-concurrency", 1, True), ("llm-max-retries", 0, False),
+])
+def test_a_refused_node_value_stays_refused_after_an_equal_one_was_accepted(key: str, accepted: object,
+                                                                             refused: object) -> None:
+    node = {"partition-id": 0, "num-partitions": 2}
+    with pytest.raises(ConfigError):
+        RunSettings.from_config({**RUN_CONFIG, key: refused})  # refused on its own
+    client_settings(RUN_CONFIG, {**node, key: accepted})
+    with pytest.raises(ConfigError) as info:
+        client_settings(RUN_CONFIG, {**node, key: refused})
+    assert info.value.setting == key

@@ -25,9 +25,8 @@ from hypothesis import strategies as st
 
 from fedtextgrad_core.data.examples import Splits
 from fedtextgrad_core.data.loaders import BBH_SIZE, GSM8K_TRAIN, GSM8K_VAL, load_splits
-from fedtextgrad_core.errors import ConfigError, DataError
 from fedtextgrad_core.data.tasks import TASKS, get_task
-
+from fedtextgrad_core.errors import ConfigError, DataError
 from tests import SHARED_DATA
 
 FIVE_MB = 5 * 1024 * 1024

@@ -6,12 +6,12 @@ as the same federation with the in-process sim: the HTTP path adds transport, no
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 
 import pytest
 
+from fedtextgrad_core.run.run_folder import RunFolder
 from tests.deployment_helpers import start_sim_server
 from tests.flower_loopback import LoopbackGrid
 from tests.test_strategy import make_strategy
@@ -34,8 +34,8 @@ def sim_server_process(tmp_path_factory):
 def _run(tmp_path, **overrides) -> dict:
     strategy, run_config, recorder, _ = make_strategy(tmp_path, **{"num-server-rounds": 2, **overrides})
     strategy.start(LoopbackGrid(run_config))
-    rounds = [json.loads(line) for line in (recorder.path / "rounds.jsonl").read_text().splitlines()]
-    return {"summary": json.loads((recorder.path / "summary.json").read_text()), "rounds": rounds}
+    folder = RunFolder(recorder.path)
+    return {"summary": folder.read_summary(), "rounds": folder.read_rounds()}
 
 
 def test_federation_over_http_matches_the_in_process_sim(sim_server_process, tmp_path):
@@ -45,13 +45,16 @@ def test_federation_over_http_matches_the_in_process_sim(sim_server_process, tmp
         "server-backend": "openai", "server-base-url": url, "server-model": "sim",
     })
     in_process = _run(tmp_path / "local")
-    for key in ("initial_val_accuracy", "best_val_accuracy", "best_prompt", "test_accuracy"):
-        assert over_http["summary"][key] == in_process["summary"][key], key
-    assert [r["merged_prompt"] for r in over_http["rounds"]] == [r["merged_prompt"] for r in in_process["rounds"]]
+    for key in ("initial_val_accuracy", "best_val_accuracy", "best_round", "best_prompt", "test_accuracy"):
+        assert getattr(over_http["summary"], key) == getattr(in_process["summary"], key), key
+    assert [r.merged_prompt for r in over_http["rounds"]] == [r.merged_prompt for r in in_process["rounds"]]
+    assert [[u.reply.prompt for u in r.uploads] for r in over_http["rounds"]] == [
+        [u.reply.prompt for u in r.uploads] for r in in_process["rounds"]]
     # tokens came from the HTTP usage field, calls went over the wire
-    client = over_http["rounds"][0]["clients"][0]["metrics"]
-    assert client["llm_calls"] > 0 and client["prompt_tokens"] > 0 and client["completion_tokens"] > 0
-    assert over_http["summary"]["cost"]["server_merge"]["llm_calls"] == 2
+    client = over_http["rounds"][0].uploads[0].reply
+    assert client.local.llm_calls > 0 and client.local.prompt_tokens > 0 and client.local.completion_tokens > 0
+    assert url in client.llm and client.simulated is False  # as the client described its LLM
+    assert over_http["summary"].cost["server_merge"]["llm_calls"] == 2
     assert process.poll() is None  # the server process is still serving
 
 

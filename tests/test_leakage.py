@@ -3,31 +3,29 @@ or passed unchanged, as the site chose, and the counts reach the round record.""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
 
-from fedtextgrad_core.run.client_round import (
-    NodeIdentity,
-    check_leakage,
-    load_client_data,
-    local_round,
-)
 from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError, LeakageError
-from fedtextgrad_core.run.federation import PromptFederation
 from fedtextgrad_core.method.leakage import (
     LEAK_MARKER,
+    LeakCounts,
     find_leaks,
     guard_prompt,
     training_ngrams,
 )
-from fedtextgrad_core.run.recorder import RunRecorder
+from fedtextgrad_core.run.client_round import (
+    NodeIdentity,
+    answer,
+    check_leakage,
+    load_client_data,
+)
+from fedtextgrad_core.run.messages import Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.run_folder import RunFolder
+from fedtextgrad_core.run.server_setup import open_run
 from fedtextgrad_core.run.settings import RunSettings
-from fedtextgrad_core.data.tasks import get_task
 from server_app.strategy import PromptStrategy
-
 from tests.flower_loopback import LoopbackGrid, default_run_config
 
 QUESTION = ("I have a piano, two flutes, a violin, and three trombones. "
@@ -95,7 +93,9 @@ def test_off_leaves_the_prompt_unchanged_but_still_counts():
     report = guard_prompt(_quoting(QUESTION), TRAIN, 8, "off")
     assert report.prompt == _quoting(QUESTION)
     assert report.passages == 1 and report.redactions == 0
-    assert report.as_metrics()["leaked_ngrams"] == float(report.ngrams) > 0
+    # the numbers that travel to the server: counts only
+    assert report.counts == LeakCounts(passages=1, ngrams=report.ngrams, redactions=0, longest=18)
+    assert report.counts.ngrams > 0
 
 
 def test_refuse_raises_a_plain_error_that_does_not_repeat_the_training_text():
@@ -115,7 +115,7 @@ RUN = {"local-steps": 1, "client-val-eval": False}
 
 def _own_question(partition_id: int, num_partitions: int = 3) -> str:
     settings = RunSettings.from_config(default_run_config())
-    data = load_client_data(settings, NodeIdentity(partition_id, num_partitions, "synthetic"))
+    data = load_client_data(settings, NodeIdentity(partition_id, num_partitions))
     return data.train[0].question
 
 
@@ -124,49 +124,53 @@ def _quoting_prompt(question: str) -> str:
     return start.replace("Think step by step.", f'Think step by step. For example: "{question}"')
 
 
+def _train(run_config: dict, node_config: dict, prompt: str) -> TrainReply:
+    reply = answer(run_config, node_config, RoundRequest(phase=Phase.TRAIN.value, server_round=1, prompt=prompt))
+    assert isinstance(reply, TrainReply)
+    return reply
+
+
 @pytest.mark.parametrize("guard", ["redact", "off"])
 def test_local_round_applies_the_runs_choice(guard):
     question = _own_question(0)
-    prompt, metrics, _ = local_round(default_run_config(**RUN, **{"leakage-guard": guard}),
-                                     {"partition-id": 0, "num-partitions": 3}, _quoting_prompt(question), 1, {})
-    assert metrics["leak_passages"] == 1
+    reply = _train(default_run_config(**RUN, **{"leakage-guard": guard}),
+                   {"partition-id": 0, "num-partitions": 3}, _quoting_prompt(question))
+    prompt, leaks = reply.prompt, reply.leaks
+    assert leaks.passages == 1
     if guard == "redact":
-        assert question not in prompt and LEAK_MARKER in prompt and metrics["leak_redactions"] == 1
+        assert question not in prompt and LEAK_MARKER in prompt and leaks.redactions == 1
         assert "Think step by step" in prompt and "'Answer: $VALUE'" in prompt
     else:
-        assert question in prompt and metrics["leak_redactions"] == 0
+        assert question in prompt and leaks.redactions == 0
 
 
 def test_a_nodes_own_choice_overrides_the_run_config():
     question = _own_question(0)
     with pytest.raises(LeakageError):
-        local_round(default_run_config(**RUN, **{"leakage-guard": "off"}),
-                    {"partition-id": 0, "num-partitions": 3, "leakage-guard": "refuse"}, _quoting_prompt(question), 1, {})
+        _train(default_run_config(**RUN, **{"leakage-guard": "off"}),
+               {"partition-id": 0, "num-partitions": 3, "leakage-guard": "refuse"}, _quoting_prompt(question))
     with pytest.raises(ConfigError, match="leakage-guard"):
-        local_round(default_run_config(**RUN), {"partition-id": 0, "num-partitions": 3, "leakage-guard": "block"},
-                    _quoting_prompt(question), 1, {})
+        _train(default_run_config(**RUN), {"partition-id": 0, "num-partitions": 3, "leakage-guard": "block"},
+               _quoting_prompt(question))
 
 
 def test_through_flower_counts_reach_rounds_jsonl_and_a_refusing_node_is_a_reported_failure(tmp_path):
     """Client 0 redacts its own question; node 2 (whose question is quoted too) refuses by its node
     config; client 1 holds neither question, so for it the prompt is no leak."""
-    run_config = default_run_config(**RUN, **{"num-server-rounds": 1, "merge": "concat", "min-train-clients": 2})
-    settings = RunSettings.from_config(run_config)
-    recorder = RunRecorder(tmp_path, "run", {"run_config": run_config})
-    federation = PromptFederation(settings, recorder, None, echo=lambda line: None)
+    run_config = default_run_config(**RUN, **{"num-server-rounds": 1, "merge": "concat", "min-train-clients": 2,
+                                              "results-dir": str(tmp_path), "run-name": "run"})
+    run = open_run(run_config, echo=lambda line: None)
     q0, q2 = _own_question(0), _own_question(2)
-    federation.global_prompt = _quoting_prompt(q0).replace("For example:", f'Or: "{q2}" For example:')
-    strategy = PromptStrategy(settings, federation)
+    run.state.global_prompt = _quoting_prompt(q0).replace("For example:", f'Or: "{q2}" For example:')
     grid = LoopbackGrid(run_config, node_overrides={2: {"leakage-guard": "refuse"}})
-    strategy.aggregate_train(1, grid.send_and_receive(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)))
-    strategy.aggregate_evaluate(1, grid.send_and_receive(
-        strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)))
-    record = json.loads((recorder.path / "rounds.jsonl").read_text().splitlines()[0])
-    clients = {c["label"]: c for c in record["clients"]}
-    assert set(clients) == {"0", "1"}
+    PromptStrategy(run.federation).start(grid)
+    [record] = RunFolder(run.recorder.path).read_rounds()
+    uploads = {u.client.partition_id: u for u in record.uploads}
+    assert set(uploads) == {0, 1} and {u.label for u in record.uploads} == {"0", "1"}
     # >= 1: besides its own question, the end of q2 (the last items and "How many objects do I
     # have") may repeat 8+ tokens of one of client 0's questions, and is then redacted as well
-    assert clients["0"]["metrics"]["leak_redactions"] >= 1 and q0 not in clients["0"]["prompt"]
-    assert clients["1"]["metrics"]["leak_passages"] == 0 and q0 in clients["1"]["prompt"]
-    [failure] = record["failures"]  # node 2: labelled by node id, as it never answered successfully
-    assert failure["stage"] == "train" and "leakage guard" in failure["reason"] and q2 not in failure["reason"]
+    assert uploads[0].reply.leaks.redactions >= 1 and q0 not in uploads[0].reply.prompt
+    assert uploads[1].reply.leaks.passages == 0 and q0 in uploads[1].reply.prompt
+    [failure] = record.failures  # node 2: refused, its prompt never left it
+    assert failure.node_id == 102 and failure.stage == "train"
+    assert "leakage guard" in failure.reason and q2 not in failure.reason

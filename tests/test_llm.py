@@ -9,20 +9,22 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedtextgrad_core.errors import ConfigError, LLMError, SimUnsupportedError
-from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, Usage, make_engine
-from fedtextgrad_core.sim import SimLLM, approx_tokens
-from fedtextgrad_core.sim.server import make_server
 from fedtextgrad_core.data.tasks import get_task
-
+from fedtextgrad_core.errors import ConfigError, LLMError, SimUnsupportedError
+from fedtextgrad_core.llm.engine import BACKEND_GROUP, ChatEngine, Usage, backend_names, make_engine
+from fedtextgrad_core.llm.openai_transport import OpenAIChat, openai_chat
+from fedtextgrad_core.sim import SimLLM, approx_tokens
+from fedtextgrad_core.sim.backend import sim_chat
+from fedtextgrad_core.sim.server import make_server
 from tests.concurrency_probe import InFlightProbe
+from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
 QUESTION = "I have a flute, a piano, four stoves, and two violins. How many musical instruments do I have?"
 
 
 def openai_engine(url: str, **overrides) -> ChatEngine:
-    return make_engine(EndpointSettings(backend="openai", base_url=url, model="sim-over-http", timeout=5, **overrides))
+    return make_engine(endpoint(backend="openai", base_url=url, model="sim-over-http", timeout=5, **overrides))
 
 
 def expected_reply(system: str, user: str) -> str:
@@ -48,7 +50,7 @@ def test_engine_is_a_textgrad_engine_callable_like_one(sim_http: str) -> None:
 
 
 def test_sim_backend_matches_the_http_path(sim_http: str) -> None:
-    in_process = make_engine(EndpointSettings())
+    in_process = make_engine(endpoint())
     over_http = openai_engine(sim_http)
     for engine in (in_process, over_http):
         assert engine.generate(QUESTION, system_prompt=TASK.start_prompt) == expected_reply(TASK.start_prompt, QUESTION)
@@ -61,7 +63,7 @@ def test_api_key_comes_from_the_named_environment_variable(sim_http: str, monkey
     base = server.RequestHandlerClass
 
     class Spy(base):  # type: ignore[misc, valid-type]
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             seen.append(self.headers.get("Authorization"))
             super().do_POST()
 
@@ -90,7 +92,7 @@ def test_unreachable_endpoint_fails_at_the_start_naming_the_url_and_the_setting(
     url = f"http://127.0.0.1:{closed_port()}/v1"
     started = time.monotonic()
     with pytest.raises(LLMError) as info:
-        make_engine(EndpointSettings(backend="openai", base_url=url, model="m", timeout=1))
+        make_engine(endpoint(backend="openai", base_url=url, model="m", timeout=1, startup_wait=0))
     message = str(info.value)
     assert url in message and "model m" in message and "unreachable" in message
     assert "GET " + url + "/models" in message and "'llm-base-url'" in message
@@ -107,16 +109,30 @@ def test_http_error_from_the_endpoint_is_an_llm_error(sim_http: str) -> None:
 
 def test_the_sim_backend_raises_a_clear_error_for_unsupported_questions() -> None:
     with pytest.raises(SimUnsupportedError, match="object counting"):
-        make_engine(EndpointSettings()).generate("What is the capital of France?", system_prompt="p")
+        make_engine(endpoint()).generate("What is the capital of France?", system_prompt="p")
 
 
 def test_make_engine_rejects_bad_endpoint_settings() -> None:
     with pytest.raises(ConfigError) as info:
-        make_engine(EndpointSettings(backend="openai", model="m"), "server-api-key-env")
+        make_engine(endpoint(backend="openai", model="m"), "server-api-key-env")
     assert info.value.setting == "server-base-url"
     with pytest.raises(ConfigError) as info:
-        make_engine(EndpointSettings(backend="anthropic"), "backward-api-key-env")
+        make_engine(endpoint(backend="anthropic"), "backward-api-key-env")
     assert (info.value.setting, info.value.value) == ("backward-backend", "anthropic")
+    assert "sim or openai" in str(info.value)  # the registered backends, named
+
+
+def test_backends_are_found_by_name_in_their_entry_point_group(sim_http: str) -> None:
+    from importlib.metadata import entry_points
+
+    registered = {entry.name: entry.load() for entry in entry_points(group=BACKEND_GROUP)}
+    assert registered == {"sim": sim_chat, "openai": openai_chat}
+    assert backend_names() == ("sim", "openai")  # the simulator first: it is the default
+    # make_engine builds its chat function with the factory registered under the backend's name
+    assert isinstance(make_engine(endpoint(backend="openai", base_url=sim_http, model="m"))._chat, OpenAIChat)
+    reply, prompt_tokens, completion_tokens = sim_chat(endpoint(), "llm-api-key-env")(
+        [{"role": "system", "content": TASK.start_prompt}, {"role": "user", "content": QUESTION}])
+    assert reply == expected_reply(TASK.start_prompt, QUESTION) and prompt_tokens > 0 and completion_tokens > 0
 
 
 def test_engine_counts_failed_calls_as_errors_and_returns_text_for_none() -> None:
@@ -128,7 +144,7 @@ def test_engine_counts_failed_calls_as_errors_and_returns_text_for_none() -> Non
             raise RuntimeError("endpoint broke")
         return reply, 3, 0
 
-    engine = ChatEngine(EndpointSettings(), chat)
+    engine = ChatEngine(endpoint(), chat)
     assert engine.generate("q") == ""
     with pytest.raises(RuntimeError):
         engine.generate("q")
@@ -139,7 +155,7 @@ def test_engine_counts_failed_calls_as_errors_and_returns_text_for_none() -> Non
 
 def test_default_system_prompt_is_used_when_none_is_given() -> None:
     seen = []
-    engine = ChatEngine(EndpointSettings(), lambda messages: (seen.append(messages) or "ok", 1, 1))
+    engine = ChatEngine(endpoint(), lambda messages: (seen.append(messages) or "ok", 1, 1))
     engine.generate("hello")
     assert seen[0][0] == {"role": "system", "content": engine.system_prompt} and engine.system_prompt
 
@@ -147,7 +163,7 @@ def test_default_system_prompt_is_used_when_none_is_given() -> None:
 @pytest.mark.parametrize("concurrency", [1, 2, 4])
 def test_engine_never_exceeds_its_concurrency(concurrency: int) -> None:
     probe = InFlightProbe(concurrency)
-    engine = ChatEngine(EndpointSettings(concurrency=concurrency), probe)
+    engine = ChatEngine(endpoint(concurrency=concurrency), probe)
     callers = [threading.Thread(target=engine.generate, args=("q",)) for _ in range(3 * concurrency + 2)]
     for caller in callers:
         caller.start()
@@ -158,6 +174,6 @@ def test_engine_never_exceeds_its_concurrency(concurrency: int) -> None:
 
 
 def test_describe_names_the_endpoint() -> None:
-    assert "sim" in EndpointSettings().describe()
-    described = EndpointSettings(backend="openai", base_url="http://127.0.0.1:8000/v1", model="qwen").describe()
+    assert "sim" in endpoint().describe()
+    described = endpoint(backend="openai", base_url="http://127.0.0.1:8000/v1", model="qwen").describe()
     assert described == "qwen at http://127.0.0.1:8000/v1"

@@ -10,28 +10,29 @@ the server's round record, and a round with too few clients fails loudly.
 
 from __future__ import annotations
 
-import json
+import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fedtextgrad_core.llm import openai_transport as openai_backend
-from fedtextgrad_core.run.client_round import evaluate_split, local_round
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.errors import LLMError
-from fedtextgrad_core.method.evaluation import evaluate_prompt
-from fedtextgrad_core.run.federation import PromptFederation, RoundFailed
-from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
-from fedtextgrad_core.llm.openai_transport import TransientLLMError
-from fedtextgrad_core.run.recorder import RunRecorder
-from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import LLMError
+from fedtextgrad_core.llm import openai_transport as openai_backend
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
+from fedtextgrad_core.llm.openai_transport import TransientLLMError
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.run.client_round import answer
+from fedtextgrad_core.run.messages import Phase, RoundRequest
+from fedtextgrad_core.run.round_step import RoundFailed
+from fedtextgrad_core.run.run_folder import RunFolder
+from fedtextgrad_core.run.server_setup import open_run
 from server_app.strategy import PromptStrategy
-
 from tests.faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
 from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
 
@@ -39,7 +40,7 @@ TASK = get_task("object_counting")
 @pytest.fixture(autouse=True)
 def fresh_endpoint_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test checks its endpoints afresh (a reused port must not skip the start-up check)."""
-    monkeypatch.setattr(openai_backend, "_checked", set())
+    monkeypatch.setattr(openai_backend, "_facts", {})
 
 
 @pytest.fixture
@@ -50,8 +51,8 @@ def faulty() -> Iterator[FaultyLLMServer]:
 
 def engine_for(url: str, **overrides: object) -> ChatEngine:
     settings = {"backend": "openai", "base_url": url, "model": "m", "timeout": 1.0, "max_retries": 2,
-                "retry_backoff": 0.01, **overrides}
-    return make_engine(EndpointSettings(**settings))  # type: ignore[arg-type]
+                "retry_backoff": 0.01, "startup_wait": 0.0, **overrides}
+    return make_engine(endpoint(**settings))
 
 
 def assert_plain(message: str, url: str) -> None:
@@ -207,7 +208,7 @@ def test_a_broken_models_route_fails_at_engine_creation(faulty: FaultyLLMServer,
 def test_the_start_up_check_names_the_setting_of_the_role() -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
     with pytest.raises(LLMError, match="'backward-base-url'"):
-        make_engine(EndpointSettings(backend="openai", base_url=url, model="m"), "backward-api-key-env")
+        make_engine(endpoint(backend="openai", base_url=url, model="m"), "backward-api-key-env")
 
 
 def test_an_endpoint_that_goes_away_mid_run_is_retried_then_named() -> None:
@@ -237,7 +238,7 @@ def test_backoff_between_retries_grows() -> None:
             engine.generate("q")
         arrivals = list(server.arrivals)
     assert len(arrivals) == 4
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     for k, gap in enumerate(gaps):
         # the k-th delay is 0.05 * 2**k seconds times a jitter in [0.5, 1]
         assert gap >= 0.5 * 0.05 * 2 ** k, gaps
@@ -256,10 +257,14 @@ def faulty_node(url: str, partition: int = 0, **extra: object) -> dict[str, obje
             "llm-model": "m", **extra}
 
 
+def request(phase: Phase) -> RoundRequest:
+    return RoundRequest(phase=phase.value, server_round=1, prompt=TASK.start_prompt)
+
+
 def test_client_evaluation_against_a_failing_endpoint_raises_naming_it(faulty: FaultyLLMServer) -> None:
     faulty.mode = "http500"
     with pytest.raises(LLMError) as info:
-        evaluate_split(fault_config(), faulty_node(faulty.url), TASK.start_prompt, "val")
+        answer(fault_config(), faulty_node(faulty.url), request(Phase.EVALUATE))
     assert faulty.url in str(info.value) and "HTTP 500" in str(info.value)
     # every question that was started was tried twice (llm-max-retries=1); the rest were cancelled
     assert faulty.chat_requests > 0 and faulty.chat_requests % 2 == 0
@@ -271,7 +276,7 @@ def test_client_training_against_a_failing_endpoint_raises_naming_it(
     faulty.mode = "http500"
     extra = {} if node_retries is None else {"llm-max-retries": node_retries}  # a node may set its own
     with pytest.raises(LLMError) as info:
-        local_round(fault_config(), faulty_node(faulty.url, **extra), TASK.start_prompt, 1, {})
+        answer(fault_config(), faulty_node(faulty.url, **extra), request(Phase.TRAIN))
     assert faulty.url in str(info.value) and "HTTP 500" in str(info.value)
     # the first batch's questions (at most 3) were each tried 1 + retries times; how many of them
     # started before the first failure ended the step depends on thread timing
@@ -281,12 +286,9 @@ def test_client_training_against_a_failing_endpoint_raises_naming_it(
 # --- a federated round: one faulty node is reported, two fail the round ------------------------
 
 def make_strategy(tmp_path, run_config: dict[str, object]):
-    settings = RunSettings.from_config(run_config)
-    recorder = RunRecorder(tmp_path, "run", {"run_config": run_config})
     lines: list[str] = []
-    merger = make_engine(settings.server) if settings.merge != "concat" else None
-    federation = PromptFederation(settings, recorder, merger, echo=lines.append)
-    return PromptStrategy(settings, federation), recorder, lines
+    run = open_run({**run_config, "results-dir": str(tmp_path), "run-name": "run"}, echo=lines.append)
+    return PromptStrategy(run.federation), run.recorder, lines
 
 
 def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
@@ -296,13 +298,17 @@ def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
     strategy, recorder, lines = make_strategy(tmp_path, run_config)
     grid = LoopbackGrid(run_config, node_overrides={2: faulty_node(faulty.url, partition=2)})
     strategy.start(grid)
-    summary = json.loads((recorder.path / "summary.json").read_text())
-    assert summary["finished"] is True
-    record = json.loads((recorder.path / "rounds.jsonl").read_text().splitlines()[0])
-    assert {c["label"] for c in record["clients"]} == {"0", "1"}
-    failures = {(f["label"], f["stage"]): f["reason"] for f in record["failures"]}
-    assert set(failures) == {("node102", "train"), ("node102", "evaluate")}
-    for reason in failures.values():
+    folder = RunFolder(recorder.path)
+    summary = folder.read_summary()
+    assert summary.finished is True and summary.error == ""
+    [record] = folder.read_rounds()
+    assert {u.label for u in record.uploads} == {"0", "1"}
+    # node 102 never answered successfully, so it is named by its node id
+    failures = {(f.label, f.stage): f.reason for f in record.failures}
+    assert set(failures) == {("node 102", "train"), ("node 102", "evaluate")}
+    assert {f.node_id for f in record.failures} == {102}
+    assert [(f.label, f.stage) for f in summary.test_failures] == [("node 102", "test")]
+    for reason in [*failures.values(), summary.test_failures[0].reason]:
         assert faulty.url in reason and "(model m)" in reason and "HTTP 500" in reason
     assert any("FAILED" in line and faulty.url in line for line in lines)
     assert faulty.chat_requests > 0
@@ -319,7 +325,7 @@ def test_too_many_nodes_with_failing_endpoints_fail_the_round_naming_them(
         strategy.start(grid)
     message = str(failed.value)
     assert "at least 2 required" in message
-    assert "client node101:" in message and "client node102:" in message
+    assert "client node 101:" in message and "client node 102:" in message
     assert message.count(faulty.url) == 2
 
 
@@ -352,3 +358,82 @@ def test_the_server_does_see_parallel_requests_when_the_limit_allows() -> None:
     with FaultyLLMServer("ok", delay=0.3) as server:
         run_many([engine_for(server.url, concurrency=12)], per_engine=8)
         assert server.max_in_flight > 3
+
+
+# --- slow and late servers --------------------------------------------------------------------------
+
+
+def test_a_server_that_comes_up_late_is_waited_for_within_llm_startup_wait(capsys) -> None:
+    """A vLLM still loading its model refuses connections for a while: the start-up check waits for it,
+    says so once, and goes on when it answers."""
+    from fedtextgrad_core.sim.server import make_server
+
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    started_server: list = []
+
+    def come_up_late() -> None:
+        time.sleep(3.0)
+        server = make_server("127.0.0.1", port)
+        started_server.append(server)
+        server.serve_forever(poll_interval=0.05)
+
+    import threading
+
+    threading.Thread(target=come_up_late, daemon=True).start()
+    began = time.monotonic()
+    try:
+        engine = engine_for(url, startup_wait=30.0)
+        waited = time.monotonic() - began
+        assert 2.5 < waited < 20
+        said = capsys.readouterr().err
+        assert said.count("is not answering yet") == 1 and "llm-startup-wait" in said and url in said
+        assert engine.server_kind == "unknown"  # the sim server names no known kind
+    finally:
+        for server in started_server:
+            server.shutdown()
+            server.server_close()
+
+
+def test_a_server_that_never_comes_up_fails_after_llm_startup_wait_saying_so() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    began = time.monotonic()
+    with pytest.raises(LLMError) as info:
+        engine_for(url, startup_wait=3.0)
+    assert 2.5 < time.monotonic() - began < 15
+    assert "waited 3 s for it (llm-startup-wait)" in str(info.value) and "unreachable" in str(info.value)
+
+
+def test_a_timed_out_request_is_sent_again_only_after_waiting_as_long_as_it_ran(faulty: FaultyLLMServer) -> None:
+    """The server may still be busy with a request that timed out: the retry must not pile a second copy
+    on top at once (with a 0.01 s backoff, the old retry came back at once)."""
+    faulty.mode = "hang"
+    faulty.hang_seconds = 1.5
+    engine = engine_for(faulty.url, timeout=1.0, max_retries=1, retry_backoff=0.01)
+    with pytest.raises(TransientLLMError, match="did not answer in time"):
+        engine.generate("Q?", system_prompt="p")
+    first, second = faulty.arrivals[:2]
+    assert second - first >= 2.0  # 1 s until the timeout, then at least as long again before the retry
+
+
+def test_the_timeout_follows_the_server_kind_unless_set(faulty: FaultyLLMServer) -> None:
+    """llm-timeout 0 (the default): long for local CPU servers, shorter for GPU servers and hosted APIs."""
+    from fedtextgrad_core.llm.openai_transport import AUTO_TIMEOUT_SECONDS
+
+    auto = engine_for(faulty.url, timeout=0.0, server_kind="llama.cpp")
+    assert auto._chat.timeout == AUTO_TIMEOUT_SECONDS["llama.cpp"] == 900.0
+    assert engine_for(faulty.url, timeout=0.0, server_kind="vllm")._chat.timeout == 300.0
+    assert engine_for(faulty.url, timeout=42.0, server_kind="llama.cpp")._chat.timeout == 42.0
+
+
+def test_a_long_wait_is_reported_while_it_lasts(faulty: FaultyLLMServer, capsys, monkeypatch) -> None:
+    from fedtextgrad_core.llm import waiting
+
+    monkeypatch.setattr(waiting, "REPORT_EVERY_SECONDS", 0.5)
+    monkeypatch.setattr(waiting, "CHECK_EVERY_SECONDS", 0.1)
+    faulty.mode = "ok"
+    faulty.delay = 1.5
+    engine_for(faulty.url, timeout=10.0).generate("Q?", system_prompt="p")
+    said = capsys.readouterr().err
+    assert f"waiting for LLM endpoint {faulty.url} (model m): 1 request(s) in flight" in said
+    assert "timeout 10 s" in said

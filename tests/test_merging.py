@@ -7,8 +7,9 @@ import logging
 
 import pytest
 
+from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.method.merging import (
     MERGE_METHODS,
     MERGE_REQUEST,
@@ -17,15 +18,14 @@ from fedtextgrad_core.method.merging import (
     merge_prompts,
     minimum_token_budget,
 )
-from fedtextgrad_core.text import count_tokens
 from fedtextgrad_core.sim import (
     CATALOGUE,
     SimLLM,
     insert_instruction,
     instructions_in,
 )
-from fedtextgrad_core.text import split_sentences
-from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.text import count_tokens, split_sentences
+from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
 FORMAT = TASK.format_instruction
@@ -44,7 +44,7 @@ def scripted(reply: str, seen: list[list[dict[str, str]]] | None = None) -> Chat
         if seen is not None:
             seen.append(messages)
         return reply, 10, 5
-    return ChatEngine(EndpointSettings(), chat)
+    return ChatEngine(endpoint(), chat)
 
 
 def ends_with_format_once(prompt: str) -> bool:
@@ -68,7 +68,7 @@ def test_concat_needs_no_engine_and_deduplicates_the_format_only() -> None:
 
 
 def test_summarize_uid_keeps_all_instructions_with_the_sim() -> None:
-    engine = make_engine(EndpointSettings())
+    engine = make_engine(endpoint())
     result = merge_prompts(client_prompts(), "summarize-uid", FORMAT, engine)
     assert result.method == "summarize-uid"
     assert result.fallback_reason == ""
@@ -80,7 +80,7 @@ def test_summarize_uid_keeps_all_instructions_with_the_sim() -> None:
 
 
 def test_plain_summarize_loses_an_instruction_with_the_sim() -> None:
-    engine = make_engine(EndpointSettings())
+    engine = make_engine(endpoint())
     result = merge_prompts(client_prompts(), "summarize", FORMAT, engine)
     assert result.fallback_reason == ""
     kept = instructions_in(result.prompt, TASK.name)
@@ -96,7 +96,7 @@ def test_summariser_sees_the_format_and_keeping_it_is_not_a_repair() -> None:
     assert result.prompt == f"{body} {FORMAT}"
     assert result.format_repaired is False
     request = seen[0][-1]["content"]
-    assert UID_REQUEST in request
+    assert "Apply Uniform Information Density Principles." in request
     # Every client prompt is shown ending with the instruction the request says to keep last.
     assert request.count(f"{FORMAT}</PROMPT>") == len(LEARNED)
 
@@ -104,7 +104,36 @@ def test_summariser_sees_the_format_and_keeping_it_is_not_a_repair() -> None:
 def test_plain_summarize_request_has_no_uid_instruction() -> None:
     seen: list[list[dict[str, str]]] = []
     merge_prompts(client_prompts(), "summarize", FORMAT, scripted(f"Merged. {FORMAT}", seen))
-    assert UID_REQUEST not in seen[0][-1]["content"]
+    assert UID_REQUEST not in seen[0][-1]["content"] and "Uniform Information Density" not in seen[0][-1]["content"]
+
+
+def test_the_merge_requests_use_the_reference_wording() -> None:
+    """summarize and summarize-uid are the reference's templates (utils/prompt_template.py); the
+    explicit UID request is this project's earlier, longer wording, under its own name."""
+    requests = {}
+    for method in ("summarize", "summarize-uid", "summarize-uid-explicit"):
+        seen: list[list[dict[str, str]]] = []
+        merge_prompts(client_prompts(), method, FORMAT, scripted(f"Merged. {FORMAT}", seen))
+        requests[method] = seen[0][-1]["content"]
+    assert requests["summarize"].startswith(
+        "Merge the following list of prompts into a single, cohesive prompt while preserving all original "
+        "information. Ensure that the final instruction remains unchanged and is placed as the last sentence. "
+        "Provide only the merged prompt.\n\nList of Prompts to Merge:\n<PROMPT>")
+    assert requests["summarize-uid"].startswith(
+        "Merge the following list of prompts into a single, cohesive prompt while preserving all original "
+        "information. Apply Uniform Information Density Principles. Ensure that the final instruction remains "
+        "unchanged and is placed as the last sentence. Provide only the merged prompt.\n\n")
+    assert UID_REQUEST in requests["summarize-uid-explicit"] and UID_REQUEST not in requests["summarize-uid"]
+
+
+def test_a_clients_own_variant_of_the_answer_format_is_not_kept_beside_the_runs() -> None:
+    """A rewrite that changed the format line's words ($VALUE -> VALUE) must not leave the merged prompt
+    with the format twice."""
+    variant = FORMAT.replace("$VALUE", "VALUE")
+    prompts = [f"Count carefully. {variant}", f"List every item. {FORMAT}"]
+    for method, engine in (("concat", None), ("summarize-uid", make_engine(endpoint()))):
+        merged = merge_prompts(prompts, method, FORMAT, engine).prompt
+        assert merged.endswith(FORMAT) and merged.count("last line of your response") == 1, (method, merged)
 
 
 def test_dropped_format_is_repaired() -> None:
@@ -180,7 +209,7 @@ def recording_sim(requests: list[int]) -> ChatEngine:
     def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
         requests.append(count_tokens("\n".join(m["content"] for m in messages))[0])
         return sim.complete(messages), 0, 0
-    return ChatEngine(EndpointSettings(), chat)
+    return ChatEngine(endpoint(), chat)
 
 
 def sentences_of(prompts: list[str]) -> list[str]:
@@ -208,7 +237,7 @@ def test_a_hundred_long_prompts_are_merged_in_groups_that_fit_the_budget(method:
 
 def test_small_merges_are_the_same_with_or_without_the_default_budget() -> None:
     for method in MERGE_METHODS:
-        engine = None if method == "concat" else make_engine(EndpointSettings())
+        engine = None if method == "concat" else make_engine(endpoint())
         plain = merge_prompts(client_prompts(), method, FORMAT, engine)
         budgeted = merge_prompts(client_prompts(), method, FORMAT, engine, token_budget=3000)
         assert budgeted.prompt == plain.prompt
@@ -272,8 +301,8 @@ def test_a_group_whose_summary_is_useless_is_concatenated_and_the_budget_still_h
 @pytest.mark.parametrize("method", MERGE_METHODS)
 def test_a_budget_too_small_for_the_method_is_a_config_error(method: str) -> None:
     minimum = minimum_token_budget(method, FORMAT)
-    assert merge_prompts(client_prompts(), method, FORMAT, make_engine(EndpointSettings()),
+    assert merge_prompts(client_prompts(), method, FORMAT, make_engine(endpoint()),
                          token_budget=minimum).prompt.endswith(FORMAT)
     with pytest.raises(ConfigError) as info:
-        merge_prompts(client_prompts(), method, FORMAT, make_engine(EndpointSettings()), token_budget=minimum - 1)
+        merge_prompts(client_prompts(), method, FORMAT, make_engine(endpoint()), token_budget=minimum - 1)
     assert "'merge-token-budget'" in str(info.value) and f"at least {minimum}" in str(info.value)

@@ -7,14 +7,13 @@ from collections import Counter
 import pytest
 
 from fedtextgrad_core.data.loaders import load_splits
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.data.partitioning import (
     PARTITIONINGS,
     ClientData,
     client_data,
     partition,
 )
-
+from fedtextgrad_core.errors import ConfigError
 from tests import SHARED_DATA
 
 TASKS3 = ["object_counting", "word_sorting", "multistep_arithmetic_two"]

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from fedtextgrad_core.data.examples import Example
+from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import ConfigError, LLMError
 from fedtextgrad_core.llm import cache as response_cache
 from fedtextgrad_core.llm import openai_transport as openai_backend
-from fedtextgrad_core.run.client_round import evaluate_split
-from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.errors import ConfigError, LLMError
-from fedtextgrad_core.method.evaluation import answer_all, evaluate_prompt
-from fedtextgrad_core.llm.engine import ChatEngine, EndpointSettings, make_engine
 from fedtextgrad_core.llm.cache import ResponseCache, cache_key
+from fedtextgrad_core.llm.engine import ChatEngine, make_engine
+from fedtextgrad_core.method.evaluation import answer_all, evaluate_prompt
+from fedtextgrad_core.run.client_round import answer
+from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest
 from fedtextgrad_core.run.settings import endpoint_settings
-from fedtextgrad_core.data.tasks import get_task
-
 from tests.faulty_llm_server import FaultyLLMServer
 from tests.flower_loopback import default_run_config
+from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
 EXAMPLES = [Example(f"I have {n} apples and a banana. How many fruits do I have?", str(n + 1)) for n in range(5)]
@@ -35,7 +36,7 @@ QUESTIONS = [e.question for e in EXAMPLES]
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """No endpoint check or open cache carried over from another test."""
-    monkeypatch.setattr(openai_backend, "_checked", set())
+    monkeypatch.setattr(openai_backend, "_facts", {})
     monkeypatch.setattr(response_cache, "_open", {})
 
 
@@ -49,7 +50,7 @@ def server() -> Iterator[FaultyLLMServer]:
 def cached_engine(url: str, cache: Path, **overrides: object) -> ChatEngine:
     settings = {"backend": "openai", "base_url": url, "model": "m", "timeout": 2.0, "max_retries": 0,
                 "cache_path": str(cache), **overrides}
-    return make_engine(EndpointSettings(**settings))  # type: ignore[arg-type]
+    return make_engine(endpoint(**settings))
 
 
 def test_the_same_evaluation_twice_sends_no_requests_the_second_time(server: FaultyLLMServer,
@@ -112,7 +113,7 @@ def test_failed_calls_are_not_cached(server: FaultyLLMServer, tmp_path: Path) ->
 
 
 def test_without_a_cache_path_every_call_is_sent(server: FaultyLLMServer) -> None:
-    engine = make_engine(EndpointSettings(backend="openai", base_url=server.url, model="m", timeout=2.0))
+    engine = make_engine(endpoint(backend="openai", base_url=server.url, model="m", timeout=2.0))
     engine.generate("q", system_prompt="p")
     engine.generate("q", system_prompt="p")
     assert server.chat_requests == 2 and engine.usage.cache_hits == 0
@@ -140,14 +141,22 @@ def test_many_threads_share_one_cache_safely(server: FaultyLLMServer, tmp_path: 
     assert len(set(again)) == 10 and set(again) <= set(replies)
 
 
+def evaluate(run_config: dict, node_config: dict) -> EvalReply:
+    """A client's answer to a validation request, as the ClientApp calls it."""
+    reply = answer(run_config, node_config,
+                   RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=TASK.start_prompt))
+    assert isinstance(reply, EvalReply)
+    return reply
+
+
 def test_a_client_evaluation_reads_the_cache_named_in_the_run_config(tmp_path: Path) -> None:
     config = default_run_config(**{"llm-cache-path": str(tmp_path / "sim-replies.sqlite")})
     node = {"partition-id": 0, "num-partitions": 3}
-    first = evaluate_split(config, node, TASK.start_prompt, "val")
-    second = evaluate_split(config, node, TASK.start_prompt, "val")
-    assert first["llm_calls"] == first["total"] > 0 and first["cache_hits"] == 0
-    assert second["llm_calls"] == 0 and second["cache_hits"] == second["total"]
-    assert (second["correct"], second["malformed"]) == (first["correct"], first["malformed"])
+    first = evaluate(config, node)
+    second = evaluate(config, node)
+    assert first.usage.calls == first.scores.total > 0 and first.usage.cache_hits == 0
+    assert second.usage.calls == 0 and second.usage.cache_hits == second.scores.total
+    assert (second.scores.correct, second.scores.malformed) == (first.scores.correct, first.scores.malformed)
 
 
 # --- a cache path that cannot be used is a configuration error naming the setting --------------
@@ -180,7 +189,7 @@ def test_an_unusable_cache_path_fails_a_client_before_any_request(server: Faulty
     node = {"partition-id": 0, "num-partitions": 3, "llm-backend": "openai", "llm-base-url": server.url,
             "llm-model": "m"}
     with pytest.raises(ConfigError, match="'llm-cache-path'"):
-        evaluate_split(config, node, TASK.start_prompt, "val")
+        evaluate(config, node)
     assert server.chat_requests == 0
 
 

@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.run.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -21,8 +22,8 @@ from fedtextgrad_core.run.checkpoint import (
     checkpoint_to_resume,
     rng_state,
 )
-from fedtextgrad_core.errors import ConfigError
-
+from fedtextgrad_core.run.messages import REQUEST_RECORD, RoundRequest
+from fedtextgrad_core.run.run_folder import RunFolder
 from tests.flower_loopback import LoopbackGrid, default_run_config
 from tests.resume_helpers import outcome, run_server
 
@@ -54,7 +55,7 @@ def uninterrupted(tmp_path_factory):
     results = tmp_path_factory.mktemp("reference")
     config = default_run_config(**SHORT, **{"results-dir": str(results)})
     run_server(config, LoopbackGrid(config))
-    return outcome(results / "run")
+    return results / "run"
 
 
 @pytest.mark.parametrize("die_at", [2, 3, 6], ids=["round-1-training", "round-1-evaluation", "round-3-training"])
@@ -70,16 +71,23 @@ def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_
     assert json.loads((run_dir / CHECKPOINT_FILE).read_text())["round"] == finished_before
 
     grid = LoopbackGrid(config)
-    federation, lines = run_server({**config, "resume-from": str(run_dir)}, grid)
-    assert federation.recorder.path == run_dir  # continued in the same folder
-    assert lines[1].startswith(f"resuming {run_dir} after round {finished_before}")
-    # no finished round was redone: the resumed server sent only the rounds after it, and the test
-    rounds_sent = sorted({int(m.content["config"]["server-round"]) for m in grid.sent})
-    assert rounds_sent == [*range(finished_before + 1, 4), 4]
+    run, lines = run_server({**config, "resume-from": str(run_dir)}, grid)
+    assert run.recorder.path == run_dir  # continued in the same folder
+    assert [line for line in lines if line.startswith("resuming")] == [lines[2]]  # after the header and folder
+    assert lines[2].startswith(f"resuming {run_dir} after round {finished_before}")
+    # no finished round was redone (nor the start prompt's evaluation): the resumed server sent only
+    # the rounds after it, then the test of the best prompt, which carries the last round
+    sent = [RoundRequest.decode(m.content[REQUEST_RECORD]) for m in grid.sent]
+    phases = list(dict.fromkeys((request.phase, request.server_round) for request in sent))  # in order, once
+    assert phases == [*[(phase, n) for n in range(finished_before + 1, 4) for phase in ("train", "evaluate")],
+                      ("test", 3)]
     assert (run_dir / "rounds.jsonl").read_text().startswith(kept)  # nor lost
-    assert outcome(run_dir) == uninterrupted
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["finished"] is True and summary["resumed_after_rounds"] == [finished_before]
+    assert outcome(run_dir) == outcome(uninterrupted)
+    summary = RunFolder(run_dir).read_summary()
+    # what the run cost is counted once, as in the uninterrupted run: the start prompt's evaluation
+    # (from the checkpoint), the finished rounds (from rounds.jsonl), the resumed rounds and the test
+    assert summary.cost == RunFolder(uninterrupted).read_summary().cost
+    assert summary.finished is True and summary.resumed_after_rounds == (finished_before,)
 
 
 def test_a_round_recorded_but_not_checkpointed_is_run_again_once(tmp_path, uninterrupted):
@@ -96,7 +104,7 @@ def test_a_round_recorded_but_not_checkpointed_is_run_again_once(tmp_path, unint
     with (run_dir / "rounds.jsonl").open("a") as handle:
         handle.write('{"round": 3, "half a line')
     run_server({**config, "run-name": "late", "resume-from": str(run_dir)}, LoopbackGrid(config))
-    assert outcome(run_dir) == uninterrupted
+    assert outcome(run_dir) == outcome(uninterrupted)
 
 
 def test_the_sampling_generator_is_restored_exactly():
@@ -135,5 +143,6 @@ def test_a_resumed_run_may_go_on_for_more_rounds(tmp_path):
     with pytest.raises(ServerKilled):
         run_server(config, DyingGrid(config, die_at=4))  # killed in round 1's evaluation
     run_server({**config, "num-server-rounds": 2, "resume-from": str(tmp_path / "run")}, LoopbackGrid(config))
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["finished"] and summary["rounds"] == 2 and summary["rounds_planned"] == 2
+    summary = RunFolder(tmp_path / "run").read_summary()
+    assert summary.finished and summary.rounds == 2 and summary.rounds_planned == 2
+    assert [r.round for r in RunFolder(tmp_path / "run").read_rounds()] == [1, 2]

@@ -23,12 +23,13 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.serde import message_to_proto
 
-from fedtextgrad_core.tools.cli import main as cli_main
 from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.run.messages import REQUEST_RECORD, RoundRequest
+from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.sim.server import make_server
+from fedtextgrad_core.tools.cli import main as cli_main
 from server_app.server_app import main as server_main
-
 from tests.faulty_llm_server import closed_port
 from tests.flower_loopback import LoopbackGrid, default_run_config
 
@@ -156,9 +157,11 @@ def test_the_scanner_finds_a_planted_key(tmp_path, capfd):
     finally:
         logger.removeHandler(handler)
     print(f"Authorization: Bearer {key}")
-    sent = Message(content=RecordDict({"config": ConfigRecord({"prompt": f"Think step by step. {key}"})}),
+    sent = Message(content=RecordDict({REQUEST_RECORD: ConfigRecord(
+        RoundRequest(phase="train", server_round=1, prompt=f"Think step by step. {key}").encode())}),
                    message_type=MessageType.TRAIN, dst_node_id=100)
-    clean = Message(content=RecordDict({"config": ConfigRecord({"prompt": "Think step by step."})}),
+    clean = Message(content=RecordDict({REQUEST_RECORD: ConfigRecord(
+        RoundRequest(phase="train", server_round=1, prompt="Think step by step.").encode())}),
                     message_type=MessageType.TRAIN, dst_node_id=101)
     out, err = capfd.readouterr()
 
@@ -188,8 +191,12 @@ def test_a_pasted_key_in_a_node_config_fails_that_client_without_leaking(sim_wit
     started = time.time() - 1
     grid, run_dir = run_federation(tmp_path, url, {"node_overrides": {0: {"llm-api-key-env": pasted}}},
                                    **{"num-server-rounds": 1})
-    rounds = (run_dir / "rounds.jsonl").read_text()
-    assert "llm-api-key-env" in rounds  # the failure is reported, naming the setting
+    (record,) = RunFolder(run_dir).read_rounds()
+    # that client's failures are reported, naming the setting; the other two went on
+    assert {(f.node_id, f.stage) for f in record.failures} == {(100, "train"), (100, "evaluate")}
+    assert all("'llm-api-key-env'" in f.reason for f in record.failures), record.failures
+    assert [u.label for u in record.uploads] == ["1", "2"]
+    assert RunFolder(run_dir).read_summary().finished is True
     out, err = capfd.readouterr()
     log_lines = "\n".join(record.getMessage() for record in caplog.records)
     for secret in (pasted, key):

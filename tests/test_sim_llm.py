@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.data.lexicon import CATEGORIES, NUMBER_NAMES, article
+from fedtextgrad_core.data.tasks import NUMBER_FORMAT, PROMPT_OPENING, WORDS_FORMAT, get_task
+from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.sim import (
     CATALOGUE,
     SimLLM,
@@ -25,7 +26,6 @@ from fedtextgrad_core.sim import (
     insert_instruction,
     instructions_in,
 )
-from fedtextgrad_core.data.tasks import NUMBER_FORMAT, PROMPT_OPENING, WORDS_FORMAT, get_task
 from fedtextgrad_core.text import split_sentences
 
 TASKS = list(CATALOGUE)
@@ -70,7 +70,8 @@ def _own_questions(task: str, n: int, seed: int) -> list[tuple[str, str]]:
             items = ", ".join(entries[:-1]) + ", and " + entries[-1]
             out.append((f"I have {items}. How many {asked} do I have?", str(total)))
         elif task == "word_sorting":
-            pool = "apple apricot banana bandit berry cherry chalk delta dog eagle early fig film".split()
+            pool = ["apple", "apricot", "banana", "bandit", "berry", "cherry", "chalk", "delta", "dog", "eagle",
+                    "early", "fig", "film"]
             words = rng.sample(pool, rng.randint(3, 8))
             out.append(("Sort the following words alphabetically: List: " + " ".join(words), " ".join(sorted(words))))
         else:
@@ -178,7 +179,8 @@ def test_deterministic_across_calls_and_threads() -> None:
     results: dict[int, list[str]] = {}
 
     def work(slot: int) -> None:
-        results[slot] = [SimLLM().complete([{"role": "system", "content": prompt}, {"role": "user", "content": q}]) for q in questions]
+        results[slot] = [SimLLM().complete([{"role": "system", "content": prompt}, {"role": "user", "content": q}])
+                         for q in questions]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.sim import SimLLM, approx_tokens
 from fedtextgrad_core.sim.server import make_server
-from fedtextgrad_core.data.tasks import get_task
 
 QUESTION = "I have a flute, a piano, four stoves, and two violins. How many musical instruments do I have?"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.data.lexicon import CATEGORIES, NOUN_CATEGORY, NUMBER_WORDS
 from fedtextgrad_core.data.synthetic import SUPPORTED_TASKS, generate
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"

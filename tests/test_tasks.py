@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.data.tasks import (
     GENERIC_FORMAT,
     NUMBER_FORMAT,
     PROMPT_OPENING,
     TASKS,
     WORDS_FORMAT,
+    check_parser,
     format_for,
     get_task,
+    last_number,
     start_prompt_for,
 )
+from fedtextgrad_core.errors import ConfigError
 
 COUNTING = get_task("object_counting")
 SORTING = get_task("word_sorting")
@@ -112,3 +114,35 @@ def test_prompts_and_formats() -> None:
     assert format_for(["object_counting", "multistep_arithmetic_two"]) == NUMBER_FORMAT
     assert format_for(["object_counting", "word_sorting"]) == GENERIC_FORMAT
     assert start_prompt_for(["word_sorting"]) == SORTING.start_prompt
+
+
+# --- the reference code's parser (answer-parser = last-number) ----------------------------------
+
+
+@pytest.mark.parametrize("reply, value", [
+    ("There are 7 apples.\nAnswer: 12", 12),
+    ("I count 3, then 4. So 1,000 in all", 1000),  # the last token with a digit; commas are not digits
+    ("The result is 3.5 units", 3),  # cut at the first '.'
+    ("The answer is -45", 45),  # minus signs are dropped, as in the reference
+    ("no number at all", 0),  # the reference reads 0 when there is none
+    ("", 0),
+])
+def test_last_number_reads_as_the_reference_code_does(reply: str, value: int) -> None:
+    assert last_number(reply) == value
+
+
+def test_last_number_scores_reply_and_target_alike_and_disagrees_with_the_answer_line() -> None:
+    task = get_task("multistep_arithmetic_two")
+    # the reference drops the minus sign on both sides, so a wrong sign still counts as right
+    assert task.score("So the total is 45", "-45", "last-number") == (True, False)
+    assert task.score("So the total is 45", "-45", "answer-line") == (False, True)
+    # a reply with no digit reads 0: right when the target is 0, and flagged as malformed
+    assert task.score("nothing", "0", "last-number") == (True, True)
+
+
+def test_last_number_is_refused_for_word_tasks() -> None:
+    assert check_parser("last-number", ["object_counting", "gsm8k"]) == "last-number"
+    with pytest.raises(ConfigError, match="answer-line for word_sorting"):
+        check_parser("last-number", ["object_counting", "word_sorting"])
+    with pytest.raises(ConfigError, match="answer-line, last-number"):
+        check_parser("first-number", ["object_counting"])

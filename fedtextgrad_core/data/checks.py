@@ -44,7 +44,7 @@ def check_json_file(path: Path, field: str, kinds: Kinds, expected: str) -> None
     text = _read_text(path, expected, bom_ok=False)
     document = _parse(text, f"'{path}'", expected, whole_file=True)
     try:
-        records = document[field]
+        records = document[field]  # type: ignore[index]
     except (KeyError, TypeError, IndexError) as exc:
         what = f"has no '{field}' field" if isinstance(document, dict) else f"holds a JSON {_kind(document)}, not an object"
         raise DataError(f"'{path}' {what}; expected {expected}") from exc

@@ -22,8 +22,8 @@ from typing import Any
 from fedtextgrad_core.data.checks import check_json_file, check_jsonl_file
 from fedtextgrad_core.data.examples import Example, Splits
 from fedtextgrad_core.data.synthetic import generate
-from fedtextgrad_core.errors import ConfigError, DataError
 from fedtextgrad_core.data.tasks import TASKS, get_task
+from fedtextgrad_core.errors import ConfigError, DataError
 
 __all__ = ["BBH_URL", "GSM8K_HUB_NAME", "MAX_SYNTHETIC_SIZE", "load_splits"]
 
@@ -36,6 +36,11 @@ BBH_TRAIN, BBH_VAL, BBH_TEST = 50, 100, 100
 # DSPy split of GSM8K: train and val come from the shuffled train file, test is all of the test file.
 GSM8K_TRAIN, GSM8K_VAL = 200, 300
 GSM8K_SHUFFLE_SEED = 0
+# The FedTextGrad code's GSM8K split, cut from the same shuffles: train[:50], val train[200:300],
+# test official_test[300:400], each question prefixed "Question: ".
+GSM8K_SPLITS = ("textgrad", "fedtextgrad")
+FEDTEXTGRAD_GSM8K = {"train": (0, 50), "val": (0, 100), "test": (300, 400)}  # slices of the textgrad split
+QUESTION_PREFIX = "Question: "
 MIN_SYNTHETIC_SIZE = 5  # smallest size that leaves at least one example in every split
 # Largest synthetic data set: generating it takes seconds; a size like 2**62 would
 # stall every client (and exhaust its memory) instead of failing at start.
@@ -49,6 +54,7 @@ def load_splits(
     source: str | os.PathLike[str] = "synthetic",
     seed: int = 0,
     synthetic_size: int = 250,
+    gsm8k_split: str = "textgrad",
 ) -> Splits:
     """The reference splits of ``task`` from ``source``.
 
@@ -58,6 +64,8 @@ def load_splits(
     ``bbh/<task>.json`` and/or ``gsm8k/``. ``seed`` and ``synthetic_size`` only
     matter for synthetic data: real data always gets the fixed reference split, so
     results stay comparable with the paper's.
+
+    ``gsm8k_split`` picks GSM8K's split: TextGrad's DSPy split or the FedTextGrad code's smaller one.
 
     The lists returned are fresh copies, so a caller may shuffle them without
     disturbing the cached data other clients receive.
@@ -88,6 +96,14 @@ def load_splits(
     else:
         cached = _real_splits(task, str(_local_path(source)))
     train, val, test = cached
+    if task == "gsm8k" and gsm8k_split == "fedtextgrad":
+        def cut(examples: tuple[Example, ...], part: str) -> list[Example]:
+            start, end = FEDTEXTGRAD_GSM8K[part]
+            return [Example(QUESTION_PREFIX + e.question, e.answer) for e in examples[start:end]]
+
+        return Splits(task=task, train=cut(train, "train"), val=cut(val, "val"), test=cut(test, "test"))
+    if gsm8k_split not in GSM8K_SPLITS:
+        raise ConfigError("gsm8k-split", gsm8k_split, ", ".join(GSM8K_SPLITS))
     return Splits(task=task, train=list(train), val=list(val), test=list(test))
 
 

@@ -7,15 +7,16 @@ around and all clients agree on who holds what without talking to each other.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 from fedtextgrad_core.data.examples import Example, Splits
 from fedtextgrad_core.data.loaders import load_splits
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import ConfigError
 
-__all__ = ["PARTITIONINGS", "ClientData", "partition", "client_data"]
+__all__ = ["PARTITIONINGS", "ClientData", "client_data", "partition"]
 
 PARTITIONINGS = ("homogeneous", "heterogeneous", "centralized")
 
@@ -63,6 +64,9 @@ def client_data(
     source: str,
     seed: int,
     synthetic_size: int = 250,
+    val_limit: int = 0,
+    test_limit: int = 0,
+    gsm8k_split: str = "textgrad",
 ) -> ClientData:
     """The data of client ``partition_id`` under the chosen ``partitioning``.
 
@@ -70,6 +74,9 @@ def client_data(
     - heterogeneous: client i holds all of ``tasks[i]``, one task per client;
     - centralized: every client holds all of the single task (the server then samples
       just one client, which makes it the non-federated baseline).
+
+    ``val_limit``/``test_limit`` (0: all) keep only the first examples of a task's validation and
+    test splits before they are dealt out: a smaller, fixed subset where scoring is slow (a CPU).
     """
     if partitioning not in PARTITIONINGS:
         raise ConfigError("partitioning", partitioning, "homogeneous, heterogeneous or centralized")
@@ -87,14 +94,21 @@ def client_data(
                 f"one task per client: it lists {len(tasks)} task(s) but the federation has "
                 f"{num_partitions} clients",
             )
-        return _whole(load_splits(tasks[partition_id], source, seed, synthetic_size))
+        return _whole(limit(load_splits(tasks[partition_id], source, seed, synthetic_size, gsm8k_split), val_limit,
+                            test_limit))
 
     if len(tasks) != 1:
         raise ConfigError("task", ",".join(tasks), f"exactly one task for {partitioning} partitioning")
-    splits = load_splits(tasks[0], source, seed, synthetic_size)
+    splits = limit(load_splits(tasks[0], source, seed, synthetic_size, gsm8k_split), val_limit, test_limit)
     if partitioning == "centralized":
         return _whole(splits)
     return partition(splits, partition_id, num_partitions, seed)
+
+
+def limit(splits: Splits, val_limit: int, test_limit: int) -> Splits:
+    """The splits with only the first ``val_limit``/``test_limit`` validation/test examples (0: all)."""
+    return Splits(task=splits.task, train=splits.train, val=splits.val[:val_limit] if val_limit else splits.val,
+                  test=splits.test[:test_limit] if test_limit else splits.test)
 
 
 def _whole(splits: Splits) -> ClientData:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import random
 
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.data.lexicon import CATEGORIES, NUMBER_NAMES, article
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import ConfigError
 
-__all__ = ["generate", "SUPPORTED_TASKS", "WORDS"]
+__all__ = ["SUPPORTED_TASKS", "WORDS", "generate"]
 
 SUPPORTED_TASKS = ("object_counting", "word_sorting", "multistep_arithmetic_two")
 

@@ -1,7 +1,14 @@
 """The reasoning tasks: their prompts, answer formats and exact-match scoring.
 
-Scoring is exact match in code, as in the paper's reference setup, so no LLM judge
-is needed and a score never depends on a second model.
+Scoring is exact match in code, so a score never depends on a second model. Two answer
+parsers are offered (``answer-parser``):
+
+- ``answer-line`` (this project's default): the text after the last ``Answer:``; a reply
+  without one is wrong and counted as malformed.
+- ``last-number`` (the reference code's ``parse_integer_answer``, from DSPy): the last
+  whitespace-separated token holding a digit, cut at its first ``.``, digits only, as an
+  integer; applied to the reply and to the target alike, so minus signs are dropped and a
+  reply without any digit reads as 0. Numeric tasks only.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ GENERIC_FORMAT = (
 )
 PROMPT_OPENING = "You will answer a reasoning question. Think step by step."
 
+ANSWER_PARSERS = ("answer-line", "last-number")
 _ANSWER_MARK = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -75,13 +83,37 @@ class Task:
         words = re.sub(r"[^\w&'\-\s]", " ", answer.lower()).split()
         return " ".join(words) or None
 
-    def score(self, response: str, target: str) -> tuple[bool, bool]:
-        """(correct, malformed) for one reply against its target."""
+    def score(self, response: str, target: str, parser: str = "answer-line") -> tuple[bool, bool]:
+        """(correct, malformed) for one reply against its target, read with ``parser``."""
+        if parser == "last-number":
+            return last_number(response) == last_number(target), not any(c.isdigit() for c in response or "")
         answer = self.extract_answer(response)
         if answer is None:
             return False, True
         predicted = self.normalize(answer)
         return predicted is not None and predicted == self.normalize(target), False
+
+
+def last_number(text: str) -> int:
+    """The reference code's answer parser (``parse_integer_answer``), kept exactly as it behaves:
+    the last whitespace-separated token holding a digit, cut at its first '.', digits only. No such
+    token reads as 0, and a minus sign is dropped ('-5' reads as 5)."""
+    tokens = [token for token in (text or "").split() if any(c.isdigit() for c in token)]
+    if not tokens:
+        return 0
+    digits = "".join(c for c in tokens[-1].split(".")[0] if c.isdigit())
+    return int(digits) if digits else 0
+
+
+def check_parser(parser: str, task_names: list[str]) -> str:
+    """``parser`` if it can read every task's answers; last-number reads numbers only."""
+    if parser not in ANSWER_PARSERS:
+        raise ConfigError("answer-parser", parser, ", ".join(ANSWER_PARSERS))
+    words = [name for name in task_names if get_task(name).answer_kind != "number"]
+    if parser == "last-number" and words:
+        raise ConfigError("answer-parser", parser, f"answer-line for {', '.join(words)}, whose answers are words "
+                          "(last-number reads numbers only)")
+    return parser
 
 
 TASKS: dict[str, Task] = {

@@ -21,6 +21,12 @@ class EndpointSettings:
     retry_backoff: float  # seconds before the first retry; doubles each time
     cache_path: str  # empty: no reply cache
     sim_latency_ms: float
+    server_kind: str  # auto, or the kind of server (llama.cpp, vllm, sglang, ollama, openai, unknown)
+    startup_wait: float  # seconds the start-up check waits for a server that is not answering yet
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend == "sim"
 
     def describe(self) -> str:
         if self.backend == "sim":

@@ -26,16 +26,19 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TypeVar
 
 from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.llm import waiting
 from fedtextgrad_core.llm.cache import cache_key, open_cache
+from fedtextgrad_core.llm.constraints import Constraint, constraint_for
 from fedtextgrad_core.llm.endpoint import EndpointSettings
-from fedtextgrad_core.llm.openai_transport import TransientLLMError
-from fedtextgrad_core.llm.textgrad_adapter import tg
+from fedtextgrad_core.llm.openai_transport import LLMTimeout, TransientLLMError
+from fedtextgrad_core.llm.server_kind import KINDS as SERVER_KINDS
+from fedtextgrad_core.llm.textgrad_adapter import EngineLM
 
 BACKEND_GROUP = "fedtextgrad.backends"
 BACKOFF_CAP_SECONDS = 8.0
 
-# (messages) -> (reply text, prompt tokens, completion tokens)
-ChatFn = Callable[[list[dict[str, str]]], tuple[str, int, int]]
+# (messages[, constraint]) -> (reply text, prompt tokens, completion tokens)
+ChatFn = Callable[..., tuple[str, int, int]]
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -100,7 +103,7 @@ def endpoint_pool(settings: EndpointSettings) -> ThreadPoolExecutor:
         return pool
 
 
-class ChatEngine(tg.EngineLM):
+class ChatEngine(EngineLM):
     """A TextGrad engine that sends (system, user) chat messages through ``chat``."""
 
     def __init__(self, settings: EndpointSettings, chat: ChatFn):
@@ -138,27 +141,44 @@ class ChatEngine(tg.EngineLM):
             for key, value in spent.items():
                 setattr(self.usage, key, getattr(self.usage, key) + value)
 
-    def _call_with_retries(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    @property
+    def server_kind(self) -> str:
+        """The kind of server behind this engine ('sim' for the simulator), as its start-up check found it."""
+        return str(getattr(self._chat, "kind", self.settings.backend))
+
+    def _call_with_retries(self, messages: list[dict[str, str]], constraint: Constraint | None
+                           ) -> tuple[str, int, int]:
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
-                with self._slots:
-                    return self._chat(messages)
+                with self._slots, waiting.watch(self):
+                    return self._chat(messages, constraint) if constraint is not None else self._chat(messages)
             except TransientLLMError as exc:
                 if attempt >= self.settings.max_retries:
                     raise TransientLLMError(f"{exc} (gave up after {attempt + 1} attempts)") from exc
                 delay = min(BACKOFF_CAP_SECONDS, self.settings.retry_backoff * 2 ** attempt)
-                time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: clients do not retry in lockstep
+                delay *= random.uniform(0.5, 1.0)  # jitter: clients do not retry in lockstep
+                if isinstance(exc, LLMTimeout):
+                    # the server may still be working on the request that timed out: sending it
+                    # again at once would queue a second copy behind the first
+                    delay = max(delay, time.monotonic() - started)
+                time.sleep(delay)
                 attempt += 1
                 self._count(retries=1)
 
-    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+    def generate(self, prompt: str, system_prompt: str | None = None, constraint: Constraint | None = None,
+                 **kwargs) -> str:
+        """TextGrad's call: the reply to ``prompt`` under ``system_prompt``. ``constraint`` asks the
+        server to shape the reply (constraints.py); the reply comes back as plain tagged text."""
         messages = [{"role": "system", "content": system_prompt or self.system_prompt},
                     {"role": "user", "content": prompt}]
         key = None
         if self._cache is not None:
             s = self.settings
-            key = cache_key(s.backend, s.base_url, s.model, s.temperature, s.max_tokens, messages)
+            shaped = [*messages, {"role": "constraint", "content": repr(sorted(constraint.body.items()))}] \
+                if constraint is not None else messages
+            key = cache_key(s.backend, s.base_url, s.model, s.temperature, s.max_tokens, shaped)
             cached = self._cache.get(key)
             if cached is not None:
                 self._count(cache_hits=1)
@@ -166,13 +186,13 @@ class ChatEngine(tg.EngineLM):
                 return cached[0]
         start = time.perf_counter()
         try:
-            text, prompt_tokens, completion_tokens = self._call_with_retries(messages)
+            text, prompt_tokens, completion_tokens = self._call_with_retries(messages, constraint)
         except Exception:
             self._count(errors=1)
             raise
         self._count(calls=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                     seconds=time.perf_counter() - start)
-        if key is not None:
+        if key is not None and self._cache is not None:
             self._cache.put(key, text or "", prompt_tokens, completion_tokens)
         self._last.reply = text or ""
         return text or ""
@@ -185,6 +205,43 @@ class ChatEngine(tg.EngineLM):
         with self._lock:
             spent, self.usage = self.usage, Usage()
         return spent
+
+    def describe(self) -> str:
+        return self.settings.describe()
+
+
+class ConstrainedEngine(EngineLM):
+    """TextGrad's optimizer engine with its reply constrained to ``<IMPROVED_VARIABLE>…</IMPROVED_VARIABLE>``.
+
+    TextGrad calls ``engine(prompt, system_prompt=...)`` and cannot pass request fields, so this
+    wrapper adds the server's constraint (constraints.py) to each call; calls, tokens and cache hits
+    are counted on the wrapped engine.
+    """
+
+    def __init__(self, inner: ChatEngine, constraint: Constraint):
+        self.inner = inner
+        self.constraint = constraint
+        self.model_string = inner.model_string
+
+    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+        return self.inner.generate(prompt, system_prompt=system_prompt, constraint=self.constraint)
+
+    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+        return self.generate(prompt, system_prompt=system_prompt)
+
+    def last_reply(self) -> str:
+        return self.inner.last_reply()
+
+
+def constrained(engine: ChatEngine, prompt: str, max_chars: int) -> ChatEngine | ConstrainedEngine:
+    """The optimizer engine for rewriting ``prompt``: constrained when the server kind is known to take a
+    constraint, else ``engine`` itself. The rewrite may be up to twice the prompt (at least 1,000 and at
+    most ``max_chars`` characters), and it keeps to ASCII when the prompt does."""
+    if engine.server_kind not in SERVER_KINDS:  # the simulator writes the tags on its own
+        return engine
+    body_chars = max(1, min(max_chars, max(1000, 2 * len(prompt))))
+    constraint = constraint_for(engine.server_kind, body_chars, ascii_only=prompt.isascii())
+    return engine if constraint is None else ConstrainedEngine(engine, constraint)
 
 
 @cache

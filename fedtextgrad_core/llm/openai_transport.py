@@ -1,9 +1,15 @@
 """The OpenAI-compatible transport: one chat call, the start-up check, and error sorting.
 
 vLLM, Ollama, SGLang, llama.cpp's server and hosted APIs all answer the OpenAI chat
-protocol, so one client serves them all. Retrying is the engine's job (``llm.py``);
+protocol, so one client serves them all. Retrying is the engine's job (``engine.py``);
 this module only says whether a failure is worth retrying: connection errors,
 timeouts, 429 and 5xx are; other 4xx answers and unusable bodies are not.
+
+The start-up check (``GET /models``) also tells which kind of server answers
+(``server_kind.py``): that decides the request field that constrains a reply's format
+(``constraints.py``) and, unless ``llm-timeout`` is set, how long a call may take. A
+llama.cpp or Ollama server on a CPU reads a 1.5k-token TextGrad prompt for a minute or
+more, so those get a long timeout; a GPU server or a hosted API a short one.
 """
 
 from __future__ import annotations
@@ -12,19 +18,34 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fedtextgrad_core.errors import ConfigError, LLMError
+from fedtextgrad_core.llm.constraints import Constraint
 from fedtextgrad_core.llm.endpoint import EndpointSettings
+from fedtextgrad_core.llm.server_kind import detect_kind, probe_kind
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_SECONDS = 5.0
+STARTUP_POLL_SECONDS = 2.0
+# Seconds per call when llm-timeout is 0 (auto), by server kind: local servers on a CPU are slow.
+AUTO_TIMEOUT_SECONDS = {"llama.cpp": 900.0, "ollama": 900.0, "vllm": 300.0, "sglang": 300.0, "openai": 120.0,
+                        "unknown": 600.0}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class TransientLLMError(LLMError):
     """A failure that may pass: the engine retries it with backoff."""
+
+
+class LLMTimeout(TransientLLMError):
+    """A call that ran out of time: the server may still be busy with it, so a retry waits at least as long."""
 
 
 def api_key_for(api_key_env: str, setting_name: str) -> str:
@@ -63,7 +84,7 @@ def classify(exc: Exception, base_url: str, model: str) -> LLMError:
 
     where = _describe(base_url, model)
     if isinstance(exc, openai.APITimeoutError):
-        return TransientLLMError(f"{where} did not answer in time")
+        return LLMTimeout(f"{where} did not answer in time")
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc
         return TransientLLMError(f"{where} is unreachable: {cause}")
@@ -95,7 +116,7 @@ def _build_response_models() -> None:
     import pydantic
     from openai.types.chat import ChatCompletion
 
-    def build(cls: type, seen: set[type]) -> None:
+    def build(cls: Any, seen: set[type]) -> None:
         if cls in seen:
             return
         seen.add(cls)
@@ -113,11 +134,11 @@ def _build_response_models() -> None:
             _models_built = True
 
 
-_clients: dict[tuple[str, str, float], object] = {}
+_clients: dict[tuple[str, str], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def shared_client(base_url: str, api_key: str, timeout: float):
+def shared_client(base_url: str, api_key: str):
     """One ``openai.OpenAI`` client per endpoint per process, shared by every engine and thread.
 
     A client costs about a quarter of a second of CPU to build (it loads the CA bundle for
@@ -125,39 +146,64 @@ def shared_client(base_url: str, api_key: str, timeout: float):
     engines for every message, and three clients in one process hold the GIL for that in
     turn, so a fresh client per message cost more than an LLM call; a shared one also
     keeps its connections alive from one message to the next. httpx clients are thread-safe.
+    Each call passes its own timeout.
     """
     import openai
 
-    key = (base_url, api_key, timeout)
+    key = (base_url, api_key)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             # retries are ours (counted, with jitter); the client must not retry on its own
-            client = _clients[key] = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout,
-                                                   max_retries=0)
+            client = _clients[key] = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
     return client
 
 
+@dataclass
+class EndpointFacts:
+    """What the start-up check learned about one endpoint, kept for the life of the process."""
+
+    kind: str  # a server_kind.KINDS value
+    served: list[str]
+
+
+_facts: dict[tuple[str, str], EndpointFacts] = {}
+_facts_lock = threading.Lock()
+
+
 class OpenAIChat:
-    """Chat completions against one endpoint; a callable ``messages -> (text, tokens in, tokens out)``."""
+    """Chat completions against one endpoint; a callable ``(messages, constraint) -> (text, tokens in, tokens out)``."""
 
     def __init__(self, base_url: str, model: str, api_key: str, temperature: float, max_tokens: int,
-                 timeout: float):
+                 timeout: float, kind: str = "auto"):
         self.base_url, self.model = base_url, model
         self.temperature, self.max_tokens = temperature, max_tokens
-        self.client = shared_client(base_url, api_key, timeout)
+        self.configured_timeout = timeout  # 0: chosen by the server kind once it is known
+        self.configured_kind = kind
+        self.kind = kind if kind != "auto" else "unknown"
+        self.client = shared_client(base_url, api_key)
         _build_response_models()
 
-    def __call__(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    @property
+    def timeout(self) -> float:
+        return self.configured_timeout or AUTO_TIMEOUT_SECONDS.get(self.kind, AUTO_TIMEOUT_SECONDS["unknown"])
+
+    def describe(self) -> str:
+        return _describe(self.base_url, self.model)
+
+    def __call__(self, messages: list[dict[str, str]], constraint: Constraint | None = None) -> tuple[str, int, int]:
         from openai.types.chat import ChatCompletion
 
-        body = {"model": self.model, "messages": messages,
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                "temperature": self.temperature, "max_tokens": self.max_tokens}
+        if constraint is not None:
+            body = constraint.apply(body)
         try:
             # the client's low-level post: the same request, error and response handling as
             # chat.completions.create, without its recursive type-driven transform of the
             # request, which cost 2 of the 5 ms of CPU per call that clients hold the GIL for
-            response = self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            response = self.client.post("/chat/completions", body=body, cast_to=ChatCompletion,
+                                        options={"timeout": self.timeout})
         except Exception as exc:  # every failure leaves here named and sorted
             raise classify(exc, self.base_url, self.model) from exc
         if isinstance(response, str):  # what the openai client hands back for a body that is not JSON
@@ -167,44 +213,78 @@ class OpenAIChat:
         text = getattr(getattr(choice, "message", None), "content", None)
         if text is None:
             raise LLMError(f"{_describe(self.base_url, self.model)} returned a reply without message text")
+        if constraint is not None:
+            text = constraint.unwrap(text)
         usage = response.usage
         return text, (usage.prompt_tokens or 0) if usage else 0, (usage.completion_tokens or 0) if usage else 0
 
-    def check(self, setting_name: str) -> list[str]:
-        """Ask ``/models`` once, so a wrong URL fails in seconds instead of after every call's timeout.
+    def check(self, setting_name: str, startup_wait: float = 0.0, echo: Callable[[str], None] | None = None
+              ) -> EndpointFacts:
+        """Ask ``/models`` once, so a wrong URL fails in seconds instead of after every call's timeout,
+        and learn the kind of server from its answer.
 
-        Returns the served model names. A model missing from the list is only logged:
-        some servers (llama.cpp) answer to any model name.
+        A server that is not answering yet (a vLLM loading a large model refuses connections for
+        minutes) is asked again every few seconds for up to ``startup_wait`` seconds, said once.
+        A model missing from the served list is only logged: some servers (llama.cpp) answer to
+        any model name.
         """
-        raw = None
-        try:
-            raw = self.client.with_options(timeout=CHECK_TIMEOUT_SECONDS).models.with_raw_response.list()
-            served = [m.id for m in raw.parse()]
-        except Exception as exc:
-            if raw is not None:  # an answer, but not a model list (e.g. a web page): say what came back
-                error = LLMError(_not_json(_describe(self.base_url, self.model), raw.http_response.text))
-            else:
-                error = classify(exc, self.base_url, self.model)
-            raise LLMError(f"{error} (checked with GET {self.base_url.rstrip('/')}/models; "
-                           f"is the server running and is '{setting_name}' right?)") from exc
+        deadline = time.monotonic() + startup_wait
+        said = False
+        while True:
+            raw = None
+            try:
+                raw = self.client.with_options(timeout=CHECK_TIMEOUT_SECONDS).models.with_raw_response.list()
+                payload = raw.http_response.json()
+                served = [m.id for m in raw.parse()]
+                break
+            except Exception as exc:
+                if raw is not None:  # an answer, but not a model list (e.g. a web page): say what came back
+                    error = LLMError(_not_json(_describe(self.base_url, self.model), raw.http_response.text))
+                else:
+                    error = classify(exc, self.base_url, self.model)
+                # a server still loading refuses connections (vLLM) or answers 503: worth waiting for;
+                # any other answer means the server is up and something else is wrong
+                loading = isinstance(error, TransientLLMError) and (
+                    "unreachable" in str(error) or "HTTP 503" in str(error))
+                if loading and time.monotonic() < deadline:
+                    if not said:
+                        (echo or _say)(f"fedtextgrad: {self.describe()} is not answering yet ({error}); waiting up "
+                                       f"to {startup_wait:.0f} s for it to come up (llm-startup-wait)")
+                        said = True
+                    time.sleep(STARTUP_POLL_SECONDS)
+                    continue
+                waited = f"; waited {startup_wait:.0f} s for it (llm-startup-wait)" if said else ""
+                raise LLMError(f"{error} (checked with GET {self.base_url.rstrip('/')}/models; "
+                               f"is the server running and is '{setting_name}' right?{waited})") from exc
         if served and self.model not in served:
             log.warning("%s: model %r is not among the served models %s", self.base_url, self.model, served)
-        return served
+        kind = self.configured_kind
+        if kind == "auto":
+            kind = detect_kind(payload if isinstance(payload, dict) else None, self.base_url,
+                               headers=dict(raw.http_response.headers))
+            if kind == "unknown":
+                kind = probe_kind(self.base_url, str(self.client.api_key))
+        self.kind = kind
+        return EndpointFacts(kind=kind, served=served)
 
 
-_checked: set[tuple[str, str]] = set()
-_checked_lock = threading.Lock()
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
-def check_once(chat: OpenAIChat, setting_name: str) -> None:
-    """Check each endpoint once per process: clients build engines for every message."""
-    key = (chat.base_url, chat.client.api_key)
-    with _checked_lock:
-        if key in _checked:
-            return
-    chat.check(setting_name)
-    with _checked_lock:
-        _checked.add(key)
+def check_once(chat: OpenAIChat, setting_name: str, startup_wait: float = 0.0) -> EndpointFacts:
+    """Check each endpoint once per process (clients build engines for every message); later chats
+    to the same endpoint learn its kind from the first check."""
+    key = (chat.base_url, str(chat.client.api_key))
+    with _facts_lock:
+        facts = _facts.get(key)
+    if facts is None:
+        facts = chat.check(setting_name, startup_wait)
+        with _facts_lock:
+            _facts[key] = facts
+    if chat.configured_kind == "auto":
+        chat.kind = facts.kind
+    return facts
 
 
 def openai_chat(settings: EndpointSettings, key_setting: str) -> OpenAIChat:
@@ -213,6 +293,6 @@ def openai_chat(settings: EndpointSettings, key_setting: str) -> OpenAIChat:
     if not settings.base_url:
         raise ConfigError(base_setting, "", "the URL of an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     chat = OpenAIChat(settings.base_url, settings.model, api_key_for(settings.api_key_env, key_setting),
-                      settings.temperature, settings.max_tokens, settings.timeout)
-    check_once(chat, base_setting)
+                      settings.temperature, settings.max_tokens, settings.timeout, settings.server_kind)
+    check_once(chat, base_setting, settings.startup_wait)
     return chat

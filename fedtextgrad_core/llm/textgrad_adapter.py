@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import types
+from typing import Any
 
 
 def _placeholder_litellm() -> types.ModuleType:
@@ -66,3 +67,5 @@ def import_textgrad() -> types.ModuleType:
 
 
 tg = import_textgrad()
+# TextGrad's engine interface, which our engines implement (a name mypy can follow)
+EngineLM: Any = tg.EngineLM

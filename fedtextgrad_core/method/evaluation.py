@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.data.tasks import Task
+from fedtextgrad_core.llm.engine import ChatEngine
 
 
 @dataclass(frozen=True)
 class Scores:
     correct: int
     total: int
-    malformed: int  # replies with no usable answer line
+    malformed: int  # replies with no usable answer (no answer line; no digit for last-number)
     seconds: float
+    parser_disagreements: int = 0  # replies the other answer parser would score the other way (numeric tasks)
 
     @property
     def accuracy(self) -> float:
@@ -32,17 +33,30 @@ def answer_all(engine: ChatEngine, prompt: str, questions: Sequence[str]) -> lis
     return engine.map(lambda q: engine.generate(q, system_prompt=prompt), questions)
 
 
-def score_replies(task: Task, replies: Sequence[str], examples: Sequence[Example]) -> list[tuple[bool, bool]]:
-    return [task.score(reply, example.answer) for reply, example in zip(replies, examples)]
+def score_replies(task: Task, replies: Sequence[str], examples: Sequence[Example],
+                  parser: str = "answer-line") -> list[tuple[bool, bool]]:
+    return [task.score(reply, example.answer, parser) for reply, example in zip(replies, examples)]
 
 
-def evaluate_prompt(engine: ChatEngine, task: Task, prompt: str, examples: Sequence[Example]) -> Scores:
+def disagreements(task: Task, replies: Sequence[str], examples: Sequence[Example]) -> int:
+    """How many replies the two answer parsers score differently: how much the parser alone moves
+    an accuracy. Word tasks have one parser only (0)."""
+    if task.answer_kind != "number":
+        return 0
+    ours = score_replies(task, replies, examples, "answer-line")
+    theirs = score_replies(task, replies, examples, "last-number")
+    return sum(a[0] != b[0] for a, b in zip(ours, theirs))
+
+
+def evaluate_prompt(engine: ChatEngine, task: Task, prompt: str, examples: Sequence[Example],
+                    parser: str = "answer-line") -> Scores:
     start = time.perf_counter()
     replies = answer_all(engine, prompt, [example.question for example in examples])
-    results = score_replies(task, replies, examples)
+    results = score_replies(task, replies, examples, parser)
     return Scores(
         correct=sum(correct for correct, _ in results),
         total=len(results),
         malformed=sum(malformed for _, malformed in results),
         seconds=time.perf_counter() - start,
+        parser_disagreements=disagreements(task, replies, examples),
     )

@@ -1,10 +1,17 @@
 """What a client does in a round: a few TextGrad steps on the system prompt.
 
-Each step answers a batch (concurrently), scores it by exact match, backpropagates
-textual feedback through TextGrad, asks the optimizer for a rewritten prompt and,
-with the proximal rule, keeps the rewrite only if the same batch does not score
-worse. Malformed model output never crashes a step: it is counted and the old
-prompt is kept.
+Each step answers a batch (concurrently), scores it (exact match in code, or the reference's
+LLM judge), backpropagates textual feedback through TextGrad, asks the optimizer for a
+rewritten prompt and re-scores the same batch with it. The keep-or-revert rule then decides:
+
+- ``reference`` (the reference code with ``--proximal_update``, which all its scripts pass):
+  keep the rewrite only if the batch scores strictly better, or perfectly;
+- ``not-worse`` (the reference without the flag): keep it unless the batch scores worse;
+- ``always``: keep every well-formed rewrite.
+
+Batches are drawn as the reference's data loader draws them: the training examples are
+shuffled and taken in consecutive batches, without replacement, reshuffled when used up.
+Malformed model output never crashes a step: it is counted and the old prompt is kept.
 """
 
 from __future__ import annotations
@@ -12,14 +19,15 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.method.evaluation import answer_all, score_replies
-from fedtextgrad_core.llm.engine import ChatEngine, Usage
 from fedtextgrad_core.data.tasks import Task
+from fedtextgrad_core.llm.engine import ChatEngine, Usage, constrained
 from fedtextgrad_core.llm.textgrad_adapter import tg
+from fedtextgrad_core.method.evaluation import answer_all, score_replies
+from fedtextgrad_core.method.judge import Judge
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +45,23 @@ class LocalSettings:
 
     steps: int
     batch_size: int
-    proximal: bool
+    keep_rule: str  # reference | not-worse | always (see the module doc)
     seed: int
+    constrained_updates: bool  # ask the server to constrain the optimizer's reply to a well-formed rewrite
+    max_prompt_chars: int  # the longest rewrite asked for (the server refuses longer uploads)
+    parser: str = "answer-line"  # how a reply's answer is read (data/tasks.py)
+
+
+KEEP_RULES = ("reference", "not-worse", "always")
+
+
+def keeps(rule: str, before: float, after: float) -> bool:
+    """Whether the keep-or-revert rule keeps a rewrite that moved the batch score from ``before`` to ``after``."""
+    if rule == "reference":
+        return after > before or after == 1.0
+    if rule == "not-worse":
+        return after >= before
+    return True
 
 
 @dataclass
@@ -51,6 +74,9 @@ class LocalMetrics:
     batch_accuracy_before: float = 0.0  # mean over steps, before the update
     batch_accuracy_after: float = 0.0  # mean over steps, with the prompt kept
     malformed_answers: int = 0
+    judge_unreadable: int = 0  # judge verdicts that could not be read (loss = judge; counted as wrong)
+    rewrites: int = 0  # optimizer calls (a step whose batch scored 1.0 asks for none)
+    rewrites_well_formed: int = 0  # rewrites with usable <IMPROVED_VARIABLE> text
     malformed_updates: int = 0  # rewrites without usable <IMPROVED_VARIABLE> text
     llm_calls: int = 0
     prompt_tokens: int = 0
@@ -79,31 +105,50 @@ def _forward(model, questions: Sequence[str], engine: ChatEngine) -> list:
     return engine.map(model, variables)
 
 
+def _score(task: Task, replies: Sequence[str], examples: Sequence[Example], settings: LocalSettings,
+           judge: Judge | None, metrics: LocalMetrics) -> list[bool]:
+    """Which replies are right: exact match in code, or the judge's verdicts (loss = judge)."""
+    results = score_replies(task, replies, examples, settings.parser)
+    metrics.malformed_answers += sum(malformed for _, malformed in results)
+    if judge is None:
+        return [correct for correct, _ in results]
+    before = judge.unreadable
+    verdicts = judge.verdicts(examples, replies)
+    metrics.judge_unreadable += judge.unreadable - before
+    return verdicts
+
+
 def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatEngine,
-            backward: ChatEngine, format_instruction: str, metrics: LocalMetrics) -> tuple[str, float]:
+            backward: ChatEngine, format_instruction: str, metrics: LocalMetrics,
+            settings: LocalSettings, judge: Judge | None) -> tuple[str, float]:
     """One TextGrad step; returns the candidate prompt and the batch accuracy before it."""
     variable = tg.Variable(prompt, requires_grad=True, role_description=PROMPT_ROLE)
     model = tg.BlackboxLLM(forward, variable)
     responses = _forward(model, [e.question for e in examples], forward)
-    results = score_replies(task, [r.value for r in responses], examples)
-    metrics.malformed_answers += sum(malformed for _, malformed in results)
-    accuracy = sum(correct for correct, _ in results) / len(results)
+    verdicts = _score(task, [r.value for r in responses], examples, settings, judge, metrics)
+    accuracy = sum(verdicts) / len(verdicts)
     if accuracy == 1.0:
         return prompt, accuracy  # no mistakes, no gradient: skip the feedback calls
 
-    def exact_match(prediction, ground_truth_answer) -> str:
-        correct, _ = task.score(prediction.value, ground_truth_answer.value)
-        return "1" if correct else "0"
+    # the loss of each example is its verdict, as a string-based function TextGrad can differentiate
+    # through; with the judge, the verdict is the judge's, as in the reference
+    verdict_of = {id(response): verdict for response, verdict in zip(responses, verdicts)}
 
-    scorer = tg.autograd.StringBasedFunction(exact_match, function_purpose=SCORER_PURPOSE)
+    def correctness(prediction, ground_truth_answer) -> str:
+        return "1" if verdict_of.get(id(prediction)) else "0"
+
+    scorer = tg.autograd.StringBasedFunction(correctness, function_purpose=SCORER_PURPOSE)
     losses = []
     for response, example in zip(responses, examples):
         target = tg.Variable(example.answer, requires_grad=False, role_description="correct answer for the query")
         losses.append(scorer(inputs={"prediction": response, "ground_truth_answer": target}))
     tg.sum(losses).backward(backward)
+    # the optimizer's reply is asked, where the server supports it, to be exactly a tagged rewrite
+    rewriter = constrained(backward, prompt, settings.max_prompt_chars) if settings.constrained_updates else backward
     optimizer = tg.TextualGradientDescent(
-        parameters=[variable], engine=backward, constraints=[format_instruction]
+        parameters=[variable], engine=rewriter, constraints=[format_instruction]
     )
+    metrics.rewrites += 1
     try:
         optimizer.step()
         # TextGrad keeps everything after an opening tag whose closing tag never came (a reply
@@ -120,22 +165,28 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
         metrics.malformed_updates += 1
         log.info("optimizer returned an empty prompt; keeping the prompt")
         return prompt, accuracy
+    metrics.rewrites_well_formed += 1
     return candidate, accuracy
 
 
-def batch_accuracy(engine: ChatEngine, task: Task, prompt: str, examples: Sequence[Example]) -> tuple[float, int]:
-    """(accuracy, malformed replies) of ``prompt`` on a batch."""
-    results = score_replies(task, answer_all(engine, prompt, [e.question for e in examples]), examples)
-    return sum(c for c, _ in results) / len(results), sum(m for _, m in results)
+def batches(train: Sequence[Example], size: int, rng: random.Random) -> Iterator[list[Example]]:
+    """Consecutive batches of a shuffled training set, reshuffled when it is used up (an epoch), as
+    the reference's data loader: no example repeats before every example was seen."""
+    order = list(train)
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order), size):
+            yield order[start:start + size]
 
 
 def train_prompt(prompt: str, task: Task, train: Sequence[Example], forward: ChatEngine,
                  backward: ChatEngine, settings: LocalSettings, stream: str = "",
-                 format_instruction: str | None = None) -> LocalResult:
+                 format_instruction: str | None = None, judge: Judge | None = None) -> LocalResult:
     """Run ``settings.steps`` local steps from ``prompt`` on ``train``.
 
     ``format_instruction`` is the answer format the optimizer must keep (the task's own
-    unless the prompt is shared by several tasks).
+    unless the prompt is shared by several tasks). ``judge`` scores the batches instead of
+    exact match (loss = judge).
 
     ``stream`` makes batch sampling differ between clients and rounds while staying
     reproducible for a given seed.
@@ -143,28 +194,29 @@ def train_prompt(prompt: str, task: Task, train: Sequence[Example], forward: Cha
     if not train:
         raise ValueError("this client holds no training examples")
     start = time.perf_counter()
-    rng = random.Random(f"{settings.seed}:{stream}")
+    drawn = batches(train, settings.batch_size, random.Random(f"{settings.seed}:{stream}"))
     metrics = LocalMetrics()
     before_sum = after_sum = 0.0
     for _ in range(settings.steps):
-        batch = rng.sample(list(train), min(settings.batch_size, len(train)))
+        batch = next(drawn)
         candidate, before = _update(prompt, task, batch, forward, backward,
-                                    format_instruction or task.format_instruction, metrics)
+                                    format_instruction or task.format_instruction, metrics, settings, judge)
         after = before
         if candidate != prompt:
-            new_score, malformed = batch_accuracy(forward, task, candidate, batch)
-            metrics.malformed_answers += malformed
-            if settings.proximal and new_score < before:
-                metrics.steps_reverted += 1
-            else:
+            replies = answer_all(forward, candidate, [e.question for e in batch])
+            verdicts = _score(task, replies, batch, settings, judge, metrics)
+            new_score = sum(verdicts) / len(verdicts)
+            if keeps(settings.keep_rule, before, new_score):
                 prompt, after = candidate, new_score
                 metrics.steps_accepted += 1
+            else:
+                metrics.steps_reverted += 1
         metrics.steps += 1
         before_sum += before
         after_sum += after
     metrics.batch_accuracy_before = before_sum / metrics.steps
     metrics.batch_accuracy_after = after_sum / metrics.steps
-    _add_usage(metrics, forward, backward)
+    _add_usage(metrics, forward, backward, *([judge.engine] if judge else []))
     metrics.seconds = time.perf_counter() - start
     return LocalResult(prompt=prompt, metrics=metrics)
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedtextgrad_core.text import count_tokens
-from fedtextgrad_core.text import split_sentences
+from fedtextgrad_core.text import count_tokens, split_sentences
 
 
 def tokens(text: str) -> int:

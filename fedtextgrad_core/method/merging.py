@@ -1,4 +1,13 @@
-"""Merging client prompts into one global prompt: concat, summarize, summarize-uid.
+"""Merging client prompts into one global prompt: concat, summarize, summarize-uid, summarize-uid-explicit.
+
+The requests are the reference code's (utils/prompt_template.py): ``summarize`` asks to merge
+the prompts while preserving all information; ``summarize-uid`` is the same request with the
+reference's added sentence "Apply Uniform Information Density Principles."; and
+``summarize-uid-explicit`` spells the principle out (spread the information evenly, one sentence
+per distinct instruction, no redundancy), which this project offered as summarize-uid before.
+The prompts are listed one per line after "List of Prompts to Merge:", each between
+``<PROMPT>`` tags (the reference lists them without tags, so a prompt holding a line break
+could not be told from two).
 
 Following the paper's code, the task's answer-format instruction is stripped from
 the client prompts and appended once to the result, so the format survives any
@@ -39,21 +48,32 @@ from fedtextgrad_core.method.merge_budget import (
     tokenizer_name,
     tokens,
 )
+from fedtextgrad_core.text import split_sentences
 
 log = logging.getLogger(__name__)
 
-MERGE_METHODS = ("concat", "summarize", "summarize-uid")
+MERGE_METHODS = ("concat", "summarize", "summarize-uid", "summarize-uid-explicit")
 
-MERGE_REQUEST = (
-    "Merge the following list of prompts into a single, cohesive prompt while preserving all "
-    "original information. Ensure that the final instruction remains unchanged and is placed as "
-    "the last sentence. Provide only the merged prompt."
-)
+MERGE_OPENING = ("Merge the following list of prompts into a single, cohesive prompt while preserving all "
+                 "original information.")
+MERGE_CLOSING = ("Ensure that the final instruction remains unchanged and is placed as the last sentence. "
+                 "Provide only the merged prompt.")
+MERGE_REQUEST = f"{MERGE_OPENING} {MERGE_CLOSING}"  # the reference's summarization template
+UID_SENTENCE = "Apply Uniform Information Density Principles."  # the reference's UID template adds this
 UID_REQUEST = (
     "Apply the Uniform Information Density principle: spread the information evenly across the "
     "merged prompt, keep one clear sentence for each distinct instruction, and remove redundancy "
     "so that no part is overloaded or padded."
 )
+REQUESTS = {
+    "summarize": MERGE_REQUEST,
+    "summarize-uid": f"{MERGE_OPENING} {UID_SENTENCE} {MERGE_CLOSING}",
+    "summarize-uid-explicit": f"{MERGE_REQUEST} {UID_REQUEST}",
+}
+LIST_HEADING = "List of Prompts to Merge:"
+# A sentence that states an answer format, in whatever words a client's rewrite left it: the
+# run's own format is appended once after a merge, so every variant is taken out first.
+_FORMAT_VARIANT = re.compile(r"last line of your (?:response|answer)|answer:\s*['\"]?\s*\$?value", re.IGNORECASE)
 MERGER_SYSTEM_PROMPT = "You merge system prompts for language models. Reply with the merged prompt only."
 
 
@@ -96,7 +116,11 @@ def check_method(method: str) -> str:
 
 
 def strip_format(prompt: str, format_instruction: str) -> str:
-    return re.sub(r"\s+", " ", prompt.replace(format_instruction, " ")).strip()
+    """``prompt`` without its answer-format sentence, also when a rewrite changed its words (a merged
+    prompt must not carry the format twice)."""
+    body = re.sub(r"\s+", " ", prompt.replace(format_instruction, " ")).strip()
+    sentences = split_sentences(body)
+    return " ".join(s for s in sentences if not _FORMAT_VARIANT.search(s))
 
 
 def with_format(prompt: str, format_instruction: str) -> str:
@@ -105,12 +129,9 @@ def with_format(prompt: str, format_instruction: str) -> str:
     return f"{body} {format_instruction}".strip()
 
 
-def merge_request(prompts: Sequence[str], uid: bool) -> str:
-    parts = [MERGE_REQUEST]
-    if uid:
-        parts.append(UID_REQUEST)
+def merge_request(prompts: Sequence[str], method: str) -> str:
     listed = "\n".join(f"<PROMPT>{p}</PROMPT>" for p in prompts)
-    return " ".join(parts) + "\n\n" + listed
+    return f"{REQUESTS[method]}\n\n{LIST_HEADING}\n{listed}"
 
 
 def _clean_reply(reply: str) -> str:
@@ -144,7 +165,7 @@ def minimum_token_budget(method: str, format_instruction: str) -> int:
     check_method(method)
     if method == "concat":
         return tokens(format_instruction) + MIN_PROMPT_TOKENS
-    overhead = _request_tokens([], method == "summarize-uid")
+    overhead = _request_tokens([], method)
     return overhead + 2 * (_shown_tokens("", format_instruction) + MIN_PROMPT_TOKENS)
 
 
@@ -170,9 +191,9 @@ def _concat(bodies: Sequence[str], format_instruction: str, token_budget: int | 
                        dropped_sentences=tuple(dropped), duplicates_removed=repeats, tokenizer=tokenizer_name())
 
 
-def _request_tokens(shown: Sequence[str], uid: bool) -> int:
+def _request_tokens(shown: Sequence[str], method: str) -> int:
     """Tokens the summariser reads for one request: its system prompt and the request."""
-    return tokens(MERGER_SYSTEM_PROMPT + "\n" + merge_request(shown, uid))
+    return tokens(MERGER_SYSTEM_PROMPT + "\n" + merge_request(shown, method))
 
 
 def _shown_tokens(body: str, format_instruction: str) -> int:
@@ -191,7 +212,7 @@ def _useless(reply: str, merged_body: str) -> str:
 
 @dataclass
 class _Summarisation:
-    """One summarize / summarize-uid merge, in one request or in groups under a budget."""
+    """One summarize merge (any of the three requests), in one request or in groups under a budget."""
 
     engine: ChatEngine
     method: str
@@ -202,10 +223,6 @@ class _Summarisation:
     repaired: bool = False
     reasons: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-
-    @property
-    def uid(self) -> bool:
-        return self.method == "summarize-uid"
 
     def merge(self, bodies: list[str]) -> MergeResult:
         if self.budget is None or self._fits(bodies):
@@ -234,7 +251,8 @@ class _Summarisation:
                 items.append(body)
         repeats = len(bodies) - len(items)
         # every prompt at most half of a request's room, so that any two fit in one request
-        room = self.budget - _request_tokens([], self.uid)
+        assert self.budget is not None  # merge() goes hierarchical only under a budget
+        room = self.budget - _request_tokens([], self.method)
         cap = room // 2 - _shown_tokens("", self.format_instruction)
         items = [self._clip(item, cap) for item in items]
         levels = 0
@@ -257,7 +275,7 @@ class _Summarisation:
 
     def _fits(self, group: Sequence[str]) -> bool:
         shown = [with_format(b, self.format_instruction) for b in group]
-        return _request_tokens(shown, self.uid) <= self.budget
+        return self.budget is None or _request_tokens(shown, self.method) <= self.budget
 
     def _merge_group(self, group: list[str], level: int, cap: int | None) -> str:
         """One group's merged prompt body, at most ``cap`` tokens (None: the final merge)."""
@@ -277,8 +295,8 @@ class _Summarisation:
         (the request says to keep that final instruction); (cleaned reply, its body)."""
         shown = [with_format(b, self.format_instruction) for b in bodies]
         self.calls += 1
-        self.largest = max(self.largest, _request_tokens(shown, self.uid))
-        reply = _clean_reply(self.engine.generate(merge_request(shown, uid=self.uid),
+        self.largest = max(self.largest, _request_tokens(shown, self.method))
+        reply = _clean_reply(self.engine.generate(merge_request(shown, self.method),
                                                   system_prompt=MERGER_SYSTEM_PROMPT))
         return reply, strip_format(reply, self.format_instruction)
 

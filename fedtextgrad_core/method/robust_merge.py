@@ -23,12 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fedtextgrad_core.data.examples import Example
-from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.method.evaluation import evaluate_prompt
-from fedtextgrad_core.llm.engine import ChatEngine
-from fedtextgrad_core.method.merging import with_format
 from fedtextgrad_core.data.synthetic import SUPPORTED_TASKS, generate
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.llm.engine import ChatEngine
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.method.merging import with_format
 
 __all__ = ["RobustDecision", "RobustSettings", "check_holdout_available", "holdout_seed", "holdout_set", "outliers",
            "select_uploads"]

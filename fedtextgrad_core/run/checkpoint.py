@@ -28,7 +28,7 @@ MAY_CHANGE = frozenset({
     "llm-base-url", "backward-base-url", "server-base-url",
     "llm-api-key-env", "backward-api-key-env", "server-api-key-env",
     "llm-timeout", "llm-concurrency", "llm-max-retries", "llm-retry-backoff", "llm-cache-path",
-    "sim-latency-ms",
+    "sim-latency-ms", "tracker", "tracking-uri", "tracking-experiment", "tracking-parent-run",
 })
 
 

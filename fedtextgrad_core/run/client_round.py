@@ -16,8 +16,8 @@ from fedtextgrad_core.data.partitioning import ClientData, client_data
 from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError, LeakageError
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
-from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.method.judge import Judge
 from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
 from fedtextgrad_core.method.local_training import train_prompt
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
@@ -63,12 +63,8 @@ def _node_int(node_config: Config, key: str) -> int:
 
 def load_client_data(settings: RunSettings, node: NodeIdentity) -> ClientData:
     return client_data(settings.partitioning, settings.tasks, node.partition_id, node.num_partitions,
-                       settings.data_source, settings.seed, settings.synthetic_size)
-
-
-def describe(endpoint: EndpointSettings) -> str:
-    """How a client names its LLM to the server: backend and model (and where, for a real one)."""
-    return endpoint.describe()
+                       settings.data_source, settings.seed, settings.synthetic_size,
+                       settings.max_val_examples, settings.max_test_examples, settings.gsm8k_split)
 
 
 def forward_engine(settings: RunSettings) -> ChatEngine:
@@ -87,7 +83,7 @@ def answer(run_config: Config, node_config: Config, request: RoundRequest) -> Tr
     node = node_identity(node_config)
     if request.kind is Phase.TRAIN:
         return local_round(settings, node, request)
-    return evaluate_split(settings, node, request.prompt, request.kind.split)
+    return evaluate_split(settings, node, request.prompt, request.kind.data_split)
 
 
 def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest) -> TrainReply:
@@ -96,16 +92,18 @@ def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest
     task = get_task(data.task)
     forward = forward_engine(settings)
     backward = backward_engine(settings, forward)
+    judge = Judge(make_engine(settings.judge, "judge-api-key-env")) if settings.loss == "judge" else None
     result = train_prompt(request.prompt, task, data.train, forward, backward, settings.local,
                           stream=f"round{request.server_round}:client{node.partition_id}",
-                          format_instruction=settings.format_instruction)
+                          format_instruction=settings.format_instruction, judge=judge)
     leaks = check_leakage(result.prompt, data.train, settings)
     val = val_usage = None
     if settings.client_val_eval and data.val:
-        val = evaluate_prompt(forward, task, leaks.prompt, data.val)
+        val = evaluate_prompt(forward, task, leaks.prompt, data.val, settings.local.parser)
         val_usage = forward.take_usage()
     return TrainReply(prompt=leaks.prompt, partition_id=node.partition_id, num_examples=len(data.train),
-                      llm=describe(settings.forward), local=result.metrics, leaks=leaks.counts,
+                      llm=settings.forward.describe(), simulated=settings.forward.simulated, local=result.metrics,
+                      leaks=leaks.counts,
                       val=val, val_usage=val_usage)
 
 
@@ -133,6 +131,6 @@ def evaluate_split(settings: RunSettings, node: NodeIdentity, prompt: str, split
     data = load_client_data(settings, node)
     task = get_task(data.task)
     engine = forward_engine(settings)
-    scores = evaluate_prompt(engine, task, prompt, getattr(data, split))
-    return EvalReply(partition_id=node.partition_id, llm=describe(settings.forward), scores=scores,
-                     usage=engine.take_usage())
+    scores = evaluate_prompt(engine, task, prompt, getattr(data, split), settings.local.parser)
+    return EvalReply(partition_id=node.partition_id, llm=settings.forward.describe(),
+                     simulated=settings.forward.simulated, scores=scores, usage=engine.take_usage())

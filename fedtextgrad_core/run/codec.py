@@ -14,7 +14,6 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from functools import cache
 from typing import Any, TypeVar
 
 from fedtextgrad_core.errors import FedTextGradError
@@ -37,9 +36,14 @@ def to_plain(record: Any) -> Any:
     return record
 
 
-@cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved field types of a record class (resolved once: it costs a module lookup)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _is_optional(kind: Any) -> bool:
@@ -60,7 +64,7 @@ def _build(kind: Any, value: Any, where: str) -> Any:
             except MalformedRecord as exc:
                 errors.append(str(exc))
         raise MalformedRecord(errors[0])
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         if not isinstance(value, Mapping):
             raise MalformedRecord(f"{where} is not a record")
         return from_plain(kind, value, where)

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
-from fedtextgrad_core.run.recorder import Recorder, usage_of, weighted_accuracy, examples_of
+from fedtextgrad_core.run.recorder import FinalScore, Recorder, examples_of, usage_of, weighted_accuracy
 from fedtextgrad_core.run.records import ClientEvaluation, ClientId, Failure, RoundRecord, RunSummary
 from fedtextgrad_core.run.round_step import RoundOutcome, Upload, merge_round, require_enough, required_clients
 from fedtextgrad_core.run.settings import RunSettings
@@ -115,8 +116,24 @@ class Federation:
             self.recorder.initial(state, evaluations, failures)
         for server_round in range(state.finished_round + 1, settings.num_rounds + 1):
             self.round(server_round)
-        evaluations, failures = self.evaluate(Phase.TEST, state.finished_round, state.best_prompt)
-        return self.recorder.finished(state, evaluations, failures)
+        return self.recorder.finished(state, self.final_tests())
+
+    def final_tests(self) -> dict[str, FinalScore]:
+        """The test phase: the best prompt (by validation), the last merged prompt and the start prompt,
+        as ``test-prompts`` asks; a prompt that is two of them is scored once."""
+        prompts = {"best": self.state.best_prompt, "last": self.state.global_prompt,
+                   "initial": self.settings.start_prompt}
+        scored: dict[str, FinalScore] = {}
+        results: dict[str, FinalScore] = {}
+        for name in self.settings.test_prompts:
+            prompt = prompts[name]
+            if prompt not in scored:
+                evaluations, failures = self.evaluate(Phase.TEST, self.state.finished_round, prompt)
+                scored[prompt] = FinalScore(weighted_accuracy(evaluations), examples_of(evaluations),
+                                            usage_of(evaluations), tuple(failures))
+                self.recorder.remember_llms(evaluations)
+            results[name] = scored[prompt]
+        return results
 
     # --- one round ------------------------------------------------------------------------------------
     def round(self, server_round: int) -> RoundRecord:
@@ -167,8 +184,24 @@ class Federation:
                                 self.sample())
         for client, _ in replies.answers:
             self.labels.see(client)
+        self.check_server_llm(replies)
         replies.answers.sort(key=lambda answer: self.labels.order(answer[0].node_id))
         return replies
+
+    def check_server_llm(self, replies: Replies) -> None:
+        """Stop a run whose clients use real LLMs while the server would merge with the simulator only
+        because ``server-backend`` was left unset: its merged prompts would be a test double's."""
+        s = self.settings
+        if s.server_set or not s.server.simulated or not s.server_llm_used:
+            return
+        real = [(client, reply.llm) for client, reply in replies.answers if not reply.simulated]
+        if real:
+            client, llm = real[0]
+            raise ConfigError("server-backend", "", (
+                f"the server's own LLM when clients use real ones (client {self.labels.label(client.node_id)} "
+                f"uses {llm}): set server-backend='openai' with server-base-url and server-model, or the run's "
+                f"llm-backend/llm-base-url/llm-model for the server to use, or server-backend='sim' to merge with "
+                f"the simulated LLM on purpose"))
 
     def failures(self, replies: Replies, phase: Phase) -> list[Failure]:
         return [Failure(self.labels.label(client.node_id), STAGES[phase], reason, client.node_id)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from fedtextgrad_core.llm.engine import Usage
 from fedtextgrad_core.method.evaluation import Scores
@@ -24,8 +24,10 @@ from fedtextgrad_core.run.codec import MalformedRecord, flatten, from_plain, to_
 REQUEST_RECORD = "request"
 REPLY_RECORD = "reply"
 
+R = TypeVar("R", bound="_Codec")
 
-class Phase(str, Enum):
+
+class Phase(StrEnum):
     """What a message asks of a client. A round has a training and an evaluation phase; the run
     begins with an evaluation of the start prompt (round 0) and ends with the test phase."""
 
@@ -34,7 +36,7 @@ class Phase(str, Enum):
     TEST = "test"
 
     @property
-    def split(self) -> str:
+    def data_split(self) -> str:
         """The data split the phase scores on (training uses the training split)."""
         return {"train": "train", "evaluate": "val", "test": "test"}[self.value]
 
@@ -46,7 +48,7 @@ class _Codec:
         return flatten(to_plain(self))
 
     @classmethod
-    def decode(cls, flat: Mapping[str, Any]):  # type: ignore[no-untyped-def]
+    def decode(cls: type[R], flat: object) -> R:
         if not isinstance(flat, Mapping):
             raise MalformedRecord(f"the message holds no {cls.__name__} record")
         return from_plain(cls, unflatten(flat))
@@ -76,6 +78,7 @@ class TrainReply(_Codec):
     partition_id: int  # the share of the data the client says it holds: for display only
     num_examples: int  # training examples
     llm: str  # the client's forward model, as the client describes it
+    simulated: bool  # that model is the simulated LLM
     local: LocalMetrics
     leaks: LeakCounts
     val: Scores | None = None  # the client's own new prompt on its validation split (client-val-eval)
@@ -88,5 +91,6 @@ class EvalReply(_Codec):
 
     partition_id: int
     llm: str
+    simulated: bool
     scores: Scores
     usage: Usage

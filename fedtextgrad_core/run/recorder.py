@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +18,27 @@ from fedtextgrad_core.llm.engine import Usage
 from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze
 from fedtextgrad_core.run import figures, report
 from fedtextgrad_core.run.checkpoint import Checkpoint
+from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.records import ClientEvaluation, ClientUpload, Failure, RoundRecord, RunSummary
 from fedtextgrad_core.run.round_step import RoundOutcome
 from fedtextgrad_core.run.run_folder import RunFolder, default_run_name
 from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.run.state import FederationState
+from fedtextgrad_core.run.tracking import NoTracker, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class FinalScore:
+    """One prompt scored on the clients' test splits."""
+
+    accuracy: float | None
+    examples: int
+    usage: Usage
+    failures: tuple[Failure, ...] = ()
 
 
 def weighted_accuracy(evaluations: Sequence[ClientEvaluation]) -> float | None:
@@ -47,10 +61,12 @@ class Recorder:
     """Writes one run: what it prints, its folder, its checkpoint and its figures."""
 
     def __init__(self, folder: RunFolder, settings: RunSettings, echo: Echo = print,
-                 surprisal: SurprisalClient | None = None, history: Sequence[RoundRecord] = ()):
+                 surprisal: SurprisalClient | None = None, history: Sequence[RoundRecord] = (),
+                 tracker: Tracker | None = None):
         self.folder = folder
         self.settings = settings
         self.echo = echo
+        self.tracker: Tracker = tracker or NoTracker()
         # per-token surprisal of merged prompts from the server's own endpoint, when it is a real
         # one (the sim has no token probabilities); text metrics need no LLM and are always taken
         if surprisal is None and settings.server.backend == "openai":
@@ -60,6 +76,9 @@ class Recorder:
         self.error = ""
         self.test_failures: tuple[Failure, ...] = ()
         self.client_llms: dict[str, str] = {}
+        self.tests: dict[str, FinalScore] = {}
+        self.opened = time.monotonic()
+        self.seconds_before = 0.0  # wall time of the run before a resume
         self._drawing: threading.Thread | None = None
         self.initial_metrics = self.prompt_metrics(settings.start_prompt, with_surprisal=True)
 
@@ -84,7 +103,15 @@ class Recorder:
             state = FederationState.resume(resume[1])
             history = state.check_history(folder.read_rounds())
         echo(f"results folder: {folder.path}")
-        recorder = cls(folder, settings, echo, surprisal, history)
+        tracker = make_tracker(settings.tracker, settings.tracking_uri, settings.tracking_experiment,
+                               settings.tracking_parent_run, echo)
+        recorder = cls(folder, settings, echo, surprisal, history, tracker)
+        tracker.start(settings, run_config, folder.path)
+        if resume is not None:
+            try:
+                recorder.seconds_before = folder.read_summary().seconds
+            except (OSError, ValueError, TypeError, MalformedRecord):
+                recorder.seconds_before = 0.0
         if resume is None:
             folder.save_prompt("round-000-initial", state.global_prompt)
         else:
@@ -96,7 +123,7 @@ class Recorder:
     # --- what happens -----------------------------------------------------------------------------
     def initial(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
                 failures: Sequence[Failure]) -> None:
-        self._remember_llms(evaluations)
+        self.remember_llms(evaluations)
         for failure in failures:
             self.echo(report.failure_row(0, failure.label, f"(evaluation) {failure.reason}"))
         self.echo(f"initial prompt: validation accuracy {report.percent(state.initial_accuracy)} "
@@ -104,6 +131,7 @@ class Recorder:
         self.echo(report.header())
         self.write_summary(state, finished=False)
         state.save(self.path)
+        self.tracker.log_initial(state.initial_accuracy)
 
     def uploads(self, outcome: RoundOutcome) -> tuple[ClientUpload, ...]:
         """Print the round's client rows and failures, save the uploads, and measure each one."""
@@ -146,30 +174,33 @@ class Recorder:
         for failure in record.failures:
             if failure.stage == "evaluate":
                 self.echo(report.failure_row(record.round, failure.label, f"(evaluation) {failure.reason}"))
-        self._remember_llms(record.evaluations)
-        self.echo(report.merged_row(record.round, self.settings.merge, record.val_accuracy, record.val_examples,
+        self.remember_llms(record.evaluations)
+        self.echo(report.merged_row(record.round, record.merge.method, record.val_accuracy, record.val_examples,
                                     state.best_accuracy, record.merged_prompt, record.seconds))
         self.folder.append_round(record)
         self.history.append(record)
         self.write_summary(state, finished=False)
         state.save(self.path)
         self._draw_figures(state)
+        self.tracker.log_round(record)
 
-    def finished(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
-                 failures: Sequence[Failure]) -> RunSummary:
-        """The best prompt's test accuracy, over the clients that answered (the others are listed)."""
+    def finished(self, state: FederationState, tests: Mapping[str, FinalScore]) -> RunSummary:
+        """The test accuracies of the best, last and start prompts (those the run tested), over the
+        clients that answered; the others are listed as failures."""
         self.folder.save_prompt("best", state.best_prompt)
+        failures = tuple(dict.fromkeys(f for result in tests.values() for f in result.failures))
         for failure in failures:
             self.echo(report.failure_row(state.finished_round, failure.label, f"(test) {failure.reason}"))
-        self.test_failures = tuple(failures)
-        test_accuracy = weighted_accuracy(evaluations)
-        summary = self.write_summary(state, finished=True, test_accuracy=test_accuracy,
-                                     test_examples=examples_of(evaluations), test_usage=usage_of(evaluations))
+        self.test_failures = failures
+        self.tests = dict(tests)
+        summary = self.write_summary(state, finished=True)
         self._figures_done()
         sim = " (simulated LLM)" if self.settings.simulated else ""
-        self.echo(f"best prompt (round {state.best_round}): validation {report.percent(state.best_accuracy)}, "
-                  f"test {report.percent(test_accuracy)}{sim}")
+        shown = ", ".join(f"{name} prompt {report.percent(result.accuracy)}" for name, result in tests.items())
+        self.echo(f"best prompt (round {state.best_round}): validation {report.percent(state.best_accuracy)}; "
+                  f"test: {shown}{sim}")
         self.echo(f"results: {self.path}")
+        self.tracker.finish(summary, self.path)
         return summary
 
     def stopped(self, state: FederationState, error: BaseException) -> None:
@@ -180,20 +211,28 @@ class Recorder:
         self._figures_done()
         self.echo(f"run stopped: {self.error}")
         self.echo(f"results so far: {self.path}")
+        self.tracker.fail(self.error, self.path)
 
     # --- the summary --------------------------------------------------------------------------------
-    def write_summary(self, state: FederationState, finished: bool, test_accuracy: float | None = None,
-                      test_examples: int = 0, test_usage: Usage | None = None) -> RunSummary:
-        s = self.settings
+    def write_summary(self, state: FederationState, finished: bool) -> RunSummary:
+        s, tests = self.settings, self.tests
+        test_usage = Usage()
+        for result in {id(r): r for r in tests.values()}.values():  # a prompt tested once counts once
+            test_usage.add(result.usage)
+        best = tests.get("best")
         summary = RunSummary(
             finished=finished, error=self.error, rounds=len(self.history), rounds_planned=s.num_rounds,
             task=tuple(s.tasks), partitioning=s.partitioning, merge=s.merge, initial_prompt=s.start_prompt,
             initial_val_accuracy=state.initial_accuracy, best_val_accuracy=state.best_accuracy,
             best_round=state.best_round, best_prompt=state.best_prompt, final_prompt=state.global_prompt,
-            results_dir=str(self.path), initial_prompt_metrics=self.initial_metrics, test_accuracy=test_accuracy,
-            test_examples=test_examples, test_failures=self.test_failures,
+            results_dir=str(self.path), initial_prompt_metrics=self.initial_metrics,
+            test_accuracy=best.accuracy if best else None,
+            last_test_accuracy=tests["last"].accuracy if "last" in tests else None,
+            initial_test_accuracy=tests["initial"].accuracy if "initial" in tests else None,
+            test_examples=best.examples if best else 0, test_failures=self.test_failures,
             resumed_after_rounds=tuple(state.resumed_after), cost=self._cost(state, test_usage),
             client_llms=dict(sorted(self.client_llms.items())), server_llm=s.server_llm, simulated=s.simulated,
+            seconds=self.seconds_before + (time.monotonic() - self.opened),
         )
         self.folder.write_summary(summary)
         return summary
@@ -233,7 +272,7 @@ class Recorder:
             log.warning("could not measure a prompt: %s: %s", type(exc).__name__, exc)
             return None
 
-    def _remember_llms(self, evaluations: Sequence[ClientEvaluation]) -> None:
+    def remember_llms(self, evaluations: Sequence[ClientEvaluation]) -> None:
         self.client_llms.update({e.label: e.reply.llm for e in evaluations})
 
     def _draw_figures(self, state: FederationState) -> None:

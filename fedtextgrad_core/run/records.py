@@ -134,7 +134,9 @@ class RunSummary:
     final_prompt: str
     results_dir: str
     initial_prompt_metrics: dict[str, Any] | None = None
-    test_accuracy: float | None = None  # the best prompt on the clients' test splits
+    test_accuracy: float | None = None  # the best prompt (by validation) on the clients' test splits
+    last_test_accuracy: float | None = None  # the last merged prompt on the test splits
+    initial_test_accuracy: float | None = None  # the start prompt on the test splits
     test_examples: int = 0
     test_failures: tuple[Failure, ...] = ()
     resumed_after_rounds: tuple[int, ...] = ()
@@ -142,6 +144,7 @@ class RunSummary:
     client_llms: dict[str, str] = field(default_factory=dict)  # client label -> its LLM, as the client reported it
     server_llm: str = ""  # the ServerApp's own LLM, or why it has none
     simulated: bool = False  # some number of this run comes from the simulated LLM
+    seconds: float = 0.0  # wall time of the run so far, across resumes
 
     def to_json(self) -> dict[str, Any]:
         return to_plain(self)
@@ -191,7 +194,7 @@ def _round_v1(data: Mapping[str, Any]) -> dict[str, Any]:
         reply = {
             "prompt": client.get("prompt", ""), "partition_id": _client_id_v1(label, metrics.get("partition_id"))
             ["partition_id"] or 0, "num_examples": int(client.get("num_examples", _num(metrics, "num-examples"))),
-            "llm": "", "local": local,
+            "llm": "", "simulated": True, "local": local,
             "leaks": to_plain(LeakCounts(int(_num(metrics, "leak_passages")), int(_num(metrics, "leaked_ngrams")),
                                          int(_num(metrics, "leak_redactions")),
                                          int(_num(metrics, "leak_longest_tokens")))),
@@ -212,7 +215,7 @@ def _round_v1(data: Mapping[str, Any]) -> dict[str, Any]:
         usage = Usage(calls=int(_num(metrics, "llm_calls")), prompt_tokens=int(_num(metrics, "tokens")),
                       retries=int(_num(metrics, "llm_retries")), cache_hits=int(_num(metrics, "cache_hits")))
         evaluations.append({"label": str(label), "client": client,
-                            "reply": {"partition_id": client["partition_id"] or 0, "llm": "",
+                            "reply": {"partition_id": client["partition_id"] or 0, "llm": "", "simulated": True,
                                       "scores": to_plain(scores), "usage": to_plain(usage)}})
     merge = {"method": data.get("merge_method", ""), "fallback_reason": data.get("merge_fallback_reason", ""),
              "format_repaired": bool(data.get("merge_format_repaired", False)),

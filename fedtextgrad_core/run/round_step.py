@@ -20,6 +20,8 @@ from fedtextgrad_core.run.messages import TrainReply
 from fedtextgrad_core.run.records import ClientId, Failure, MergeRecord
 from fedtextgrad_core.run.settings import RunSettings
 
+NO_MERGE = "none (centralized)"
+
 
 class RoundFailed(FedTextGradError):
     """Too few clients answered a round; the message carries their errors."""
@@ -114,8 +116,13 @@ def merge_round(server_round: int, uploads: Sequence[Upload], failures: Sequence
         robust_usage = engine.take_usage()
         engine.usage.add(earlier)  # ...and leave what was spent before on the engine's count
     kept = [u for u in accepted if robust is None or u.client.key not in robust.left_out]
-    merged = merge_prompts([u.reply.prompt for u in kept], settings.merge, settings.format_instruction, merger,
-                           settings.merge_token_budget)
+    if settings.partitioning == "centralized":
+        # one client holds all the data: its prompt is the global prompt, with no merge call (as in
+        # the reference's centralised baseline)
+        merged = MergeResult(prompt=kept[0].reply.prompt, method=NO_MERGE)
+    else:
+        merged = merge_prompts([u.reply.prompt for u in kept], settings.merge, settings.format_instruction, merger,
+                               settings.merge_token_budget)
     server_usage = Usage()
     for spent in (merger.take_usage() if merger else None, robust_usage):
         if spent is not None:

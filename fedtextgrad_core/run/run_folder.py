@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.records import RoundRecord, RunSummary
 
 ROUNDS_FILE = "rounds.jsonl"
@@ -37,8 +38,9 @@ def atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_round_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of ``rounds.jsonl``; a last line cut short while being written is skipped."""
+def read_round_lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, JSON object) of each line of ``rounds.jsonl``. A last line cut short while being
+    written is skipped; any other line that is not a JSON object is refused, naming its line."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -48,12 +50,13 @@ def read_round_lines(path: Path) -> list[dict[str, Any]]:
             continue
         try:
             value = json.loads(line)
-        except ValueError:
+        except ValueError as exc:
             if number == len(lines):  # no newline after it: cut short while being written
                 break
-            raise
-        if isinstance(value, dict):
-            found.append(value)
+            raise MalformedRecord(f"{path.name} line {number} is not JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise MalformedRecord(f"{path.name} line {number} holds a JSON {type(value).__name__}, not a round record")
+        found.append((number, value))
     return found
 
 
@@ -88,7 +91,7 @@ class RunFolder:
         half-written last line are dropped, so the resumed rounds are written exactly once."""
         folder = cls(path)
         folder.prompts.mkdir(exist_ok=True)
-        kept = [line for line in read_round_lines(folder.rounds_file) if int(line.get("round", 0)) <= finished_rounds]
+        kept = [line for _, line in read_round_lines(folder.rounds_file) if int(line.get("round", 0)) <= finished_rounds]
         atomic_write(folder.rounds_file, "".join(json.dumps(line, default=str) + "\n" for line in kept))
         return folder
 
@@ -112,7 +115,13 @@ class RunFolder:
             os.fsync(handle.fileno())
 
     def read_rounds(self) -> list[RoundRecord]:
-        return [RoundRecord.from_json(line) for line in read_round_lines(self.rounds_file)]
+        records = []
+        for number, line in read_round_lines(self.rounds_file):
+            try:
+                records.append(RoundRecord.from_json(line))
+            except (MalformedRecord, KeyError, TypeError, ValueError) as exc:
+                raise MalformedRecord(f"{ROUNDS_FILE} line {number} is not a round record: {exc}") from None
+        return records
 
     def write_summary(self, summary: RunSummary) -> None:
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary.to_json(), indent=2, default=str) + "\n")

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedtextgrad_core.data.loaders import MAX_SYNTHETIC_SIZE
+from fedtextgrad_core.data.loaders import GSM8K_SPLITS, MAX_SYNTHETIC_SIZE
 from fedtextgrad_core.data.partitioning import PARTITIONINGS
-from fedtextgrad_core.data.tasks import TASKS
+from fedtextgrad_core.data.tasks import ANSWER_PARSERS, TASKS
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm.engine import backend_names
+from fedtextgrad_core.llm.server_kind import KINDS as SERVER_KINDS
 from fedtextgrad_core.method.leakage import LEAKAGE_GUARDS
+from fedtextgrad_core.method.local_training import KEEP_RULES
 from fedtextgrad_core.method.merging import MERGE_METHODS
 
 Config = Mapping[str, object]
@@ -73,7 +75,7 @@ class Setting:
             return "true" if self.default else "false"
         if isinstance(self.default, str):
             return f"`{self.default}`" if self.default else "empty"
-        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+        return str(self.default)
 
     def shown_accepted(self) -> str:
         if self.kind in ("choice", "list"):
@@ -81,9 +83,8 @@ class Setting:
         if self.kind == "bool":
             return "true, false"
         if self.kind in ("int", "number"):
-            low = "" if self.low is None else f"≥ {self.low:g}"
-            high = "" if self.high is None else f"≤ {self.high:g}"
-            return " and ".join(part for part in (low, high) if part) or "a number"
+            whole = "whole number " if self.kind == "int" else ""
+            return f"{whole}{_plain(0 if self.low is None else self.low)} to {_plain(self.high) if self.high else 'any'}"
         if self.kind == "fraction":
             return "(0, 1]"
         if self.kind == "url":
@@ -91,6 +92,13 @@ class Setting:
         if self.kind == "env-name":
             return "empty or an environment variable's NAME"
         return "text"
+
+
+def _plain(number: float | None) -> str:
+    """1000000 as 1,000,000 and 0.5 as 0.5, for people."""
+    if number is None:
+        return ""
+    return f"{int(number):,}" if float(number).is_integer() else f"{number:g}"
 
 
 # --- readers: one per kind, each refusing with the setting, the value and what is accepted ------------
@@ -208,12 +216,13 @@ def _tasks() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
-def _endpoint(role: str, what: str, node: bool, backend_default: str, model_default: str) -> list[Setting]:
+def _endpoint(role: str, what: str, node: bool, backend_default: str, model_default: str,
+              when_empty: str = "") -> list[Setting]:
     section = "endpoints"
     return [
         Setting(f"{role}-backend", "choice", backend_default,
                 f"{what}: `sim` (the simulated LLM, a test double) or `openai` (any OpenAI-compatible server)"
-                + ("" if backend_default else "; empty: the forward model's"),
+                + (f"; empty: {when_empty}" if when_empty else ""),
                 choices=backend_names, node=node, section=section),
         Setting(f"{role}-base-url", "url", "", f"{what}: the server's URL, e.g. `http://127.0.0.1:8000/v1`",
                 node=node, section=section),
@@ -241,18 +250,37 @@ SETTINGS: tuple[Setting, ...] = (
             choices=lambda: PARTITIONINGS, section="data"),
     Setting("heterogeneous-tasks", "list", "object_counting,word_sorting,multistep_arithmetic_two",
             "one task per client when heterogeneous", choices=_tasks, section="data"),
+    Setting("gsm8k-split", "choice", "textgrad", "GSM8K's split: `textgrad` (TextGrad's DSPy split: train 200, val "
+            "300, test 1319) or `fedtextgrad` (the FedTextGrad code's: train 50, val 100, test 100 of the same "
+            "shuffles, questions prefixed 'Question: ')", choices=lambda: GSM8K_SPLITS, section="data"),
     Setting("data-source", "text", "synthetic",
             "`synthetic` (seeded generator, no files), `hub` (online), or a local file or folder", node=True,
             section="data"),
     Setting("synthetic-size", "int", 250, "examples generated per task (split 20/40/40 % train/val/test)",
             low=1, high=MAX_SYNTHETIC_SIZE, section="data"),
+    Setting("max-val-examples", "int", 0, "use only the first N validation examples of each task, before they "
+            "are dealt out (0: all); for slow models", high=MAX_SYNTHETIC_SIZE, section="data"),
+    Setting("max-test-examples", "int", 0, "use only the first N test examples of each task, before they are "
+            "dealt out (0: all); for slow models", high=MAX_SYNTHETIC_SIZE, section="data"),
     # --- local TextGrad optimisation on each client ---
     Setting("local-steps", "int", 3, "TextGrad steps per client per round", low=1, high=MAX_STEPS, section="local"),
     Setting("batch-size", "int", 3, "examples per step", low=1, high=MAX_BATCH, section="local"),
-    Setting("proximal", "bool", True, "keep a local step only if the same batch does not score worse",
-            section="local"),
+    Setting("keep-rule", "choice", "reference", "after a local step the same batch is scored again: `reference` "
+            "keeps the rewrite only if the score rose or is perfect (the reference code's --proximal_update), "
+            "`not-worse` unless it fell, `always` keeps every well-formed rewrite",
+            choices=lambda: KEEP_RULES, section="local"),
+    Setting("loss", "choice", "exact", "how training batches are scored: `exact` match in code, or `judge`, the "
+            "reference's LLM judge (judge-* endpoint); validation and test stay exact match",
+            choices=lambda: ("exact", "judge"), section="local"),
+    Setting("answer-parser", "choice", "answer-line", "how an answer is read from a reply: `answer-line` (after "
+            "the last 'Answer:'; none is wrong and malformed) or `last-number` (the reference's parser: the last "
+            "number, digits only; numeric tasks)", choices=lambda: ANSWER_PARSERS, section="local"),
     Setting("client-val-eval", "bool", True, "each client also scores its own new prompt on its validation split",
             section="local"),
+    Setting("test-prompts", "list", "best,last,initial",
+            "the prompts scored on the clients' test splits at the end: the best by validation, the last merged "
+            "one, the start prompt (a prompt that is two of them is scored once)",
+            choices=lambda: ("best", "last", "initial"), section="local"),
     # --- merging on the server ---
     Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
             choices=lambda: MERGE_METHODS, section="merge"),
@@ -277,14 +305,31 @@ SETTINGS: tuple[Setting, ...] = (
             low=1, high=10_000, node=True, section="safety"),
     # --- LLM endpoints ---
     *_endpoint("llm", "the model being prompted on each client (forward)", True, "sim", "sim"),
-    *_endpoint("backward", "the model that writes feedback and rewrites prompts", True, "", ""),
-    *_endpoint("server", "the ServerApp's own model, for the summarize merges", False, "sim", "sim"),
+    *_endpoint("backward", "the model that writes feedback and rewrites prompts", True, "", "",
+               when_empty="the forward model's"),
+    *_endpoint("judge", "the LLM judge of loss = judge", True, "", "", when_empty="the backward model's"),
+    *_endpoint("server", "the ServerApp's own model, for the summarize merges and robust-merge scoring", False, "", "",
+               when_empty="the run's `llm-*` endpoint when it is a real one, else the simulator; a run whose clients "
+                          "report real LLMs then stops at once, naming this setting"),
     Setting("llm-temperature", "number", 0.0, "sampling temperature of every endpoint", high=100, node=True,
             section="endpoints"),
     Setting("llm-max-tokens", "int", 512, "most tokens per reply", low=1, high=MAX_TOKENS, node=True,
             section="endpoints"),
-    Setting("llm-timeout", "number", 60.0, "seconds per LLM call", high=MAX_TIMEOUT_SECONDS, node=True,
+    Setting("llm-timeout", "number", 0.0, "seconds per LLM call; 0: by the kind of server (llama.cpp and Ollama "
+            "900, vLLM and SGLang 300, OpenAI 120, others 600)", high=MAX_TIMEOUT_SECONDS, node=True,
             section="endpoints"),
+    Setting("llm-startup-wait", "number", 60.0, "seconds a process waits for an LLM server that is not answering "
+            "yet (still loading) before it gives up", high=MAX_TIMEOUT_SECONDS, node=True, section="endpoints"),
+    Setting("llm-server-kind", "choice", "auto", "the kind of server at llm-base-url, for its constrained-output "
+            "field and timeout; auto: detected from GET /v1/models (owned_by) and the server's own endpoints",
+            choices=lambda: ("auto", *SERVER_KINDS), node=True, section="endpoints"),
+    Setting("backward-server-kind", "choice", "", "the same for backward-base-url; empty: llm-server-kind when "
+            "the backward model is the forward one's server, else auto", choices=lambda: ("auto", *SERVER_KINDS),
+            node=True, section="endpoints"),
+    Setting("constrained-updates", "choice", "auto", "auto: the optimizer's reply is constrained by the server "
+            "(llama.cpp grammar, vLLM/SGLang regex, Ollama/OpenAI JSON schema) to a well-formed "
+            "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), node=True,
+            section="local"),
     Setting("llm-concurrency", "int", 8, "requests in flight per endpoint (batch answers, evaluation)",
             low=1, high=MAX_CONCURRENCY, node=True, section="endpoints"),
     Setting("llm-max-retries", "int", 3, "retries on connection errors, timeouts, 429 and 5xx (never on other 4xx)",
@@ -303,6 +348,15 @@ SETTINGS: tuple[Setting, ...] = (
             section="results"),
     Setting("resume-from", "text", "", "the folder of an unfinished run: continue after its last finished round",
             section="results"),
+    Setting("tracker", "choice", "none", "also track the run in MLflow: settings, per-round metrics, prompts and "
+            "the run folder (a tracker that fails never stops the run)", choices=lambda: ("none", "mlflow"),
+            section="results"),
+    Setting("tracking-uri", "text", "", "MLflow tracking URI: a folder, sqlite:///FILE or http://HOST:PORT "
+            "(empty: MLflow's local default)", section="results"),
+    Setting("tracking-experiment", "text", "fedtextgrad", "the MLflow experiment the run goes into",
+            section="results"),
+    Setting("tracking-parent-run", "text", "", "an MLflow run id to nest this run under (set by "
+            "`fedtextgrad experiment` for its grid)", section="results"),
 )
 
 BY_KEY: dict[str, Setting] = {setting.key: setting for setting in SETTINGS}

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.method.robust_merge import check_holdout_available
 from fedtextgrad_core.run.checkpoint import checkpoint_to_resume
+from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.federation import ClientPool, Federation
 from fedtextgrad_core.run.recorder import Recorder
 from fedtextgrad_core.run.settings import RunSettings
@@ -23,8 +25,8 @@ Echo = Callable[[str], None]
 def header(settings: RunSettings) -> str:
     s = settings
     return (f"FedTextGrad: {s.num_rounds} round(s), task {', '.join(s.tasks)} ({s.partitioning}), merge {s.merge}, "
-            f"{s.local.steps} local step(s) of batch {s.local.batch_size}, proximal {'on' if s.local.proximal else 'off'}"
-            f", client LLM {s.forward.describe()}, server LLM {s.server_llm}")
+            f"{s.local.steps} local step(s) of batch {s.local.batch_size}, keep rule {s.local.keep_rule}, loss {s.loss}, "
+            f"client LLM {s.forward.describe()}, server LLM {s.server_llm}")
 
 
 @dataclass
@@ -49,8 +51,12 @@ def open_run(run_config: Mapping[str, object], echo: Echo = print) -> ServerRun:
     settings = RunSettings.from_config(run_config)
     if settings.robust_merge:  # refuse at start, not after round 1's training
         check_holdout_available(settings.tasks)
-    merger = make_engine(settings.server, "server-api-key-env") if settings.merge != "concat" else None
+    merger = make_engine(settings.server, "server-api-key-env") if settings.server_llm_used \
+        and settings.merge != "concat" else None
     resume = checkpoint_to_resume(settings.resume_from, run_config)
     echo(header(settings))
-    recorder, state = Recorder.open(settings, run_config, resume, echo=echo)
+    try:
+        recorder, state = Recorder.open(settings, run_config, resume, echo=echo)
+    except MalformedRecord as exc:  # the folder to resume holds a damaged round line
+        raise ConfigError("resume-from", settings.resume_from, f"a run folder whose files can be read; {exc}") from None
     return ServerRun(settings, recorder, state, merger)

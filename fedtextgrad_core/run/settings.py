@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
-from fedtextgrad_core.data.tasks import format_for, start_prompt_for
+from fedtextgrad_core.data.tasks import check_parser, format_for, start_prompt_for
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.method.local_training import LocalSettings
@@ -40,6 +40,9 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
         base_url = base_url or fallback.base_url
         model = model or fallback.model
         key_env = key_env or fallback.api_key_env
+    kind = read(f"{role}-server-kind") if f"{role}-server-kind" in schema.BY_KEY else ""
+    if not kind:  # the backward endpoint inherits the kind when it is the same server
+        kind = fallback.server_kind if fallback is not None and base_url == fallback.base_url else "auto"
     settings = EndpointSettings(
         backend=backend,
         base_url=base_url,
@@ -47,7 +50,9 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
         api_key_env=key_env,
         temperature=read("llm-temperature"),
         max_tokens=read("llm-max-tokens"),
-        timeout=read("llm-timeout") or schema.BY_KEY["llm-timeout"].default,
+        timeout=read("llm-timeout"),
+        server_kind=kind,
+        startup_wait=read("llm-startup-wait"),
         concurrency=read("llm-concurrency"),
         max_retries=read("llm-max-retries"),
         retry_backoff=read("llm-retry-backoff"),
@@ -58,6 +63,17 @@ def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | No
         raise ConfigError(f"{role}-base-url", "", "the URL of an OpenAI-compatible endpoint (e.g. "
                                                   "http://127.0.0.1:8000/v1) when the backend is openai")
     return settings
+
+
+def server_endpoint(config: Config, forward: EndpointSettings) -> EndpointSettings:
+    """The server's own endpoint. Unset, it is the run's forward endpoint when that is a real server
+    (the merge then uses the model the clients are prompted with), else the simulator; the loop
+    stops a run whose clients turn out to use real LLMs while the server merges with the simulator
+    by default (see federation.py), so no real-model run is merged by a test double unasked."""
+    if schema.read(config, "server-backend") or forward.simulated:
+        fallback = replace(forward, backend="sim", base_url="", model="sim", api_key_env="")
+        return endpoint_settings(config, "server", fallback=fallback)
+    return endpoint_settings(config, "server", fallback=forward)
 
 
 @dataclass(frozen=True)
@@ -73,15 +89,26 @@ class RunSettings:
     heterogeneous_tasks: tuple[str, ...]
     data_source: str
     synthetic_size: int
+    max_val_examples: int
+    max_test_examples: int
     local: LocalSettings
     client_val_eval: bool
+    test_prompts: tuple[str, ...]
     merge: str
+    loss: str  # exact | judge
+    gsm8k_split: str  # textgrad | fedtextgrad
     forward: EndpointSettings
     backward: EndpointSettings
+    judge: EndpointSettings
     server: EndpointSettings
+    server_set: bool  # server-backend was given; else the server took the run's llm-* endpoint or the simulator
     results_dir: str
     run_name: str
     resume_from: str  # folder of an earlier, unfinished run to continue
+    tracker: str  # none | mlflow
+    tracking_uri: str
+    tracking_experiment: str
+    tracking_parent_run: str
     max_prompt_chars: int  # a client upload longer than this is rejected before merging
     robust_merge: bool  # score each upload on a server-side held-out set; leave out outliers
     robust_holdout_size: int
@@ -115,12 +142,14 @@ class RunSettings:
 
     @property
     def server_llm_used(self) -> bool:
-        return self.merge != "concat" or self.robust_merge
+        return (self.merge != "concat" and self.partitioning != "centralized") or self.robust_merge
 
     @property
     def server_llm(self) -> str:
         """The server's LLM as the run header and summary name it."""
-        return self.server.describe() if self.server_llm_used else "none (the concat merge needs no LLM)"
+        if self.server_llm_used:
+            return self.server.describe()
+        return "none (centralized: no merge)" if self.partitioning == "centralized" else "none (concat needs no LLM)"
 
     @property
     def simulated(self) -> bool:
@@ -156,16 +185,29 @@ class RunSettings:
             heterogeneous_tasks=hetero,
             data_source=data_source,
             synthetic_size=read("synthetic-size"),
-            local=LocalSettings(steps=read("local-steps"), batch_size=read("batch-size"), proximal=read("proximal"),
-                                seed=read("seed")),
+            max_val_examples=read("max-val-examples"),
+            max_test_examples=read("max-test-examples"),
+            local=LocalSettings(steps=read("local-steps"), batch_size=read("batch-size"), keep_rule=read("keep-rule"),
+                                constrained_updates=read("constrained-updates") == "auto",
+                                max_prompt_chars=read("max-prompt-chars"), seed=read("seed"),
+                                parser=read("answer-parser")),
+            loss=read("loss"),
+            gsm8k_split=read("gsm8k-split"),
             client_val_eval=read("client-val-eval"),
+            test_prompts=read("test-prompts"),
             merge=read("merge"),
             forward=forward,
-            backward=endpoint_settings(config, "backward", fallback=forward),
-            server=endpoint_settings(config, "server"),
+            backward=(backward := endpoint_settings(config, "backward", fallback=forward)),
+            judge=endpoint_settings(config, "judge", fallback=backward),
+            server=server_endpoint(config, forward),
+            server_set=bool(read("server-backend")),
             results_dir=read("results-dir") or schema.BY_KEY["results-dir"].default,
             run_name=read("run-name"),
             resume_from=read("resume-from"),
+            tracker=read("tracker"),
+            tracking_uri=read("tracking-uri"),
+            tracking_experiment=read("tracking-experiment") or schema.BY_KEY["tracking-experiment"].default,
+            tracking_parent_run=read("tracking-parent-run"),
             max_prompt_chars=read("max-prompt-chars"),
             robust_merge=read("robust-merge"),
             robust_holdout_size=read("robust-holdout-size"),
@@ -176,6 +218,7 @@ class RunSettings:
         )
         # a budget too small for the merge method is refused now, not at the first merge
         check_token_budget(settings.merge_token_budget, settings.merge, settings.format_instruction)
+        check_parser(settings.local.parser, settings.tasks)
         return settings
 
 
@@ -197,7 +240,12 @@ def client_config(run_config: Config, node_config: Config) -> dict[str, object]:
 
 @lru_cache(maxsize=64)
 def _client_settings(run_items: tuple, node_items: tuple) -> RunSettings:
-    return RunSettings.from_config(client_config(dict(run_items), dict(node_items)))
+    return RunSettings.from_config(client_config({k: v for k, _, v in run_items}, {k: v for k, _, v in node_items}))
+
+
+def _typed_items(config: Config) -> tuple:
+    """The config as a cache key that tells 1, 1.0 and True apart (Python finds them equal)."""
+    return tuple(sorted((key, type(value).__name__, value) for key, value in config.items()))
 
 
 def client_settings(run_config: Config, node_config: Config) -> RunSettings:
@@ -207,6 +255,6 @@ def client_settings(run_config: Config, node_config: Config) -> RunSettings:
     answers many messages, so it parses them once instead of once per message.
     """
     try:
-        return _client_settings(tuple(sorted(run_config.items())), tuple(sorted(node_config.items())))
+        return _client_settings(_typed_items(run_config), _typed_items(node_config))
     except TypeError:  # an unhashable value (not something Flower produces): parse without the cache
         return RunSettings.from_config(client_config(run_config, node_config))

@@ -57,7 +57,10 @@ class FederationState:
     @classmethod
     def resume(cls, checkpoint: Checkpoint) -> FederationState:
         """Continue from a checkpoint: its rounds are the run's history, not redone."""
-        usage = Usage(**{k: v for k, v in checkpoint.initial_usage.items() if k in Usage.__dataclass_fields__})
+        usage = Usage()
+        for name, value in checkpoint.initial_usage.items():
+            if name in Usage.__dataclass_fields__:
+                setattr(usage, name, value)
         return cls(global_prompt=checkpoint.global_prompt, best_prompt=checkpoint.best_prompt, rng=checkpoint.random(),
                    run_config=dict(checkpoint.run_config), best_accuracy=checkpoint.best_accuracy,
                    best_round=checkpoint.best_round, initial_accuracy=checkpoint.initial_accuracy,

@@ -14,7 +14,8 @@ def sim_chat(settings: EndpointSettings, key_setting: str = ""):
     """``messages -> (reply, prompt tokens, completion tokens)`` answered by the simulator."""
     sim = SimLLM(latency_ms=settings.sim_latency_ms)
 
-    def chat(messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    def chat(messages: list[dict[str, str]], constraint: object = None) -> tuple[str, int, int]:
+        # a constraint asks for the <IMPROVED_VARIABLE> shape, which the simulator writes anyway
         reply = sim.complete(messages)
         prompt_tokens = sum(approx_tokens(m["content"]) for m in messages)
         return reply, prompt_tokens, approx_tokens(reply)

@@ -6,12 +6,11 @@ the sim rises only by learning catalogue sentences.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from fedtextgrad_core.data.tasks import NUMBER_FORMAT, WORDS_FORMAT, get_task
 from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.text import split_sentences
-from fedtextgrad_core.data.tasks import NUMBER_FORMAT, WORDS_FORMAT, get_task
 
 # --------------------------------------------------------------------------- catalogue
 

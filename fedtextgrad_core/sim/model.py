@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import time
 
+from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.method.judge import FIELDS, JUDGE_INSTRUCTION
 from fedtextgrad_core.sim.merging import MERGE_MARK, merge_reply
-from fedtextgrad_core.sim.questions import answer_question, match_question
+from fedtextgrad_core.sim.questions import answer_question, identify_task, match_question
 from fedtextgrad_core.sim.textgrad_replies import BACKWARD_MARK, OPTIMIZER_MARK, feedback_reply, rewrite_reply
 
 
@@ -64,7 +66,7 @@ class SimLLM:
         return respond(*split_messages(messages))
 
 
-REQUEST_KINDS = ("answer", "feedback", "rewrite", "merge", "other")
+REQUEST_KINDS = ("answer", "feedback", "rewrite", "merge", "judge", "other")
 
 
 def split_messages(messages: list[dict[str, str]]) -> tuple[str, str]:
@@ -88,6 +90,8 @@ def request_kind(system: str, user: str) -> str:
         return "rewrite"
     if user.lstrip().startswith(MERGE_MARK):
         return "merge"
+    if user.lstrip().startswith(JUDGE_INSTRUCTION[:60]):
+        return "judge"
     task, _ = match_question(user)
     if task is not None or system.strip() or _looks_like_question(user):
         # A system prompt plus a user message is a task question; when it matches no
@@ -105,9 +109,27 @@ def respond(system: str, user: str) -> str:
         return rewrite_reply(user)
     if kind == "merge":
         return merge_reply(user)
+    if kind == "judge":
+        return judge_reply(user)
     if kind == "answer":
         return answer_question(system, user)
     return _GENERIC_ANSWER
+
+
+def judge_reply(user: str) -> str:
+    """A judge that is always right: the reply's answer line scored against the ground truth in code."""
+    fields: dict[str, str] = {}
+    for index, name in enumerate(FIELDS):
+        start = user.find(f"**{name}**: ")
+        if start < 0:
+            return "<ACCURACY> 0 </ACCURACY>"
+        start += len(name) + 6
+        end = user.find(f"\n**{FIELDS[index + 1]}**: ", start) if index + 1 < len(FIELDS) else len(user)
+        fields[name] = user[start:end if end >= 0 else len(user)]
+    question, gold, reply = (fields[name] for name in FIELDS)
+    task = identify_task(question) or "object_counting"
+    correct, _ = get_task(task).score(reply, gold.strip())
+    return f"<ACCURACY> {1 if correct else 0} </ACCURACY>"
 
 
 def _looks_like_question(user: str) -> bool:

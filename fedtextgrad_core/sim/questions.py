@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
-from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.data.lexicon import CATEGORIES, NOUN_CATEGORY, NUMBER_WORDS
+from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.sim.catalogue import CATALOGUE, Instruction, has_answer_format, has_instruction
 
 # --------------------------------------------------------------------------- hashing
@@ -179,7 +180,7 @@ def _sort_susceptible(words: tuple[str, ...]) -> dict[str, bool]:
     }
 
 
-def _evaluate_flat(items: list[object], left_to_right: bool) -> int:
+def _evaluate_flat(items: list[Any], left_to_right: bool) -> int:
     """Value of a parenthesis-free list [n, op, n, op, n ...]."""
     if not items or len(items) % 2 == 0:
         raise ValueError("malformed expression")
@@ -187,15 +188,15 @@ def _evaluate_flat(items: list[object], left_to_right: bool) -> int:
         value = items[0]
         for op, num in zip(items[1::2], items[2::2]):
             value = value * num if op == "*" else value + num if op == "+" else value - num
-        return int(value)  # type: ignore[arg-type]
-    terms: list[int] = [items[0]]  # type: ignore[list-item]
+        return int(value)
+    terms: list[int] = [items[0]]
     ops: list[str] = []
     for op, num in zip(items[1::2], items[2::2]):
         if op == "*":
-            terms[-1] = terms[-1] * num  # type: ignore[operator]
+            terms[-1] = terms[-1] * num
         else:
-            ops.append(op)  # type: ignore[arg-type]
-            terms.append(num)  # type: ignore[arg-type]
+            ops.append(op)
+            terms.append(num)
     value = terms[0]
     for op, term in zip(ops, terms[1:]):
         value = value + term if op == "+" else value - term

@@ -27,7 +27,7 @@ from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.sim import SimLLM, approx_tokens
 from fedtextgrad_core.sim.model import request_kind, split_messages
 
-__all__ = ["make_server", "serve_forever", "MODEL_ID"]
+__all__ = ["MODEL_ID", "make_server", "serve_forever"]
 
 MODEL_ID = "sim"
 _MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any prompt this project sends
@@ -75,13 +75,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         if self._path() == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "fedtextgrad"}]})
         else:
             self._not_found()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self._read_body()  # always drained, so the connection stays usable
         if self._path() not in ("/v1/chat/completions", "/chat/completions"):
             self._not_found()
@@ -136,10 +136,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Silent per request: the sim serves thousands of calls per run."""
 
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_error(self, format: str, *args: Any) -> None:
         sys.stderr.write("sim server: " + (format % args) + "\n")
 
 
@@ -208,7 +208,7 @@ def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1",
                   call_log: str | Path | None = None) -> None:
     """Serve until Ctrl-C or SIGTERM, after printing where the server listens."""
     server = make_server(host, port, latency_ms, call_log)
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
 
     def stop(signum: int, frame: object) -> None:
         # shutdown() blocks until serve_forever returns, so call it from another thread.
@@ -224,5 +224,6 @@ def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1",
         pass
     finally:
         server.server_close()
-        if server.RequestHandlerClass.call_log is not None:
-            server.RequestHandlerClass.call_log.close()
+        call_log = getattr(server.RequestHandlerClass, "call_log", None)
+        if call_log is not None:
+            call_log.close()

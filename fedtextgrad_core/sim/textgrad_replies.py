@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.errors import SimUnsupportedError
 from fedtextgrad_core.sim.catalogue import (
     CATALOGUE,
     FORMAT_INSTRUCTIONS,
@@ -109,7 +109,7 @@ def rewrite_reply(user: str) -> str:
         prompt = _span(user, "VARIABLE") or ""
     feedback_spans = re.findall(r"<FEEDBACK>(.*?)</FEEDBACK>", user, re.DOTALL)
     feedback = "\n".join(feedback_spans) if feedback_spans else user
-    counts = Counter()
+    counts: Counter[int] = Counter()
     order = _candidates()
     for index, (sentence, _, _) in enumerate(order):
         hits = feedback.count(f'"{sentence}"')
@@ -118,7 +118,7 @@ def rewrite_reply(user: str) -> str:
     lower = prompt.lower()
     chosen = None
     for index, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        sentence, _, ins = order[index]
+        sentence, _kind, ins = order[index]
         present = has_answer_format(prompt) if ins is None else (has_instruction(lower, ins) or sentence in prompt)
         if not present:
             chosen = sentence

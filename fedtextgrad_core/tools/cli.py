@@ -5,6 +5,9 @@
     fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
     fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
     fedtextgrad bench endpoint --base-url URL --model M --concurrency 1,4,16,64   load-test your LLM server
+    fedtextgrad serve --model smollm2|PATH.gguf [--port 8080 --parallel 4]       a local llama.cpp server
+    fedtextgrad experiment GRID.toml --out DIR                       a grid of federations, resumable
+    fedtextgrad settings [--format markdown|pyproject]               every run setting
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
+from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT
 
 
 def _eval(args: argparse.Namespace) -> int:
     from fedtextgrad_core.data.loaders import load_splits
-    from fedtextgrad_core.method.evaluation import evaluate_prompt
     from fedtextgrad_core.data.tasks import get_task
     from fedtextgrad_core.llm.endpoint import EndpointSettings
     from fedtextgrad_core.llm.engine import make_engine
+    from fedtextgrad_core.method.evaluation import evaluate_prompt
     from fedtextgrad_core.run.settings import endpoint_settings
 
     task = get_task(args.task)
@@ -101,8 +104,8 @@ def _sim_server(args: argparse.Namespace) -> int:
 def _bench_endpoint(args: argparse.Namespace) -> int:
     import json
 
-    from fedtextgrad_core.tools.endpoint_bench import EndpointBench, format_table, parse_concurrency
     from fedtextgrad_core.llm.openai_transport import api_key_for
+    from fedtextgrad_core.tools.endpoint_bench import EndpointBench, format_table, parse_concurrency
 
     levels = parse_concurrency(args.concurrency)
     out = Path(args.out) if args.out else None
@@ -167,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (holding summary.json)")
     cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
     cmp_.set_defaults(run=_compare)
+
+    from fedtextgrad_core.tools import experiment, serve
+
+    sv = commands.add_parser("serve", help="serve a GGUF model with llama.cpp's OpenAI-compatible server (no GPU)")
+    serve.add_arguments(sv)
+    sv.set_defaults(run=serve.run)
+
+    ex = commands.add_parser("experiment", help="run a grid of federations (one flwr run per cell), resumably, "
+                             "and write the results table")
+    experiment.add_arguments(ex)
+    ex.set_defaults(run=experiment.run)
 
     st = commands.add_parser("settings", help="print every run setting: the README table or pyproject's block")
     st.add_argument("--format", default="markdown", choices=["markdown", "pyproject"],

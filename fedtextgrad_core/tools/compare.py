@@ -66,7 +66,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     try:
         rounds = run.read_rounds()
     except unreadable as exc:
-        raise NotARunFolder(f"'{folder}' is not a readable run folder: {ROUNDS_FILE}: {exc}") from exc
+        raise NotARunFolder(f"'{folder}' is not a readable run folder: {exc}") from exc
     return LoadedRun(name=run.path.name, path=str(run.path), summary=summary, rounds=rounds)
 
 

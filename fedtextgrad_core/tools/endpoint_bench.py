@@ -118,9 +118,9 @@ class EndpointBench:
         try:
             response = self.chat.client.chat.completions.create(
                 model=self.chat.model, messages=messages,
-                temperature=self.chat.temperature, max_tokens=self.chat.max_tokens,
+                temperature=self.chat.temperature, max_tokens=self.chat.max_tokens, timeout=self.chat.timeout,
             )
-        except Exception as exc:  # noqa: BLE001 (counted, not raised: sorted and named like every LLM failure)
+        except Exception as exc:
             return _Outcome(time.perf_counter() - started, error=str(classify(exc, self.chat.base_url, self.chat.model)))
         seconds = time.perf_counter() - started
         choices = getattr(response, "choices", None)
@@ -174,7 +174,7 @@ def summarise(concurrency: int, outcomes: list[_Outcome], wall: float) -> LevelR
     ok = [o for o in outcomes if not o.error]
     latencies = [1000 * o.seconds for o in ok]
     # tokens/s only when every successful answer carried a usage field: a partial sum would understate it
-    tokens = sum(o.completion_tokens for o in ok) if ok and all(o.completion_tokens is not None for o in ok) else None
+    tokens = sum(o.completion_tokens or 0 for o in ok) if ok and all(o.completion_tokens is not None for o in ok) else None
     first_error = next((o.error for o in outcomes if o.error), "")
     return LevelResult(
         concurrency=concurrency, requests=len(outcomes), errors=len(outcomes) - len(ok), wall_seconds=wall,

@@ -16,11 +16,12 @@ import threading
 import time
 from pathlib import Path
 
-from fedtextgrad_core.method.evaluation import evaluate_prompt
-from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
-from fedtextgrad_core.sim.server import make_server
 from fedtextgrad_core.data.synthetic import generate
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.llm.engine import make_engine
+from fedtextgrad_core.method.evaluation import evaluate_prompt
+from fedtextgrad_core.sim.server import make_server
+from tests.settings_helpers import endpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     try:
         for concurrency in [int(c) for c in args.concurrency.split(",")]:
-            settings = EndpointSettings(backend="openai", base_url=url, model="sim", concurrency=concurrency)
+            settings = endpoint(backend="openai", base_url=url, model="sim", concurrency=concurrency)
             times = []
             for _ in range(args.repeats):
                 engine = make_engine(settings)

@@ -1,14 +1,16 @@
-"""Completion speed of the real llama.cpp server (SmolLM2-135M), sequential and concurrent.
+"""Does continuous batching pay on this CPU? The llama.cpp server (xllamacpp) with SmolLM2-135M.
 
-Starts the server exactly as the real-LLM tests do (``tests/llama_server.py``), sends
-the same kind of short requests the federation sends (an object-counting question
-under the start prompt) through the project's ``openai`` engine, first one at a time
-and then with several in flight, and reports completion tokens per second from the
-API's usage field. llama-cpp-python's server runs one completion at a time, so
-concurrency is expected to queue, not to speed up. The machine's load average is
-recorded with the figures: on a shared 2-core machine it moves them a lot.
+For each ``--parallel`` (slots of the server) it starts ``fedtextgrad serve`` through
+:func:`fedtextgrad_core.tools.serve.serving` and runs the project's endpoint bench
+(:class:`fedtextgrad_core.tools.endpoint_bench.EndpointBench`, the same requests and error
+sorting as ``fedtextgrad bench endpoint``) at each ``--concurrency``. One table: completion
+tokens/s, requests/s, p50/p90 latency per cell, then the ratio of tokens/s at the most
+slots and requests in flight to one slot and one request in flight (the issue asks for
+>= 1.5x at 4 vs 1). The machine's 1-minute load average is recorded before and after
+each cell: on a shared 2-core machine it moves the figures a lot.
 
-    python -m tests.benchmarks.bench_llama_server --requests 8 --concurrency 1,4 --max-tokens 64
+    python -m tests.benchmarks.bench_llama_server --threads 2 --parallel 1,4 --concurrency 1,2,4
+    python -m tests.benchmarks.bench_llama_server --threads 2 --llama-param n_ubatch=128
 """
 
 from __future__ import annotations
@@ -17,81 +19,103 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
-from fedtextgrad_core.method.evaluation import answer_all
-from fedtextgrad_core.llm.engine import EndpointSettings, make_engine
-from fedtextgrad_core.data.synthetic import generate
-from fedtextgrad_core.data.tasks import get_task
-from tests.llama_server import N_CTX, missing_requirement, start_llama_server
+from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT, EndpointBench, LevelResult, parse_concurrency
+from fedtextgrad_core.tools.serve import serving
+from tests.llama_server import MODEL_FILE, missing_requirement
 
 HERE = Path(__file__).resolve().parent
 
 
-def measure(url: str, alias: str, questions: list[str], prompt: str, concurrency: int, max_tokens: int) -> dict:
-    engine = make_engine(EndpointSettings(backend="openai", base_url=url, model=alias, max_tokens=max_tokens,
-                                          timeout=300.0, concurrency=concurrency, max_retries=0))
-    load_before = os.getloadavg()[0]
-    started = time.perf_counter()
-    replies = answer_all(engine, prompt, questions)
-    seconds = time.perf_counter() - started
-    usage = engine.take_usage()
-    return {
-        "concurrency": concurrency,
-        "requests": len(replies),
-        "seconds": round(seconds, 2),
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "completion_tokens_per_s": round(usage.completion_tokens / seconds, 2),
-        "total_tokens_per_s": round((usage.prompt_tokens + usage.completion_tokens) / seconds, 2),
-        "mean_request_seconds": round(usage.seconds / max(1, usage.calls), 2),  # includes queueing
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_one_server(parallel: int, threads: int, ctx: int, levels: list[int], requests: int, max_tokens: int,
+                     prompt: str, llama_params: list[str]) -> list[dict]:
+    """One server with ``parallel`` slots, every concurrency level against it; one dict per cell."""
+    extra = [arg for param in llama_params for arg in ("--llama-param", param)]
+    rows = []
+    with serving(parallel=parallel, threads=threads, ctx=ctx, quiet=True, extra_args=extra) as server:
+        bench = EndpointBench(server.base_url, server.alias, "unused", max_tokens=max_tokens, prompt=prompt,
+                              timeout=600.0)
+        bench.check()  # one untimed request: warms the server and its prompt cache
+        for level in levels:
+            before = _load()
+            result: LevelResult = bench.measure(level, requests)
+            rows.append({"parallel": parallel, "load_1min": [before, _load()], **result.__dict__})
+            print(f"  parallel {parallel}, concurrency {level}: {result.completion_tokens_per_s or 0:.1f} tok/s, "
+                  f"{result.errors} errors", flush=True)
+    return rows
+
+
+def _cell(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'parallel':>8}  {'concurrency':>11}  {'requests':>8}  {'errors':>6}  {'compl tok/s':>11}  "
+             f"{'req/s':>6}  {'p50 ms':>7}  {'p90 ms':>7}  {'load 1m':>9}"]
+    for r in rows:
+        before, after = r["load_1min"]
+        lines.append(f"{r['parallel']:>8}  {r['concurrency']:>11}  {r['requests']:>8}  {r['errors']:>6}  "
+                     f"{_cell(r['completion_tokens_per_s'], 1):>11}  {r['requests_per_s']:>6.2f}  "
+                     f"{_cell(r['latency_p50_ms'], 0):>7}  {_cell(r['latency_p90_ms'], 0):>7}  "
+                     f"{before:>4.2f}>{after:<4.2f}")
+    return "\n".join(lines)
+
+
+def speedup(rows: list[dict]) -> tuple[dict, dict, float | None]:
+    """Tokens/s at (most slots, most in flight) over (fewest slots, 1 in flight)."""
+    low = min(rows, key=lambda r: (r["parallel"], r["concurrency"]))
+    high = max(rows, key=lambda r: (r["parallel"], r["concurrency"]))
+    if not low["completion_tokens_per_s"] or high["completion_tokens_per_s"] is None:
+        return low, high, None
+    return low, high, high["completion_tokens_per_s"] / low["completion_tokens_per_s"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=8, help="requests per setting")
-    parser.add_argument("--concurrency", default="1,4", help="comma-separated requests in flight")
+    parser.add_argument("--parallel", default="1,4", help="server slots, one server each (default 1,4)")
+    parser.add_argument("--concurrency", default="1,2,4", help="requests in flight per cell (default 1,2,4)")
+    parser.add_argument("--threads", type=int, default=2, help="server threads (default 2: this machine's cores)")
+    parser.add_argument("--ctx", type=int, default=4096, help="context per slot (default 4096)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per cell (default 16)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--n-ctx", type=int, default=N_CTX)
-    parser.add_argument("--out", default=str(HERE / "bench_llama_server.json"))
-    parser.add_argument("--log", default="", help="server log file (default: a temporary file)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--llama-param", action="append", default=[], metavar="NAME=VALUE",
+                        help="passed to fedtextgrad serve, e.g. n_ubatch=128 (repeatable)")
+    parser.add_argument("--out", default=str(HERE / "bench_llama_server.json"), help="JSON results ('' for none)")
     args = parser.parse_args(argv)
     reason = missing_requirement()
     if reason:
         raise SystemExit(f"cannot benchmark the llama server: {reason}")
+    slots = parse_concurrency(args.parallel, "--parallel")
+    levels = parse_concurrency(args.concurrency)
 
-    task = get_task("object_counting")
-    levels = [int(c) for c in args.concurrency.split(",")]
-    # fresh questions for every setting: the server's prompt cache must not favour a later one
-    pool = [e.question for e in generate(task.name, args.requests * len(levels) + 1, seed=7)]
-    log_path = Path(args.log) if args.log else Path(tempfile.mkdtemp(prefix="bench-llama-")) / "llama-server.log"
-    with start_llama_server(log_path, n_ctx=args.n_ctx) as server:
-        measure(server.base_url, server.alias, pool[:1], task.start_prompt, 1, args.max_tokens)  # warm-up
-        rows = []
-        for i, concurrency in enumerate(levels):
-            questions = pool[1 + i * args.requests: 1 + (i + 1) * args.requests]
-            rows.append(measure(server.base_url, server.alias, questions, task.start_prompt, concurrency, args.max_tokens))
-        command = server.command
-
-    print(f"llama.cpp server, SmolLM2-135M-Instruct Q4_1, n_ctx {args.n_ctx}, 1 thread, "
-          f"max_tokens {args.max_tokens}, {os.cpu_count()} CPUs")
-    print(f"{'concurrency':>11}  {'requests':>8}  {'seconds':>7}  {'compl tok':>9}  {'compl tok/s':>11}  "
-          f"{'all tok/s':>9}  {'s/request':>9}  {'load':>9}")
-    for r in rows:
-        before, after = r["load_average_1min"]
-        load = f"{before:.1f}→{after:.1f}"
-        print(f"{r['concurrency']:>11}  {r['requests']:>8}  {r['seconds']:>7.1f}  {r['completion_tokens']:>9}  "
-              f"{r['completion_tokens_per_s']:>11.1f}  {r['total_tokens_per_s']:>9.1f}  "
-              f"{r['mean_request_seconds']:>9.2f}  {load:>9}")
-    result = {"benchmark": "llama_server", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": args.n_ctx,
-              "max_tokens": args.max_tokens, "cpus": os.cpu_count(), "machine": platform.machine(),
-              "server_args": command[command.index("-m"):], "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written: {args.out}")
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for parallel in slots:
+        print(f"server with {parallel} slot(s), {args.threads} thread(s) ...", flush=True)
+        rows += bench_one_server(parallel, args.threads, args.ctx, levels, args.requests, args.max_tokens,
+                                 args.prompt, args.llama_param)
+    print(f"\nllama.cpp server (xllamacpp), {MODEL_FILE}, {args.threads} thread(s), {args.ctx} ctx per slot, "
+          f"{args.requests} requests per cell, max_tokens {args.max_tokens}, {os.cpu_count()} CPUs, "
+          f"llama params {args.llama_param or 'default'}")
+    print(format_rows(rows))
+    low, high, ratio = speedup(rows)
+    if ratio is not None:
+        print(f"tokens/s at parallel {high['parallel']} & concurrency {high['concurrency']} vs parallel "
+              f"{low['parallel']} & concurrency {low['concurrency']}: {ratio:.2f}x")
+    result = {"benchmark": "llama_server", "server": "xllamacpp", "model": MODEL_FILE, "threads": args.threads,
+              "ctx_per_slot": args.ctx, "max_tokens": args.max_tokens, "requests": args.requests,
+              "llama_params": args.llama_param, "cpus": os.cpu_count(), "machine": platform.machine(),
+              "seconds": round(time.perf_counter() - started, 1), "speedup": ratio, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.out}")
     return result
 
 

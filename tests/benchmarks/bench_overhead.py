@@ -36,11 +36,9 @@ from pathlib import Path
 from flwr.app import Context, Message, RecordDict
 
 from fedtextgrad_core.run.client_round import NodeIdentity, load_client_data
+from fedtextgrad_core.run.messages import REQUEST_RECORD, RoundRequest
 from fedtextgrad_core.run.settings import RunSettings
 from server_app.server_app import app as server_app
-
-from tests.deployment_helpers import QUIET_ENV, cmdline, kill_pids
-from tests.flower_loopback import ROOT, LoopbackGrid, default_run_config
 from tests.benchmarks.critical_path import (
     SERVER,
     Call,
@@ -54,6 +52,8 @@ from tests.benchmarks.critical_path import (
     server_extra,
 )
 from tests.benchmarks.sim_fleet import SimFleet
+from tests.deployment_helpers import QUIET_ENV, cmdline, kill_pids
+from tests.flower_loopback import ROOT, LoopbackGrid, default_run_config
 
 FLWR_LOCK = "/tmp/fedtextgrad-flwr.lock"
 FLWR_TIMEOUT_SECONDS = 900
@@ -70,9 +70,9 @@ class TimedGrid(LoopbackGrid):
     def send_and_receive(self, messages, timeout=None) -> list[Message]:
         messages = list(messages)
         kind = str(messages[0].metadata.message_type) if messages else "none"
-        config = messages[0].content["config"] if messages else {}
-        split = f" {config['split']}" if "split" in config else ""
-        label = f"round {config.get('server-round', '?')} {kind}{split}"
+        request = RoundRequest.decode(messages[0].content[REQUEST_RECORD]) if messages else None
+        split = f" {request.kind.data_split}" if request is not None and kind != "train" else ""
+        label = f"round {request.server_round if request is not None else '?'} {kind}{split}"
         start = time.time()
         replies = super().send_and_receive(messages, timeout)
         self.windows.append(Window(label, "train" if kind == "train" else "evaluate", start, time.time()))
@@ -111,7 +111,7 @@ def structure_for(args: argparse.Namespace, run_config: dict[str, object], concu
     settings = RunSettings.from_config(run_config)
     val_sizes, batch = {}, settings.local.batch_size
     for label in clients(args.clients):
-        data = load_client_data(settings, NodeIdentity(int(label), args.clients, settings.data_source))
+        data = load_client_data(settings, NodeIdentity(int(label), args.clients))
         val_sizes[label] = len(data.val) if settings.client_val_eval else 0
         batch = min(batch, len(data.train))
     return Structure(args.latency_ms / 1000, concurrency, batch, val_sizes)

@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedtextgrad_core.run.records import RoundRecord
 from tests.deployment_helpers import cmdline
 from tests.simulation_helpers import stop_superlinks
 
@@ -281,24 +282,26 @@ def summarise(plan: RunPlan, run_dir: Path, sampler: Sampler, wall: float, waite
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
         if (run_dir / "rounds.jsonl").exists() else []
     per_round = []
-    for record, seconds in zip(rounds, _round_seconds(sampler) + [None] * len(rounds)):
-        metrics = record.get("merged_prompt_metrics") or {}
+    for line, seconds in zip(rounds, _round_seconds(sampler) + [None] * len(rounds)):
+        record = RoundRecord.from_json(line)
+        metrics = record.merged_prompt_metrics or {}
+        merge = record.merge
         per_round.append({
-            "round": record["round"],
-            "clients_ok": len(record.get("clients", [])),
-            "failures": len(record.get("failures", [])),
+            "round": record.round,
+            "clients_ok": len(record.uploads),
+            "failures": len(record.failures),
             "wall_seconds": seconds,
-            "merge_and_eval_seconds": record.get("seconds"),
-            "merged_chars": len(record.get("merged_prompt", "")),
+            "merge_and_eval_seconds": record.seconds,
+            "merged_chars": len(record.merged_prompt),
             "merged_tokens": metrics.get("tokens"),
             "tokenizer": metrics.get("tokenizer"),
-            "val_accuracy": record.get("val_accuracy"),
-            "summariser_calls": record.get("merge_summariser_calls"),
-            "merge_levels": record.get("merge_levels"),
-            "largest_summariser_input_tokens": record.get("merge_largest_summariser_input_tokens"),
-            "dropped_sentences": len(record.get("merge_dropped_sentences") or []),
-            "duplicates_removed": record.get("merge_duplicates_removed"),
-            "fallback_reason": record.get("merge_fallback_reason"),
+            "val_accuracy": record.val_accuracy,
+            "summariser_calls": merge.summariser_calls,
+            "merge_levels": merge.levels,
+            "largest_summariser_input_tokens": merge.largest_summariser_input_tokens,
+            "dropped_sentences": len(merge.dropped_sentences),
+            "duplicates_removed": merge.duplicates_removed,
+            "fallback_reason": merge.fallback_reason,
         })
     return {
         "plan": asdict(plan),

@@ -48,8 +48,10 @@ with open("pyproject.toml", "rb") as handle:
 run_config.update({"local-steps": 1, "client-val-eval": False})
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.run.messages import REQUEST_RECORD, RoundRequest
 prompt = get_task(run_config["task"]).start_prompt
-message = Message(content=RecordDict({"config": ConfigRecord({"prompt": prompt, "server-round": 1})}),
+request = RoundRequest(phase="train", server_round=1, prompt=prompt)
+message = Message(content=RecordDict({REQUEST_RECORD: ConfigRecord(request.encode())}),
                   message_type=MessageType.TRAIN, dst_node_id=100)
 context = Context(run_id=1, node_id=100, node_config={"partition-id": 0, "num-partitions": 3},
                   state=RecordDict(), run_config=run_config)

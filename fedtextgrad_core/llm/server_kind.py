@@ -1,0 +1,182 @@
+"""Which kind of server answers at an OpenAI-compatible base URL: llama.cpp, vLLM, SGLang, Ollama, OpenAI.
+
+Why it matters: every server kind constrains a reply through its own request field (a GBNF
+``grammar``, vLLM's ``structured_outputs``, SGLang's ``regex``, a JSON schema in
+``response_format``), and a field a server does not know is ignored without an error, so sending
+the wrong one fails silently. ``constraints.constraint_for`` picks the field from the kind found here.
+
+Detection reads the JSON of ``GET /v1/models``, which the transport already fetches once per
+endpoint, so it costs nothing. Each server fills ``owned_by`` with its own name (sources in
+/work/notes/constraints.md):
+
+=============  ===========================================================================
+``llamacpp``   llama.cpp's ``llama-server`` (and the ``xllamacpp`` wheel that runs it in-process)
+``vllm``       vLLM's OpenAI-compatible server (the default of its ``ModelCard``)
+``sglang``     SGLang (the default of its ``ModelCard``)
+``library``    Ollama: the namespace of the model name, ``library`` unless the model was pulled
+               from a user namespace (``user/model:tag``, ``hf.co/user/model:tag``)
+``openai``,    hosted OpenAI (with ``openai-internal``/``openai-dev``; fine-tunes are owned by the
+``system``     organisation); the host ``api.openai.com`` decides first
+=============  ===========================================================================
+
+When ``/v1/models`` says nothing recognisable, ``probe_kind`` may try a few cheap GETs with a short
+timeout (llama.cpp ``/props``, Ollama ``/api/version``, SGLang ``/get_model_info``, vLLM ``/version``).
+Anything still unrecognised is ``"unknown"``, for which no constraint is sent: the request stays as it
+was before constraints existed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+KINDS = ("llama.cpp", "vllm", "sglang", "ollama", "openai", "unknown")
+
+# owned_by values that name the server outright (lower-cased)
+_OWNERS = {
+    "llamacpp": "llama.cpp",
+    "llama.cpp": "llama.cpp",
+    "vllm": "vllm",
+    "sglang": "sglang",
+    "library": "ollama",
+    "ollama": "ollama",
+    "openai": "openai",
+    "system": "openai",
+    "openai-internal": "openai",
+    "openai-dev": "openai",
+}
+# hosts of the hosted OpenAI API (Azure OpenAI serves the same request fields)
+_OPENAI_HOSTS = ("api.openai.com",)
+_OPENAI_HOST_SUFFIXES = (".openai.azure.com",)
+# an Ollama model name: [host/][namespace/]model:tag, with owned_by = the namespace
+_OLLAMA_NAME = re.compile(r"^(?:[^/\s]+/)?(?P<namespace>[^/\s:]+)/[^/\s:]+:[^/\s:]+$")
+
+PROBE_TIMEOUT_SECONDS = 2.0
+
+
+def _server_root(base_url: str) -> str:
+    """The server's own root: the base URL without a trailing ``/v1`` (the extra endpoints live there)."""
+    root = (base_url or "").rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def _kind_from_host(base_url: str) -> str | None:
+    host = (urlsplit(base_url or "").hostname or "").lower()
+    if host in _OPENAI_HOSTS or host.endswith(_OPENAI_HOST_SUFFIXES):
+        return "openai"
+    return None
+
+
+def _kind_from_model(model: Mapping[str, Any]) -> str | None:
+    owner = model.get("owned_by")
+    if not isinstance(owner, str):
+        return None
+    kind = _OWNERS.get(owner.strip().lower())
+    if kind:
+        return kind
+    # Ollama with a model from a user namespace: owned_by repeats that namespace
+    model_id = model.get("id")
+    if isinstance(model_id, str):
+        match = _OLLAMA_NAME.match(model_id)
+        if match and match.group("namespace") == owner:
+            return "ollama"
+    return None
+
+
+def _kind_from_headers(headers: Mapping[str, str] | None) -> str | None:
+    """llama.cpp's server names itself in every response (``Server: llama.cpp``)."""
+    if not headers:
+        return None
+    for name, value in headers.items():
+        if name.lower() == "server" and "llama.cpp" in str(value).lower():
+            return "llama.cpp"
+    return None
+
+
+def detect_kind(models_payload: dict | None, base_url: str, *, headers: Mapping[str, str] | None = None) -> str:
+    """The server kind from the JSON of ``GET /v1/models`` (and the base URL); ``"unknown"`` if unsure.
+
+    Pure: no network. The host ``api.openai.com`` wins; then ``owned_by`` of the listed models, where
+    models that disagree make the answer ``"unknown"`` (a proxy in front of several servers cannot be
+    constrained one way); then, only if no model names a kind, the response headers of that same GET.
+    """
+    by_host = _kind_from_host(base_url)
+    if by_host:
+        return by_host
+    kinds: set[str] = set()
+    data = models_payload.get("data") if isinstance(models_payload, dict) else None
+    if isinstance(data, list):
+        for model in data:
+            if isinstance(model, Mapping):
+                kind = _kind_from_model(model)
+                kinds.add(kind or "unknown")
+    # one answer only when every listed model names the same kind: a mixed list (a proxy, or an
+    # unrecognised owner beside a known one) is not a safe basis for a server-specific field
+    known = kinds - {"unknown"}
+    if len(known) == 1 and "unknown" not in kinds:
+        return known.pop()
+    if not known:
+        return _kind_from_headers(headers) or "unknown"
+    return "unknown"
+
+
+def _get_json(url: str, api_key: str, timeout: float) -> tuple[Any, Mapping[str, str]] | None:
+    """GET ``url``; its JSON body and headers, or None on any failure (a probe must never raise)."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            headers = dict(response.headers.items())
+            raw = response.read(1_000_000)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    try:
+        return json.loads(raw.decode("utf-8", errors="replace")), headers
+    except ValueError:
+        return None
+
+
+def probe_kind(base_url: str, api_key: str = "", timeout: float = PROBE_TIMEOUT_SECONDS) -> str:
+    """Ask the server who it is: ``GET /v1/models`` first, then the kind-specific endpoints in turn.
+
+    For an endpoint whose model list is not conclusive (e.g. a llama.cpp behind a proxy that drops
+    ``owned_by``). At most five GETs, each bounded by ``timeout``; every failure just moves on.
+    """
+    root = _server_root(base_url)
+    listed = _get_json(f"{root}/v1/models", api_key, timeout)
+    payload, headers = listed if listed else (None, {})
+    kind = detect_kind(payload if isinstance(payload, dict) else None, base_url, headers=headers)
+    if kind != "unknown":
+        return kind
+    props = _get_json(f"{root}/props", api_key, timeout)  # llama.cpp: server properties
+    if props and isinstance(props[0], dict) and ("default_generation_settings" in props[0] or "build_info" in props[0]):
+        return "llama.cpp"
+    version = _get_json(f"{root}/api/version", api_key, timeout)  # Ollama's native API
+    if version and isinstance(version[0], dict) and isinstance(version[0].get("version"), str):
+        return "ollama"
+    info = _get_json(f"{root}/get_model_info", api_key, timeout)  # SGLang's native API
+    if info and isinstance(info[0], dict) and "model_path" in info[0] and "is_generation" in info[0]:
+        return "sglang"
+    version = _get_json(f"{root}/version", api_key, timeout)  # vLLM
+    if version and isinstance(version[0], dict) and isinstance(version[0].get("version"), str):
+        return "vllm"
+    return "unknown"
+
+
+def probe_vllm_version(base_url: str, api_key: str = "", timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """vLLM's version from ``GET /version`` (e.g. ``"0.10.1"``), or None.
+
+    The constraint field changed name across vLLM versions (``guided_regex`` before 0.11,
+    ``structured_outputs`` from 0.11; the old one was removed in 0.12), and either is ignored
+    without an error where unknown, so the version decides which to send.
+    """
+    answer = _get_json(f"{_server_root(base_url)}/version", api_key, timeout)
+    if answer and isinstance(answer[0], dict) and isinstance(answer[0].get("version"), str):
+        return answer[0]["version"]
+    return None

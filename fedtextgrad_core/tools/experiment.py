@@ -1,0 +1,662 @@
+"""``fedtextgrad experiment GRID.toml --out DIR``: a grid of federations, one real ``flwr run`` per cell.
+
+A researcher compares centralised, homogeneous and heterogeneous training across merge
+methods (and seeds, tasks, models). The grid file names the shared run settings and the
+axes; every combination of axis values is a cell, run as ``flwr run`` of this app (in
+Flower's simulation, or on a named SuperLink connection), its run folder under
+``DIR/runs/``. Run the command again and finished cells are skipped while an interrupted
+cell continues from its checkpoint (``resume-from``). At the end ``DIR/table.md``,
+``DIR/table.csv`` and ``DIR/figure.png`` hold the results in the paper's layout.
+
+The grid file (see experiments/cpu.toml)::
+
+    description = "..."
+    [settings]            # run settings shared by every cell (keys of the settings table)
+    task = "object_counting"
+    [axes]                # each a list; the cells are every combination
+    partitioning = ["centralized", "homogeneous"]
+    merge = ["concat", "summarize-uid"]
+    seed = [0]
+    [federation]          # where the cells run
+    connection = "local"  # Flower's simulation here; or a SuperLink connection of flwr-home's config.toml
+    num-supernodes = 3    # simulation only, like any other --federation-config key in options
+    options = "client-resources-num-cpus=1"
+    flwr-home = ""        # the FLWR_HOME holding a named connection (default: $FLWR_HOME)
+    cell-timeout = 21600  # seconds one cell may take
+    [serve]               # optional: a local model server the runner starts and stops (fedtextgrad serve)
+    model = "/path/model.gguf"
+    port = 8080
+    [table]
+    rows = "partitioning"
+    columns = "merge"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtextgrad_core.errors import ConfigError, FedTextGradError
+from fedtextgrad_core.run.checkpoint import CHECKPOINT_FILE
+from fedtextgrad_core.run.records import RunSummary
+from fedtextgrad_core.run.run_folder import SUMMARY_FILE, RunFolder
+from fedtextgrad_core.run.schema import BY_KEY, defaults
+from fedtextgrad_core.run.settings import RunSettings
+
+Echo = Callable[[str], None]
+SECTIONS = {"description", "settings", "axes", "federation", "serve", "table"}
+FEDERATION_KEYS = {"connection", "num-supernodes", "options", "flwr-home", "cell-timeout", "app"}
+SERVE_KEYS = {"model", "port", "parallel", "threads", "ctx", "alias"}
+TABLE_KEYS = {"rows", "columns"}
+DEFAULT_CELL_TIMEOUT = 6 * 3600.0
+ROW_ORDER = ("centralized", "homogeneous", "heterogeneous")
+PATH_SETTINGS = {"data-source", "llm-cache-path", "tracking-uri"}
+
+
+class GridError(FedTextGradError):
+    """The grid file cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    index: int  # 1-based
+    values: dict[str, Any]  # axis -> value
+
+    @property
+    def name(self) -> str:
+        """The run folder's name: the axis values, readable and safe as a file name."""
+        parts = [f"{key}-{value}" for key, value in self.values.items()]
+        return re.sub(r"[^\w.\-]+", "_", "__".join(parts)) or "cell"
+
+    def describe(self) -> str:
+        return " ".join(f"{key}={value}" for key, value in self.values.items())
+
+
+@dataclass
+class Grid:
+    path: Path
+    description: str
+    settings: dict[str, Any]
+    axes: dict[str, list[Any]]
+    federation: dict[str, Any]
+    serve: dict[str, Any] | None
+    rows: str
+    columns: str
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def connection(self) -> str:
+        return str(self.federation.get("connection", "local"))
+
+    @property
+    def simulation(self) -> bool:
+        return self.connection == "local"
+
+    def run_config(self, cell: Cell, results: Path) -> dict[str, Any]:
+        config = {**self.settings, **cell.values, "results-dir": str(results), "run-name": cell.name}
+        return {key: self._path(key, value, results.parent) for key, value in config.items()}
+
+    def _path(self, key: str, value: Any, out: Path) -> Any:
+        """Paths in a grid file are the grid's: '{out}' is the --out folder, and './x' or '../x' are
+        taken from the grid file's folder (a cell's processes run elsewhere)."""
+        if key not in PATH_SETTINGS or not isinstance(value, str):
+            return value
+        value = value.replace("{out}", str(out))
+        if value.startswith(("./", "../")):
+            return str((self.path.parent / value).resolve())
+        return value
+
+
+# --- reading the grid -----------------------------------------------------------------------------------
+
+
+def _table(data: Mapping[str, Any], name: str, known: set[str] | None = None) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise GridError(f"[{name}] must be a table of key = value lines")
+    if known is not None:
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise GridError(f"[{name}] has unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+    return dict(value)
+
+
+def load_grid(path: Path) -> Grid:
+    """Read and check a grid file: every cell's settings are checked before anything runs."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GridError(f"the grid file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"the grid file '{path}' cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise GridError(f"the grid file '{path}' is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - SECTIONS)
+    if unknown:
+        raise GridError(f"unknown section(s) {', '.join(unknown)}; a grid file has {', '.join(sorted(SECTIONS))}")
+    settings = _table(data, "settings")
+    axes = _table(data, "axes")
+    if not axes:
+        raise GridError("[axes] is empty: name at least one setting with a list of values, e.g. merge = [\"concat\"]")
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise GridError(f"[axes] {key} must be a non-empty list of values")
+        if key in settings:
+            raise GridError(f"'{key}' is both a shared setting and an axis; keep one")
+    for key in ("results-dir", "run-name", "resume-from"):
+        if key in settings or key in axes:
+            raise GridError(f"'{key}' is set by the experiment runner for each cell; remove it from the grid file")
+    federation = _table(data, "federation", FEDERATION_KEYS)
+    serve = _table(data, "serve", SERVE_KEYS) if "serve" in data else None
+    if serve is not None and "model" not in serve:
+        raise GridError("[serve] needs model = the path of a GGUF file (or \"smollm2\")")
+    table = _table(data, "table", TABLE_KEYS)
+    rows = str(table.get("rows", "partitioning"))
+    columns = str(table.get("columns", "merge"))
+    for name, key in (("rows", rows), ("columns", columns)):
+        if key not in axes and key not in settings and key not in BY_KEY:
+            raise GridError(f"[table] {name} = '{key}' is not a setting (an axis, a shared setting, or a default)")
+    description = data.get("description", "")
+    grid = Grid(path=path, description=str(description), settings=settings, axes=axes, federation=federation,
+                serve=serve, rows=rows, columns=columns)
+    keys = list(axes)
+    grid.cells = [Cell(i + 1, dict(zip(keys, combination)))
+                  for i, combination in enumerate(itertools.product(*(axes[k] for k in keys)))]
+    for cell in grid.cells:
+        try:
+            RunSettings.from_config(grid.run_config(cell, Path("runs")))
+        except ConfigError as exc:
+            raise GridError(f"cell {cell.index} ({cell.describe()}): {exc}") from None
+    return grid
+
+
+# --- running cells ---------------------------------------------------------------------------------------
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (the run settings hold text, numbers and booleans only)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise GridError(f"{value} cannot be a setting")
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string has JSON's escapes
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (e.g. FLWR_HOME=...): the local SuperLink that
+    ``flwr run`` started for this grid and left running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    status: str  # finished | failed | skipped
+    seconds: float = 0.0
+    error: str = ""
+
+
+class Runner:
+    """Runs a grid's cells one after another with ``flwr run``, resumably."""
+
+    def __init__(self, grid: Grid, out: Path, app: Path, echo: Echo = print, tracker: str = "none",
+                 tracking_uri: str = ""):
+        self.grid = grid
+        self.out = out
+        self.app = app
+        self.echo = echo
+        self.runs = out / "runs"
+        self.logs = out / "logs"
+        self.configs = out / "configs"
+        self.flwr_home = out / "flwr-home"
+        self.tracker = tracker
+        self.tracking_uri = tracking_uri
+
+    # --- the environment of every `flwr run` ---
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+        if self.grid.simulation:
+            # the grid's own FLWR_HOME and SuperLink ports: never a SuperLink someone else left running
+            env["FLWR_HOME"] = str(self.flwr_home)
+            env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(self._ports[0])
+            env["FLWR_LOCAL_CONTROL_API_PORT"] = str(self._ports[1])
+        elif self.grid.federation.get("flwr-home"):
+            env["FLWR_HOME"] = str(Path(str(self.grid.federation["flwr-home"])).expanduser())
+        return env
+
+    def command(self, cell: Cell, config_file: Path) -> list[str]:
+        command = ["flwr", "run", str(self.app), self.grid.connection, "--stream", "--run-config", str(config_file)]
+        if self.grid.simulation:
+            options = f"num-supernodes={int(self.grid.federation.get('num-supernodes', 3))} " + str(
+                self.grid.federation.get("options", ""))
+            command += ["--federation-config", options.strip()]
+        return command
+
+    # --- one cell ---
+    def status(self, cell: Cell) -> tuple[str, Path]:
+        """'finished', 'resume' (a checkpoint to continue from) or 'new', and the cell's run folder."""
+        folder = self.runs / cell.name
+        summary = folder / SUMMARY_FILE
+        if summary.exists():
+            try:
+                if RunFolder(folder).read_summary().finished:
+                    return "finished", folder
+            except (OSError, ValueError, TypeError, FedTextGradError):
+                pass
+        if (folder / CHECKPOINT_FILE).exists():
+            return "resume", folder
+        return "new", folder
+
+    def run_cell(self, cell: Cell, extra: Mapping[str, Any]) -> CellOutcome:
+        state, folder = self.status(cell)
+        if state == "finished":
+            return CellOutcome(cell, "skipped")
+        if state == "new" and folder.exists():  # stopped before its first checkpoint: nothing to keep
+            folder.rename(folder.with_name(f"{folder.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+        config = {**self.grid.run_config(cell, self.runs), **extra}
+        if state == "resume":
+            config["resume-from"] = str(folder)
+        self.configs.mkdir(parents=True, exist_ok=True)
+        config_file = self.configs / f"{cell.name}.toml"
+        config_file.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in config.items()),
+                               encoding="utf-8")
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{cell.name}.log"
+        started = time.monotonic()
+        timeout = float(self.grid.federation.get("cell-timeout", DEFAULT_CELL_TIMEOUT))
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command(cell, config_file))}\n")
+            log.flush()
+            process = subprocess.Popen(self.command(cell, config_file), cwd=self.app, env=self.env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            try:
+                self._follow(process, log, started + timeout)
+            finally:
+                if process.poll() is None:
+                    process.terminate()
+                    try:
+                        process.wait(10)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+        seconds = time.monotonic() - started
+        state, folder = self.status(cell)
+        if state == "finished":
+            return CellOutcome(cell, "finished", seconds)
+        error = "no run folder was written (see the log)"
+        if (folder / SUMMARY_FILE).exists():
+            try:
+                error = RunFolder(folder).read_summary().error or "the run stopped before it finished"
+            except (OSError, ValueError, TypeError, FedTextGradError) as exc:
+                error = f"its summary.json cannot be read: {exc}"
+        if time.monotonic() > started + timeout:
+            error = f"it ran longer than cell-timeout = {timeout:g} s; stopped"
+        return CellOutcome(cell, "failed", seconds, f"{error} (log: {log_path})")
+
+    def _follow(self, process: subprocess.Popen[str], log: Any, deadline: float) -> None:
+        """Copy the run's output to its log, echo the lines worth seeing, stop at the deadline."""
+
+        def copy() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                if _worth_showing(line):
+                    self.echo(f"    {line.strip()}")
+
+        reader = threading.Thread(target=copy, name="cell-output", daemon=True)
+        reader.start()
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                self.echo("    the cell ran past its cell-timeout: stopping it (it can be resumed)")
+                return
+            time.sleep(0.5)
+        reader.join(timeout=10)
+
+    # --- the grid ---
+    def run(self) -> list[CellOutcome]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._ports = (_free_port(), _free_port())
+        grid, outcomes = self.grid, []
+        total = len(grid.cells)
+        done = sum(1 for cell in grid.cells if self.status(cell)[0] == "finished")
+        self.echo(f"experiment {grid.path.name}: {total} cell(s), {done} already finished; results in {self.out}")
+        from fedtextgrad_core.run.tracking import finish_parent, start_parent
+        parent = start_parent(self.tracking_uri, "fedtextgrad", grid.path.stem,
+                              {"grid": str(grid.path), **{f"axis.{k}": str(v) for k, v in grid.axes.items()}},
+                              self.echo) if self.tracker == "mlflow" else None
+        extra: dict[str, Any] = {}
+        if self.tracker == "mlflow":
+            extra = {"tracker": "mlflow", "tracking-uri": self.tracking_uri, "tracking-parent-run": parent or ""}
+        began = time.monotonic()
+        ran: list[float] = []
+        try:
+            with self._model_server() as serve_settings:
+                extra.update(serve_settings)
+                for cell in grid.cells:
+                    elapsed = time.monotonic() - began
+                    left = len([c for c in grid.cells[cell.index - 1:] if self.status(c)[0] != "finished"])
+                    estimate = f", about {_duration(statistics.mean(ran) * left)} left" if ran else ""
+                    state = self.status(cell)[0]
+                    verb = {"finished": "already finished", "resume": "resuming", "new": "starting"}[state]
+                    self.echo(f"cell {cell.index}/{total} ({cell.describe()}): {verb}; "
+                              f"elapsed {_duration(elapsed)}{estimate}")
+                    outcome = self.run_cell(cell, extra)
+                    outcomes.append(outcome)
+                    if outcome.status == "finished":
+                        ran.append(outcome.seconds)
+                        summary = RunFolder(self.runs / cell.name).read_summary()
+                        self.echo(f"cell {cell.index}/{total}: finished in {_duration(outcome.seconds)}, test accuracy "
+                                  f"{_percent(summary.test_accuracy)} (best prompt)"
+                                  + (" (simulated LLM)" if summary.simulated else ""))
+                    elif outcome.status == "failed":
+                        self.echo(f"cell {cell.index}/{total}: FAILED: {outcome.error}")
+        finally:
+            self._stop_local_superlink()
+            write_results(self.grid, self.runs, self.out, self.echo)
+            if parent:
+                failed = any(o.status == "failed" for o in outcomes)
+                tables = self.out / "tables-for-tracking"
+                tables.mkdir(exist_ok=True)
+                for name in ("table.md", "table.csv", "figure.png"):
+                    if (self.out / name).exists():
+                        shutil.copy(self.out / name, tables / name)
+                finish_parent(self.tracking_uri, parent, "FAILED" if failed else "FINISHED", tables, self.echo)
+        return outcomes
+
+    @contextmanager
+    def _model_server(self) -> Iterator[dict[str, Any]]:
+        """The grid's own model server (``[serve]``), started before the first cell, stopped by PID after."""
+        serve = self.grid.serve
+        if serve is None:
+            yield {}
+            return
+        from fedtextgrad_core.tools.serve import serving
+
+        options = {k.replace("-", "_"): v for k, v in serve.items() if k != "model"}
+        self.echo(f"starting fedtextgrad serve --model {serve['model']} ...")
+        with serving(str(serve["model"]), **options) as served:
+            self.echo(f"model server ready: {served.base_url} (model {served.alias})")
+            yield {}
+
+    def _stop_local_superlink(self) -> None:
+        """Stop, by PID, the local SuperLink `flwr run` started for this grid and everything it started
+        (the simulation and its workers inherit the grid's FLWR_HOME): nothing of the grid keeps running."""
+        if not self.grid.simulation:
+            return
+        marker = f"FLWR_HOME={self.flwr_home}"
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            pids = _pids_with_env(marker)
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + grace
+            while pids and time.monotonic() < deadline:
+                time.sleep(0.2)
+                pids = _pids_with_env(marker)
+            if not pids:
+                return
+
+
+def _worth_showing(line: str) -> bool:
+    text = line.strip()
+    return text.startswith(("initial prompt:", "best prompt", "run stopped", "resuming", "fedtextgrad:")) or bool(
+        re.match(r"^\d+\s+merged \(", text))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    row: str
+    column: str
+    summaries: list[RunSummary]
+
+    def values(self, name: str) -> list[float]:
+        found = [getattr(s, name) for s in self.summaries]
+        return [float(v) for v in found if v is not None]
+
+
+def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def collect(grid: Grid, runs: Path) -> list[CellResult]:
+    """The finished runs of the grid, grouped by (row value, column value); other axes (seeds) pooled."""
+    groups: dict[tuple[str, str], list[RunSummary]] = {}
+    for cell in grid.cells:
+        folder = runs / cell.name
+        try:
+            summary = RunFolder(folder).read_summary()
+        except (OSError, ValueError, TypeError, FedTextGradError):
+            continue
+        if not summary.finished:
+            continue
+        config = {**defaults(), **grid.settings, **cell.values}
+        key = (str(config.get(grid.rows, "")), str(config.get(grid.columns, "")))
+        groups.setdefault(key, []).append(summary)
+    rows = sorted({r for r, _ in groups}, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
+    columns = sorted({c for _, c in groups})
+    return [CellResult(r, c, groups[(r, c)]) for r in rows for c in columns if (r, c) in groups]
+
+
+def _model_of(summaries: Sequence[RunSummary]) -> str:
+    models = sorted({llm for s in summaries for llm in s.client_llms.values()})
+    simulated = any(s.simulated for s in summaries)
+    text = ", ".join(models) or "?"
+    return text + (" (simulated LLM)" if simulated and "simulated LLM" not in text else "")
+
+
+def write_results(grid: Grid, runs: Path, out: Path, echo: Echo = print) -> list[CellResult]:
+    """table.md, table.csv and figure.png from the finished cells."""
+    results = collect(grid, runs)
+    if not results:
+        echo("no finished cell yet: no table")
+        return results
+    columns = sorted({r.column for r in results})
+    rows = sorted({r.row for r in results}, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
+    by_key = {(r.row, r.column): r for r in results}
+    lines = [f"# {grid.path.stem}: test accuracy of the best prompt (%)", ""]
+    if grid.description:
+        lines += [grid.description, ""]
+    lines += [f"| {grid.rows} \\ {grid.columns} | " + " | ".join(columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            result = by_key.get((row, column))
+            if result is None:
+                cells.append("-")
+                continue
+            tokens = statistics.mean(s.cost.get("total", {}).get("tokens", 0) for s in result.summaries)
+            minutes = statistics.mean(_minutes(s) for s in result.summaries)
+            best, start = _mean_sd(result.values("test_accuracy")), _mean_sd(result.values("initial_test_accuracy"))
+            last = _mean_sd(result.values("last_test_accuracy"))
+            cells.append(f"**{best}** (start {start}; last {last}; n={len(result.summaries)}; "
+                         f"{tokens / 1000:.1f}k tokens; {minutes:.0f} min)")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    models = sorted({_model_of(r.summaries) for r in results})
+    lines += ["", "Cells: test accuracy of the best prompt (by validation), mean ± sd over the runs in the cell "
+                  "(n); start = the start prompt's test accuracy; last = the last merged prompt's; tokens and "
+                  "minutes per run.", f"Model(s): {'; '.join(models)}."]
+    if any(s.simulated for r in results for s in r.summaries):
+        lines.append("These numbers come from the simulated LLM, a test double: they show that the machinery works, "
+                     "not how a real model does.")
+    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with (out / "table.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([grid.rows, grid.columns, "runs", "test_best_mean", "test_best_sd", "test_last_mean",
+                         "test_start_mean", "val_best_mean", "tokens_mean", "minutes_mean", "model", "simulated"])
+        for r in results:
+            accuracies = r.values("test_accuracy")
+            writer.writerow([r.row, r.column, len(r.summaries), _num(_mean(accuracies)),
+                             _num(statistics.stdev(accuracies)) if len(accuracies) > 1 else "",
+                             _num(_mean(r.values("last_test_accuracy"))), _num(_mean(r.values("initial_test_accuracy"))),
+                             _num(_mean(r.values("best_val_accuracy"))),
+                             _num(statistics.mean(s.cost.get("total", {}).get("tokens", 0) for s in r.summaries)),
+                             _num(statistics.mean(_minutes(s) for s in r.summaries)), _model_of(r.summaries),
+                             str(any(s.simulated for s in r.summaries)).lower()])
+    try:
+        _figure(results, rows, columns, grid, out / "figure.png")
+    except Exception as exc:  # a figure must never cost the table
+        echo(f"could not draw figure.png: {exc}")
+    echo(f"results: {out / 'table.md'}, {out / 'table.csv'}, {out / 'figure.png'}")
+    return results
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _minutes(summary: RunSummary) -> float:
+    return summary.seconds / 60
+
+
+def _figure(results: Sequence[CellResult], rows: Sequence[str], columns: Sequence[str], grid: Grid,
+            path: Path) -> None:
+    from fedtextgrad_core.run.figures import SIM_NOTE, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(rows) * max(1, len(columns)) / 2), 4.2))
+    width = 0.8 / max(1, len(columns))
+    by_key = {(r.row, r.column): r for r in results}
+    for j, column in enumerate(columns):
+        xs: list[float] = []
+        means: list[float] = []
+        errors: list[float] = []
+        starts: list[float | None] = []
+        for i, row in enumerate(rows):
+            result = by_key.get((row, column))
+            if result is None or not result.values("test_accuracy"):
+                continue
+            best = result.values("test_accuracy")
+            xs.append(i + (j - (len(columns) - 1) / 2) * width)
+            means.append(statistics.mean(best))
+            errors.append(statistics.stdev(best) if len(best) > 1 else 0.0)
+            initial = result.values("initial_test_accuracy")
+            starts.append(statistics.mean(initial) if initial else None)
+        ax.bar(xs, means, width * 0.9, yerr=errors, capsize=3, label=f"{grid.columns} = {column}")
+        for x, start in zip(xs, starts):
+            if start is not None:
+                ax.plot([x - width * 0.45, x + width * 0.45], [start, start], color="black", linewidth=1.5)
+    ax.set_xticks(range(len(rows)), rows)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("test accuracy of the best prompt")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    simulated = any(s.simulated for r in results for s in r.summaries)
+    models = "; ".join(sorted({_model_of(r.summaries) for r in results}))
+    ax.set_title(f"{grid.path.stem} ({models}); black lines: start prompt" + (f"\n{SIM_NOTE}" if simulated else ""),
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command -------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("grid", metavar="GRID.toml", help="the grid file (see experiments/cpu.toml)")
+    parser.add_argument("--out", required=True, help="where the runs, logs and tables go; run again to resume")
+    parser.add_argument("--app", default=".", help="the Flower app folder holding pyproject.toml (default: .)")
+    parser.add_argument("--tracker", default="none", choices=["none", "mlflow"],
+                        help="also track the grid and each federation in MLflow (default: none)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI: a folder, sqlite:///FILE or "
+                        "http://HOST:PORT (default: MLflow's ./mlruns)")
+    parser.add_argument("--table-only", action="store_true", help="only (re)write table.md, table.csv and "
+                        "figure.png from the finished cells")
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = load_grid(Path(args.grid))
+    out = Path(args.out).expanduser().resolve()
+    app = Path(args.app).expanduser().resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise GridError(f"--app '{args.app}' holds no pyproject.toml; give the folder of this Flower app")
+    if args.table_only:
+        write_results(grid, out / "runs", out)
+        return 0
+    if grid.simulation and shutil.which("flwr") is None:
+        raise GridError("the flwr command is not on PATH: install the project (pip install -e .) first")
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # so the cell's `flwr run` and the grid's SuperLink are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        outcomes = Runner(grid, out, app, tracker=args.tracker, tracking_uri=args.tracking_uri).run()
+    except KeyboardInterrupt:
+        print("stopped; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"{len(failed)} cell(s) failed; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
+

@@ -8,7 +8,9 @@ usage() {
 Usage: $PROG --name NAME --superlink HOST:PORT (--ca CA_CRT | --insecure) [--flwr-home DIR] [--default]
 
 Writes the connection [superlink.NAME] into DIR/config.toml (default: \$FLWR_HOME, else
-~/.flwr), keeping every other connection. Then, from the app's folder:
+~/.flwr), keeping every other connection. A config.toml that does not exist yet starts as the
+one Flower itself writes (with the connection 'local' that 'flwr run . local' uses, and Flower's
+default connection); a config without 'local' gets it back. Then, from the app's folder:
   flwr run . NAME --stream --run-config "..."
 and the same connection serves 'flwr supernode register/list', 'flwr ls', 'flwr log', 'flwr stop'.
 
@@ -18,7 +20,8 @@ Options:
   --ca FILE              the CA certificate that signed the SuperLink's certificate (TLS)
   --insecure             no TLS (prints a warning; only for a SuperLink started with --insecure)
   --flwr-home DIR        the FLWR_HOME to write into
-  --default              also make NAME the default connection
+  --default              also make NAME the default connection (otherwise the default stays
+                         as it is: 'local' in a new config)
   -h, --help             this text
 EOF
 }
@@ -65,8 +68,18 @@ import tomli
 import tomli_w
 
 path, name, address, ca, insecure, make_default = sys.argv[1:]
-config = tomli.loads(Path(path).read_text(encoding="utf-8")) if Path(path).exists() else {}
+LOCAL = ":local:"
+try:  # the config Flower writes into a fresh FLWR_HOME (flwr/cli/constant.py)
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML, LOCAL_SUPERLINK_ADDRESS_MAGIC_VALUE as LOCAL
+except ImportError:  # another Flower layout: the same content as Flower 1.42 writes
+    DEFAULT_FLOWER_CONFIG_TOML = ('[superlink]\ndefault = "local"\n\n[superlink.supergrid]\naddress = "api.flower.ai"\n\n'
+                                  '[superlink.local]\naddress = ":local:"\n')
+text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else DEFAULT_FLOWER_CONFIG_TOML
+config = tomli.loads(text)
 links = config.setdefault("superlink", {})
+if name != "local" and "local" not in links:
+    # `flwr run . local` (the simulation) needs it; Flower only writes it into a fresh FLWR_HOME
+    links["local"] = {"address": LOCAL}
 connection = {"address": address}
 if insecure == "1":
     connection["insecure"] = True

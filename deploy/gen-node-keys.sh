@@ -12,7 +12,7 @@ an ECDSA P-384 key in OpenSSH format):
   DIR/NAME       the private key: stays on this machine, given to start-supernode.sh --auth-key
   DIR/NAME.pub   the public key: send it to the SuperLink's operator, who registers it with
                  register-node.sh (a SuperLink started with node authentication accepts only
-                 registered keys)
+                 registered keys); the node is registered, and named in the results, as NAME
 
 Options:
   --name NAME   file name of the key, e.g. site-0
@@ -52,4 +52,5 @@ chmod 600 "$OUT/$NAME"
 
 say "wrote the SuperNode key pair of '$NAME':"
 say "  private key: $OUT/$NAME  (keep it here: start-supernode.sh --auth-key $OUT/$NAME)"
-say "  public key:  $OUT/$NAME.pub  (send it to the SuperLink operator: register-node.sh ... $NAME.pub)"
+say "  public key:  $OUT/$NAME.pub  (send it to the SuperLink's operator, who saves it as received/$NAME.pub"
+say "               and registers it: register-node.sh ... received/$NAME.pub; the node is then named '$NAME')"

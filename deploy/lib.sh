@@ -199,7 +199,7 @@ wait_for_port() {
         if ! pid_alive "$pid"; then
             echo "--- last lines of $state/log:" >&2
             tail -n 25 "$state/log" >&2
-            die "$what (PID $pid) exited during start; see $state/log"
+            die "$what (PID $pid) exited during start; see $state/log$(exit_reason "$state")"
         fi
         if ((SECONDS >= deadline)); then
             echo "--- last lines of $state/log:" >&2
@@ -208,6 +208,16 @@ wait_for_port() {
         fi
         sleep 0.5
     done
+}
+
+exit_reason() {
+    # exit_reason STATE_DIR: a second message line (newline first) saying why the process just
+    # started has exited, when the script defines explain_exit STATE_DIR and it finds a reason.
+    local why=""
+    if declare -F explain_exit >/dev/null; then
+        why="$(explain_exit "$1")" || why=""
+    fi
+    [[ -z "$why" ]] || printf '\n%s: %s' "$PROG" "$why"
 }
 
 node_config_value() {

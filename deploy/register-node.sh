@@ -8,12 +8,14 @@ usage() {
 Usage: $PROG --superlink HOST:PORT --ca CA_CRT PUBLIC_KEY...
        $PROG --connection NAME [--flwr-home DIR] PUBLIC_KEY...
 
-Registers each SuperNode public key (NAME.pub from gen-node-keys.sh) with the SuperLink
-(Flower: 'flwr supernode register'), so a SuperNode holding the matching private key is
-accepted. The node is registered under NAME, and the server names that site's client by it
-in its output and results (a site cannot choose another's name: it is tied to the key). A key that is already registered is reported and left as it is. Run it where the
-SuperLink's port is reachable, usually on the server machine. 'flwr supernode list' (with
-the same connection) shows the registered nodes; 'flwr supernode unregister ID' removes one.
+Registers each SuperNode public key (NAME.pub from gen-node-keys.sh, e.g. received/site-0.pub)
+with the SuperLink (Flower: 'flwr supernode register'), so a SuperNode holding the matching
+private key is accepted. The node is registered under the file's NAME (site-0.pub -> site-0),
+and the server labels that site's client by it in its output and results, e.g. "0 (site-0)"
+(a site cannot pose as another: the name is bound to its key). A key that is already
+registered is reported and left as it is. Run it where the SuperLink's port is reachable,
+usually on the server machine. 'flwr supernode list' (with the same connection) shows the
+registered nodes; 'flwr supernode unregister ID' removes one.
 
   --superlink HOST:PORT  the SuperLink (a connection 'deployment' is written for it into
                          <state-root>/admin/flwr-home/config.toml)
@@ -66,9 +68,11 @@ for key in "${KEYS[@]}"; do
         die "'$key' is a PRIVATE key: register the public one ($key.pub); the private key never leaves its site"
     fi
     name="$(basename "$key" .pub)"
+    [[ "$name" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
+        || die "'$key': the node is registered under the file's name, and '$name' may hold only letters, digits, '.', '_' and '-' (rename the file, e.g. site-0.pub)"
     if output="$(flwr supernode register "$key" "$CONNECTION" --name "$name" 2>&1)"; then
         if [[ "$output" =~ SuperNode\ ([0-9]+)\ registered ]]; then
-            say "registered $key: SuperNode ID ${BASH_REMATCH[1]}"
+            say "registered $key as '$name': SuperNode ID ${BASH_REMATCH[1]}"
             continue
         fi
     fi

@@ -22,14 +22,21 @@ Connection:
 Data:
   --partition-id N        this node's share of the data (0-based)
   --num-partitions M      how many shares there are (the number of sites)
-  --data-source SRC       this node's data: synthetic, hub, or a local file/folder (default: the run's)
+  --data-source SRC       this node's data: synthetic (generated, no files), hub (downloaded), or the
+                          path of a data file or folder on this machine, e.g. a folder holding
+                          object_counting.json (BIG-Bench Hard format), bbh/<task>.json or gsm8k/;
+                          a path is checked here and must exist (default: the run's data-source).
+                          The node uses its share of it: --partition-id of --num-partitions
 LLM endpoint of this site (all optional; without them the run config decides, 'sim' by default):
   --llm-base-url URL      OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (sets llm-backend='openai')
   --llm-model NAME        the model name the server knows
   --llm-api-key-env VAR   NAME of the environment variable holding the API key (never the key)
   --backward-base-url URL, --backward-model NAME, --backward-api-key-env VAR
                           the same for the model writing feedback and rewriting the prompt
-  --node-config "k=v ..." more node config, appended as given
+  --node-config "k=v ..." more node config, appended as given; repeatable. Any run setting a node
+                          may set (README: settings table, "node may set"), e.g.
+                          --node-config "llm-startup-wait=600" waits up to 10 minutes for an LLM
+                          server that is still loading (default 60 s)
 Process:
   --port PORT             port of this SuperNode's local Runtime API (default 9094; 127.0.0.1 only)
   --isolation MODE        subprocess (default: the SuperNode starts its own ClientApp runner) or
@@ -38,16 +45,18 @@ Process:
   --state-root DIR        where state folders go (default ./deploy-state, or \$FEDTEXTGRAD_DEPLOY_STATE)
   --state-dir DIR         use exactly this state folder (overrides --name/--state-root)
   --wait-connected SECS   also wait until the SuperLink accepted this node (default 0: do not wait;
-                          the node keeps retrying while the SuperLink is down)
+                          the node keeps retrying while the SuperLink is down). A node the SuperLink
+                          refuses (key not registered, wrong CA) is then reported with the reason
   --max-wait-time SECS    give up reconnecting after SECS (default: retry forever)
   --foreground            run in the foreground as this process (containers, systemd)
   -h, --help              this text
 Anything after '--' goes to flower-supernode unchanged.
 
-Example (site 0 of 2, its vLLM server on the same machine):
-  $PROG --superlink superlink.example.org:9093 --ca ca.crt --auth-key keys/site-0 \\
-    --partition-id 0 --num-partitions 2 \\
-    --llm-base-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
+Example (site 0 of 2, its data in /data/fedtextgrad, its vLLM server on the same machine):
+  $PROG --superlink superlink.example.org:9093 --ca certs/ca.crt --auth-key keys/site-0 \\
+    --partition-id 0 --num-partitions 2 --data-source /data/fedtextgrad \\
+    --llm-base-url http://127.0.0.1:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct \\
+    --node-config "llm-startup-wait=600" --wait-connected 120
 EOF
 }
 
@@ -90,7 +99,7 @@ while [[ $# -gt 0 ]]; do
         --backward-base-url) need_value "$1" $#; BW_URL="$2"; shift 2 ;;
         --backward-model) need_value "$1" $#; BW_MODEL="$2"; shift 2 ;;
         --backward-api-key-env) need_value "$1" $#; BW_KEY_ENV="$2"; shift 2 ;;
-        --node-config) need_value "$1" $#; EXTRA_NODE_CONFIG="$2"; shift 2 ;;
+        --node-config) need_value "$1" $#; EXTRA_NODE_CONFIG+="${EXTRA_NODE_CONFIG:+ }$2"; shift 2 ;;
         --port) need_value "$1" $#; PORT="$2"; shift 2 ;;
         --isolation) need_value "$1" $#; ISOLATION="$2"; shift 2 ;;
         --name) need_value "$1" $#; NAME="$2"; shift 2 ;;
@@ -132,6 +141,15 @@ for pair in "--llm-api-key-env:$LLM_KEY_ENV" "--backward-api-key-env:$BW_KEY_ENV
     [[ -z "$var" || "$var" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] \
         || die "${pair%%:*} takes the NAME of an environment variable (letters, digits, '_'), never the key itself"
 done
+if [[ -n "$DATA_SOURCE" && "$DATA_SOURCE" != synthetic && "$DATA_SOURCE" != hub ]]; then
+    # a path: it must be there now (the ClientApp would only find out when a run starts)
+    if [[ ! -e "$DATA_SOURCE" ]]; then
+        die "--data-source '$DATA_SOURCE' does not exist on this machine: give the file or folder holding this site's data (e.g. a folder with object_counting.json), or synthetic / hub"
+    fi
+    [[ -f "$DATA_SOURCE" || -d "$DATA_SOURCE" ]] || die "--data-source '$DATA_SOURCE' is neither a file nor a folder"
+    [[ -r "$DATA_SOURCE" ]] || die "--data-source '$DATA_SOURCE' is not readable by this user"
+    DATA_SOURCE="$(cd "$(dirname "$DATA_SOURCE")" && pwd)/$(basename "$DATA_SOURCE")"  # the ClientApp runs elsewhere
+fi
 NAME="${NAME:-supernode-$PARTITION}"
 check_name "$NAME"
 need_command flower-supernode "install the app and Flower on this machine first: pip install ."
@@ -146,6 +164,7 @@ if [[ "$INSECURE" == 1 ]]; then
     CMD+=(--insecure)
 else
     [[ -n "$CA" ]] || die "--ca CA_CRT is required: the certificate of the CA that signed the SuperLink's certificate (ca.crt from gen-certs.sh); or --insecure for a loopback test"
+    [[ -e "$CA" ]] || die "--ca certificate '$CA' does not exist: put the ca.crt the SuperLink's operator sent you there (gen-certs.sh made it on the server)"
     need_file "$CA" "--ca certificate"
     CA="$(abs_path "$CA")"
     grep -q "BEGIN CERTIFICATE" "$CA" || die "--ca '$CA' is not a PEM certificate"
@@ -189,6 +208,24 @@ if [[ "$FOREGROUND" == 0 ]] && ! port_open "$ADDR_HOST" "$ADDR_PORT"; then
     warn "nothing answers on $SUPERLINK yet; the SuperNode starts anyway and keeps retrying until the SuperLink is up"
 fi
 
+explain_exit() {
+    # explain_exit STATE_DIR: one line saying why this SuperNode stopped, read from the lines
+    # its log got since this start (empty when the log does not tell).
+    local lines
+    lines="$(tail -n +"$((LOG_START + 1))" "$1/log" 2>/dev/null)" || return 0
+    if [[ "$lines" == *"Failed to activate SuperNode"* || "$lines" == *"No SuperNode found with the given public key"* ]]; then
+        if [[ -n "$AUTH_KEY" ]]; then
+            echo "the SuperLink refused this node's key: it is not registered there (or a SuperNode with the same key is already connected). Send $AUTH_KEY.pub (the public key, never the private one) to the SuperLink's operator, who saves it as received/$(basename "$AUTH_KEY").pub and registers it: deploy/register-node.sh --superlink 127.0.0.1:$ADDR_PORT --ca certs/ca.crt received/$(basename "$AUTH_KEY").pub; then start this SuperNode again"
+        else
+            echo "the SuperLink refused this node: it requires node authentication; start with --auth-key KEY (gen-node-keys.sh) and have KEY.pub registered by the SuperLink's operator (register-node.sh)"
+        fi
+    elif [[ "$lines" == *"must be registered via the CLI"* ]]; then
+        echo "the SuperLink requires node authentication: start with --auth-key KEY (gen-node-keys.sh) and have KEY.pub registered by the SuperLink's operator (register-node.sh)"
+    elif [[ "$lines" == *CERTIFICATE_VERIFY_FAILED* ]]; then
+        echo "the TLS handshake failed: --ca $CA is not the CA that signed the SuperLink's certificate, or that certificate does not name '$ADDR_HOST' (gen-certs.sh --host); get the right ca.crt from the SuperLink's operator"
+    fi
+}
+
 LOG_START=0
 [[ -f "$STATE/log" ]] && LOG_START="$(wc -l <"$STATE/log")"
 start_process "$STATE" "$FOREGROUND" "${CMD[@]}"
@@ -209,7 +246,7 @@ if ((WAIT_CONNECTED > 0)); then
         if ! pid_alive "$STARTED_PID"; then
             echo "--- last lines of $STATE/log:" >&2
             tail -n 15 "$STATE/log" >&2
-            die "SuperNode '$NAME' (PID $STARTED_PID) stopped before the SuperLink accepted it; see $STATE/log"
+            die "SuperNode '$NAME' (PID $STARTED_PID) stopped before the SuperLink accepted it; see $STATE/log$(exit_reason "$STATE")"
         fi
         if ((SECONDS >= deadline)); then
             die "SuperNode '$NAME' (PID $STARTED_PID) is not connected after ${WAIT_CONNECTED}s (it keeps retrying); see $STATE/log"

@@ -8,7 +8,8 @@ usage() {
 Usage: $PROG (--state-dir DIR | NAME...) [--state-root DIR] [--timeout SECONDS]
 
 Stops the process whose PID is in DIR/pid (or <state-root>/NAME/pid): SIGTERM, then SIGKILL
-after the timeout (default 20 s). The app processes it started (its SuperExec, a running
+after the timeout (default 20 s). Run it in the folder the start script ran in (the checkout):
+the state root ./deploy-state is relative to it. The app processes it started (its SuperExec, a running
 ServerApp/ClientApp) are stopped the same way, by their own PIDs, if they outlive it.
 Logs and state stay where they are.
 
@@ -78,6 +79,11 @@ terminate() {
 
 status=0
 for dir in "${DIRS[@]}"; do
+    if [[ ! -d "$dir" ]]; then
+        warn "no state folder '$dir' (looked from $PWD): run $PROG in the folder the start script ran in (the checkout), or give --state-root DIR / --state-dir DIR"
+        status=1
+        continue
+    fi
     if [[ ! -f "$dir/pid" ]]; then
         warn "no pid file in '$dir': nothing started there, or already stopped"
         status=1

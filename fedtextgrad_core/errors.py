@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+SHOWN_CHARS = 120  # of a refused value, in the one line that names it
+
 
 class FedTextGradError(Exception):
     """Base class: anything raised on purpose by this project."""
@@ -18,7 +20,10 @@ class ConfigError(FedTextGradError, ValueError):
         self.setting = setting
         self.value = value
         self.accepted = accepted
-        super().__init__(f"setting '{setting}' = {value!r} is not accepted; expected {accepted}")
+        shown = repr(value)
+        if len(shown) > SHOWN_CHARS:  # a 5 MB value must not become a 5 MB line
+            shown = f"{shown[:SHOWN_CHARS]}... ({len(shown)} characters)"
+        super().__init__(f"setting '{setting}' = {shown} is not accepted; expected {accepted}")
 
 
 class DataError(FedTextGradError):

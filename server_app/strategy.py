@@ -18,6 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.run.client_round import PARTITION_PREFIX
 from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.federation import Federation, Replies
 from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
@@ -28,11 +30,12 @@ MESSAGE_TYPES = {Phase.TRAIN: MessageType.TRAIN, Phase.EVALUATE: MessageType.EVA
 
 
 def error_reason(message: Message) -> str:
-    """The useful line of an error reply: the client's own exception message, not Ray's traceback."""
+    """The useful line of an error reply: the client's own line, or for an unexpected exception its
+    message without Ray's traceback and repr."""
     reason = (message.error.reason or "").strip() if message.error else ""
     found = re.findall(r"occurred\. Message: (.+)", reason)
     if found:
-        return found[-1].strip()
+        return found[-1].strip().removesuffix("'>").strip()
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return lines[-1] if lines else f"error code {message.error.code if message.error else '?'}"
 
@@ -49,14 +52,28 @@ class PromptStrategy(Strategy):
         self.names: dict[int, str] = {}  # node id -> registered name or key fingerprint (deployments)
 
     # --- the ClientPool the core's loop uses ---------------------------------------------------------
-    def connected(self, wanted: int) -> list[int]:
+    def connected(self, wanted: int, deadline: float) -> list[int]:
         grid = self._grid()
-        waited_since = time.monotonic() - NODE_WAIT_LOG_SECONDS
-        while len(nodes := sorted(grid.get_node_ids())) < wanted:
-            if time.monotonic() - waited_since >= NODE_WAIT_LOG_SECONDS:
-                print(f"waiting for clients: {len(nodes)} connected, {wanted} needed", flush=True)
-                waited_since = time.monotonic()
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < wanted and type(grid).__name__ == "InMemoryGrid":
+            # a simulation's SuperNodes are all there from the start: waiting cannot help
+            raise ConfigError("min-train-clients", wanted,
+                              f"at most {len(nodes)}, the simulated SuperNodes of this federation (or more of "
+                              f"them: flwr run ... --federation-config \"num-supernodes={wanted}\")")
+        began = time.monotonic()
+        said = began - NODE_WAIT_LOG_SECONDS
+        while len(nodes) < wanted:
+            waited = time.monotonic() - began
+            if waited >= deadline:
+                raise ConfigError("min-train-clients", wanted,
+                                  f"at most the {len(nodes)} SuperNode(s) that connected within wait-for-clients = "
+                                  f"{deadline:g} s (start the missing sites, or lower min-train-clients)")
+            if time.monotonic() - said >= NODE_WAIT_LOG_SECONDS:
+                print(f"waiting for clients: {len(nodes)} connected, {wanted} needed "
+                      f"({waited:.0f} of at most {deadline:g} s, wait-for-clients)", flush=True)
+                said = time.monotonic()
             time.sleep(1.0)
+            nodes = sorted(grid.get_node_ids())
         self._learn_names(grid)
         return nodes
 
@@ -104,7 +121,10 @@ class PromptStrategy(Strategy):
         for reply in replies:
             node_id = self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
-                decoded.failures.append((self._client(node_id), error_reason(reply)))
+                reason = error_reason(reply)
+                said = PARTITION_PREFIX.match(reason)  # a failing client names the partition it holds
+                partition = int(said.group(1)) if said else None
+                decoded.failures.append((self._client(node_id, partition), reason[said.end():] if said else reason))
                 continue
             try:
                 record = kind.decode(reply.content.get(REPLY_RECORD))

@@ -16,7 +16,7 @@ CORE = ROOT / "fedtextgrad_core"
 
 # Lower layers never import higher ones. sim/ and tools/ stand beside the stack:
 # they may use it, it never uses them.
-LAYERS = {"errors": 0, "text": 0, "data": 1, "llm": 2, "method": 3, "run": 4, "sim": 5, "tools": 6}
+LAYERS = {"errors": 0, "text": 0, "fingerprint": 0, "data": 1, "llm": 2, "method": 3, "run": 4, "sim": 5, "tools": 6}
 BESIDE = {"sim", "tools"}
 
 

@@ -18,7 +18,8 @@ from fedtextgrad_core.tools.cli import main
 from tests import SHARED_DATA
 from tests.settings_helpers import endpoint
 
-ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\), malformed replies (\d+), LLM calls (\d+)")
+ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\)(?: \(simulated LLM\))?, malformed replies (\d+), "
+                      r"scored otherwise by the other answer parser \d+, LLM calls (\d+)")
 
 
 @pytest.fixture()

@@ -47,7 +47,7 @@ class ScriptedPool:
         self.watch = watch
         self.asked: list[tuple[RoundRequest, list[int]]] = []
 
-    def connected(self, wanted: int) -> list[int]:
+    def connected(self, wanted: int, deadline: float = 0.0) -> list[int]:
         assert len(self.nodes) >= wanted
         return list(self.nodes)
 
@@ -305,7 +305,7 @@ def test_a_failed_round_leaves_an_unfinished_summary_with_the_error(tmp_path: Pa
     assert summary.rounds == 1 and summary.best_val_accuracy == 0.6 and summary.best_round == 1
     assert summary.test_accuracy is None
     assert (fed.recorder.path / "prompts" / "best.txt").read_text().strip() == fed.state.best_prompt
-    assert any(line.startswith("run stopped: RoundFailed: round 2 training") for line in lines)
+    assert any(line.startswith("fedtextgrad: the run stopped: round 2 training") for line in lines)
     assert [r.round for r in RunFolder(fed.recorder.path).read_rounds()] == [1]
 
 

@@ -160,7 +160,19 @@ def _real_splits_cached(task: str, source: str) -> _Cached:
         bbh_file = _find_bbh(Path(source), task)
         check_json_file(bbh_file, "examples", {"input": (str,), "target": (str, int)}, _BBH_EXPECTED)
         location = str(bbh_file)
-    return _bbh_split(_bbh_records(location), describe=location)
+    return _bbh_split(_check_targets(task, _bbh_records(location), location), describe=location)
+
+
+def _check_targets(task: str, examples: list[Example], location: str) -> list[Example]:
+    """Refuse data whose targets the task cannot score (a word where object counting needs a number):
+    training on them would only ever teach from wrong scores."""
+    spec = get_task(task)
+    for index, example in enumerate(examples):
+        if spec.normalize(example.answer) is None:
+            kind = "a number" if spec.answer_kind == "number" else "words"
+            raise DataError(f"record {index} in '{location}' has the target {example.answer[:80]!r}, which "
+                            f"{task} cannot score; expected {kind}")
+    return examples
 
 
 # --- BIG-Bench Hard ------------------------------------------------------------------
@@ -246,11 +258,13 @@ def _gsm8k_files(train_file: Path, test_file: Path) -> tuple[list[Example], list
 def _gsm8k_hub() -> tuple[list[Example], list[Example]]:
     import datasets
 
+    datasets.disable_progress_bars()
     name, config = GSM8K_HUB_NAME
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as exc:  # network, Hub or parsing failure: one line for the user
-        raise DataError(f"could not load gsm8k from the Hub ({name}, {config}): {_root_cause(exc)}") from exc
+        raise DataError(f"could not load gsm8k from the Hub ({name}, {config}): {_root_cause(exc)}"
+                        + _offline_hint(exc)) from exc
     where = f"the Hub dataset {name}"
     if "train" not in loaded or "test" not in loaded:
         raise DataError(f"{where} has no train and test splits")
@@ -295,10 +309,15 @@ def _load_json(location: str, expected: str, field: str | None = None) -> Any:
     """``datasets.load_dataset("json", ...)`` with any failure turned into a DataError."""
     import datasets  # imported here: it is slow to import and synthetic runs never need it
 
+    datasets.disable_progress_bars()  # a progress bar inside the server's round table helps no one
+
     kwargs = {"field": field} if field else {}
     try:
         return datasets.load_dataset("json", data_files=location, **kwargs)
     except Exception as exc:  # datasets and pyarrow raise many types; the user needs one line
+        hint = _offline_hint(exc) if location.startswith(("http://", "https://")) else ""
+        if hint:
+            raise DataError(f"could not download '{location}': {_root_cause(exc)}{hint}") from exc
         raise DataError(f"could not read '{location}': expected {expected} ({_root_cause(exc)})") from exc
 
 
@@ -311,6 +330,24 @@ def _columns(table: Any, location: str, names: tuple[str, ...], expected: str) -
     if table.num_rows == 0:
         raise DataError(f"'{location}' has no records; expected {expected}")
     return {name: list(table[name]) for name in names}
+
+
+_OFFLINE = ("Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
+            "Failed to resolve", "Connection refused", "No route to host", "nodename nor servname",
+            "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled", "Couldn't reach")
+
+
+def _offline_hint(exc: BaseException) -> str:
+    """'; the network is unreachable ...' when the failure was the network's, else ''."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    if any(marker in text for text in chain for marker in _OFFLINE):
+        return ("; the network is unreachable from here (offline?): set data-source to a local file or "
+                "folder instead of 'hub'")
+    return ""
 
 
 def _root_cause(exc: BaseException) -> str:

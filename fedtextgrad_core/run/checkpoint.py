@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.run import schema
 
 CHECKPOINT_FILE = "checkpoint.json"
 
@@ -28,7 +29,7 @@ MAY_CHANGE = frozenset({
     "llm-base-url", "backward-base-url", "server-base-url",
     "llm-api-key-env", "backward-api-key-env", "server-api-key-env",
     "llm-timeout", "llm-concurrency", "llm-max-retries", "llm-retry-backoff", "llm-cache-path",
-    "sim-latency-ms", "tracker", "tracking-uri", "tracking-experiment", "tracking-parent-run",
+    "sim-latency-ms", "debug", "tracker", "tracking-uri", "tracking-experiment", "tracking-parent-run",
 })
 
 
@@ -46,6 +47,7 @@ class Checkpoint:
     run_config: dict[str, object] = field(default_factory=dict)
     resumed_after: list[int] = field(default_factory=list)  # rounds after which earlier resumes happened
     initial_usage: dict[str, float] = field(default_factory=dict)  # what the start prompt's evaluation cost
+    version: int = 1  # 1: written before the settings table (its run config is migrated when compared)
 
     def random(self) -> random.Random:
         """A generator in exactly the saved state."""
@@ -97,12 +99,33 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     return checkpoint
 
 
-def check_same_run(saved: Mapping[str, object], now: Mapping[str, object], folder: Path) -> None:
-    """Refuse to continue a run under settings that would make it another run."""
+CHECKPOINT_VERSION = 2
+
+
+def migrate_config(config: Mapping[str, object], version: int) -> dict[str, object]:
+    """A saved run config in today's keys. Version 1 had ``proximal`` (true: keep a rewrite unless the
+    batch scored worse, i.e. keep-rule 'not-worse'; false: 'always'); keys that no longer exist go."""
+    migrated = dict(config)
+    if version < 2 and "proximal" in migrated:
+        migrated["keep-rule"] = "not-worse" if migrated.pop("proximal") is True else "always"
+    return {key: value for key, value in migrated.items() if key in schema.BY_KEY}
+
+
+def check_same_run(saved: Mapping[str, object], now: Mapping[str, object], folder: Path, version: int = 2) -> None:
+    """Refuse to continue a run under settings that would make it another run. Settings are compared by
+    their value in effect (a key left out means its default), after migrating an older checkpoint."""
+    saved = migrate_config(saved, version)
+
+    def value(config: Mapping[str, object], key: str) -> object:
+        try:
+            return schema.read(config, key)
+        except ConfigError:
+            return config.get(key)
+
     differ = sorted(key for key in set(saved) | set(now)
-                    if key not in MAY_CHANGE and saved.get(key) != now.get(key))
+                    if key in schema.BY_KEY and key not in MAY_CHANGE and value(saved, key) != value(now, key))
     if differ:
-        listed = ", ".join(f"{key} (saved {saved.get(key)!r}, now {now.get(key)!r})" for key in differ)
+        listed = ", ".join(f"{key} (saved {value(saved, key)!r}, now {value(now, key)!r})" for key in differ)
         raise ConfigError("resume-from", str(folder),
                           f"the same settings as the saved run, apart from {', '.join(sorted(MAY_CHANGE - {'resume-from'}))}; "
                           f"these differ: {listed}")
@@ -114,5 +137,5 @@ def checkpoint_to_resume(resume_from: str, run_config: Mapping[str, object]) -> 
         return None
     folder = resume_folder(resume_from)
     checkpoint = load_checkpoint(folder)
-    check_same_run(checkpoint.run_config, run_config, folder)
+    check_same_run(checkpoint.run_config, run_config, folder, checkpoint.version)
     return folder, checkpoint

@@ -15,6 +15,7 @@ from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.partitioning import ClientData, client_data
 from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError, LeakageError
+from fedtextgrad_core.fingerprint import code_fingerprint
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.method.judge import Judge
@@ -77,6 +78,17 @@ def backward_engine(settings: RunSettings, forward: ChatEngine) -> ChatEngine:
     return make_engine(settings.backward, "backward-api-key-env")
 
 
+PARTITION_PREFIX = re.compile(r"^\[partition (\d+)\] ")
+
+
+def failure_reason(error: BaseException, node_config: Config) -> str:
+    """The line a failing client sends the server: its error, with the partition it holds in front
+    when the node config says (the server has no other name for a node that never answered)."""
+    partition = node_config.get("partition-id")
+    known = isinstance(partition, int) and not isinstance(partition, bool)
+    return (f"[partition {partition}] " if known else "") + " ".join(str(error).split())
+
+
 def answer(run_config: Config, node_config: Config, request: RoundRequest) -> TrainReply | EvalReply:
     """This node's reply to ``request``: train in the training phase, else score."""
     settings = client_settings(run_config, node_config)
@@ -90,6 +102,9 @@ def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest
     """Improve the request's prompt on this node's training data."""
     data = load_client_data(settings, node)
     task = get_task(data.task)
+    if settings.local.batch_size > len(data.train):
+        raise ConfigError("batch-size", settings.local.batch_size,
+                          f"at most {len(data.train)}, the training examples this client holds")
     forward = forward_engine(settings)
     backward = backward_engine(settings, forward)
     judge = Judge(make_engine(settings.judge, "judge-api-key-env")) if settings.loss == "judge" else None
@@ -103,7 +118,7 @@ def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest
         val_usage = forward.take_usage()
     return TrainReply(prompt=leaks.prompt, partition_id=node.partition_id, num_examples=len(data.train),
                       llm=settings.forward.describe(), simulated=settings.forward.simulated, local=result.metrics,
-                      leaks=leaks.counts,
+                      leaks=leaks.counts, code=code_fingerprint(),
                       val=val, val_usage=val_usage)
 
 
@@ -133,4 +148,5 @@ def evaluate_split(settings: RunSettings, node: NodeIdentity, prompt: str, split
     engine = forward_engine(settings)
     scores = evaluate_prompt(engine, task, prompt, getattr(data, split), settings.local.parser)
     return EvalReply(partition_id=node.partition_id, llm=settings.forward.describe(),
-                     simulated=settings.forward.simulated, scores=scores, usage=engine.take_usage())
+                     simulated=settings.forward.simulated, scores=scores, usage=engine.take_usage(),
+                     code=code_fingerprint())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.fingerprint import code_fingerprint, code_location
 from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.recorder import FinalScore, Recorder, examples_of, usage_of, weighted_accuracy
@@ -37,8 +38,10 @@ class Replies:
 class ClientPool(Protocol):
     """How the loop reaches clients: Flower's grid in the apps, plain functions in tests."""
 
-    def connected(self, wanted: int) -> list[int]:
-        """The node ids of the connected clients, once at least ``wanted`` are (or a clear error)."""
+    def connected(self, wanted: int, deadline: float) -> list[int]:
+        """The node ids of the connected clients, once at least ``wanted`` are; a ConfigError naming
+        min-train-clients when they cannot be (a simulation too small) or are not within ``deadline``
+        seconds."""
 
     def ask(self, request: RoundRequest, node_ids: Sequence[int]) -> Replies:
         """Send ``request`` to each node and collect what came back, failures included."""
@@ -100,6 +103,7 @@ class Federation:
         self.merger = merger
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
+        self._code_warned: set[int] = set()
 
     def run(self) -> RunSummary:
         try:
@@ -173,7 +177,7 @@ class Federation:
 
     # --- talking to clients -----------------------------------------------------------------------------
     def sample(self) -> list[int]:
-        nodes = sorted(self.pool.connected(self.settings.clients_needed))
+        nodes = sorted(self.pool.connected(self.settings.clients_needed, self.settings.wait_for_clients))
         if self.settings.partitioning == "centralized":
             return [nodes[0]]
         size = max(self.settings.clients_needed, round(len(nodes) * self.settings.fraction_train))
@@ -182,9 +186,10 @@ class Federation:
     def ask(self, phase: Phase, server_round: int, prompt: str) -> Replies:
         replies = self.pool.ask(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt),
                                 self.sample())
-        for client, _ in replies.answers:
+        for client, _ in [*replies.answers, *replies.failures]:
             self.labels.see(client)
         self.check_server_llm(replies)
+        self.check_code(replies)
         replies.answers.sort(key=lambda answer: self.labels.order(answer[0].node_id))
         return replies
 
@@ -202,6 +207,19 @@ class Federation:
                 f"uses {llm}): set server-backend='openai' with server-base-url and server-model, or the run's "
                 f"llm-backend/llm-base-url/llm-model for the server to use, or server-backend='sim' to merge with "
                 f"the simulated LLM on purpose"))
+
+    def check_code(self, replies: Replies) -> None:
+        """Say once per client when it runs other code than the server (another version at a site, or
+        a local SuperLink serving the app from another folder)."""
+        mine = code_fingerprint()
+        for client, reply in replies.answers:
+            if reply.code and reply.code != mine and client.node_id not in self._code_warned:
+                self._code_warned.add(client.node_id)
+                self.recorder.echo(
+                    f"warning: client {self.labels.label(client.node_id)} runs other code than the server (code "
+                    f"{reply.code}, the server's {mine} at {code_location()}): a site with another version, or a "
+                    "local SuperLink started in another folder, which serves the app from there (README: "
+                    "\"Which code runs\")")
 
     def failures(self, replies: Replies, phase: Phase) -> list[Failure]:
         return [Failure(self.labels.label(client.node_id), STAGES[phase], reason, client.node_id)

@@ -83,6 +83,7 @@ class TrainReply(_Codec):
     leaks: LeakCounts
     val: Scores | None = None  # the client's own new prompt on its validation split (client-val-eval)
     val_usage: Usage | None = None  # what that validation cost
+    code: str = ""  # the fingerprint of the code the client runs (fingerprint.py)
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,4 @@ class EvalReply(_Codec):
     simulated: bool
     scores: Scores
     usage: Usage
+    code: str = ""

@@ -209,7 +209,7 @@ class Recorder:
         self.folder.save_prompt("best", state.best_prompt)
         self.write_summary(state, finished=False)
         self._figures_done()
-        self.echo(f"run stopped: {self.error}")
+        self.echo(f"fedtextgrad: the run stopped: {error}")
         self.echo(f"results so far: {self.path}")
         self.tracker.fail(self.error, self.path)
 

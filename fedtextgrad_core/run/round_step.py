@@ -31,7 +31,11 @@ def require_enough(stage: str, server_round: int, ok: int, failures: Sequence[Fa
     """Fail the round loudly, with every client's error, when fewer than ``required`` answered."""
     if ok >= required:
         return
-    reasons = "; ".join(f"client {f.label}: {f.reason}" for f in failures) or "no replies arrived"
+    by_reason: dict[str, list[str]] = {}
+    for failure in sorted(failures, key=lambda f: (len(f.label), f.label)):
+        by_reason.setdefault(failure.reason, []).append(failure.label)
+    reasons = "; ".join(f"client{'s' if len(labels) > 1 else ''} {', '.join(labels)}: {reason}"
+                        for reason, labels in by_reason.items()) or "no replies arrived"
     raise RoundFailed(
         f"round {server_round} {stage}: only {ok} client(s) succeeded, at least {required} required "
         f"(min-train-clients). Errors: {reasons}"

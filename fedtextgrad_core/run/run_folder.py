@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.records import RoundRecord, RunSummary
 
+MAX_NAME_BYTES = 200  # a run folder's name; file systems allow 255 bytes, and numbers may be added
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -70,18 +72,27 @@ class RunFolder:
 
     @classmethod
     def create(cls, results_dir: str | Path, run_name: str, config: Mapping[str, object]) -> RunFolder:
-        """A new folder; an existing run's name gets a number instead of being overwritten."""
-        base = Path(results_dir).expanduser().resolve()
+        """A new folder; an existing run's name gets a number instead of being overwritten. A place
+        where no folder can be made or written (read-only, a file, a name too long) is a setting
+        refused at start, naming results-dir and the reason."""
         name = _safe(run_name) or "run"
-        path, number = base / name, 1
-        while (path / ROUNDS_FILE).exists():
-            number += 1
-            path = base / f"{name}-{number}"
-        path.mkdir(parents=True, exist_ok=True)
-        folder = cls(path)
-        folder.prompts.mkdir(exist_ok=True)
-        folder.rounds_file.write_text("", encoding="utf-8")
-        atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2, default=str) + "\n")
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError("run-name", run_name, f"a name of at most {MAX_NAME_BYTES} bytes (a file name)")
+        try:
+            base = Path(results_dir).expanduser().resolve()
+            path, number = base / name, 1
+            while (path / ROUNDS_FILE).exists():
+                number += 1
+                path = base / f"{name}-{number}"
+            path.mkdir(parents=True, exist_ok=True)
+            folder = cls(path)
+            folder.prompts.mkdir(exist_ok=True)
+            folder.rounds_file.write_text("", encoding="utf-8")
+            atomic_write(path / CONFIG_FILE, json.dumps(config, indent=2, default=str) + "\n")
+        except (OSError, RuntimeError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError("results-dir", str(results_dir),
+                              f"a folder this process can create and write in ({reason})") from None
         return folder
 
     @classmethod

@@ -241,6 +241,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("min-train-clients", "int", 2, "a round with fewer successful clients stops the run with their errors",
             low=1, high=MAX_CLIENTS),
     Setting("seed", "int", 0, "data split, client sampling and batch sampling", high=MAX_SEED),
+    Setting("wait-for-clients", "number", 300.0, "seconds the server waits for min-train-clients SuperNodes to "
+            "connect before it stops the run (a simulation smaller than min-train-clients is refused at once)",
+            high=MAX_TIMEOUT_SECONDS),
     # --- the task and its data ---
     Setting("task", "choice", "object_counting", "the task of every client (homogeneous, centralized)",
             choices=_tasks, section="data"),
@@ -348,6 +351,8 @@ SETTINGS: tuple[Setting, ...] = (
             section="results"),
     Setting("resume-from", "text", "", "the folder of an unfinished run: continue after its last finished round",
             section="results"),
+    Setting("debug", "bool", False, "also print Python tracebacks for this project's own errors (for "
+            "reporting a problem); without it such an error is one line", section="results"),
     Setting("tracker", "choice", "none", "also track the run in MLflow: settings, per-round metrics, prompts and "
             "the run folder (a tracker that fails never stops the run)", choices=lambda: ("none", "mlflow"),
             section="results"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.method.robust_merge import check_holdout_available
@@ -46,9 +47,17 @@ class ServerRun:
         return self.merger or make_engine(self.settings.server, "server-api-key-env")
 
 
-def open_run(run_config: Mapping[str, object], echo: Echo = print) -> ServerRun:
-    """Check the settings, print the header, open the run folder; raises ConfigError on a bad setting."""
+def open_run(run_config: Mapping[str, object], echo: Echo = print, simulation: bool = False) -> ServerRun:
+    """Check the settings, print the header, open the run folder; raises ConfigError on a bad setting.
+
+    ``simulation``: the clients are Flower's simulated ones, which have no node config of their own, so
+    the run config's client settings are theirs and can be checked here."""
     settings = RunSettings.from_config(run_config)
+    if simulation and settings.forward.simulated and any(not get_task(name).synthetic for name in settings.tasks):
+        # refused here, before every client loads thousands of examples to find out
+        raise ConfigError("llm-backend", "sim", "openai for " + ", ".join(
+            name for name in settings.tasks if not get_task(name).synthetic) + ": the simulated LLM answers "
+            "object counting, word sorting and multistep arithmetic only")
     if settings.robust_merge:  # refuse at start, not after round 1's training
         check_holdout_available(settings.tasks)
     merger = make_engine(settings.server, "server-api-key-env") if settings.server_llm_used \

@@ -83,6 +83,7 @@ class RunSettings:
     num_rounds: int
     fraction_train: float
     min_train_clients: int
+    wait_for_clients: float
     seed: int
     task: str
     partitioning: str
@@ -179,6 +180,7 @@ class RunSettings:
             num_rounds=read("num-server-rounds"),
             fraction_train=read("fraction-train"),
             min_train_clients=read("min-train-clients"),
+            wait_for_clients=read("wait-for-clients"),
             seed=read("seed"),
             task=read("task"),
             partitioning=partitioning,

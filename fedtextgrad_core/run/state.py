@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedtextgrad_core.llm.engine import Usage
-from fedtextgrad_core.run.checkpoint import Checkpoint, rng_state, save_checkpoint
+from fedtextgrad_core.run.checkpoint import CHECKPOINT_VERSION, Checkpoint, rng_state, save_checkpoint
 from fedtextgrad_core.run.records import RoundRecord
 
 
@@ -51,7 +51,7 @@ class FederationState:
             round=self.finished_round, global_prompt=self.global_prompt, best_prompt=self.best_prompt,
             best_accuracy=self.best_accuracy, best_round=self.best_round, initial_accuracy=self.initial_accuracy,
             rng_state=rng_state(self.rng), run_config=dict(self.run_config), resumed_after=list(self.resumed_after),
-            initial_usage=asdict(self.initial_usage),
+            initial_usage=asdict(self.initial_usage), version=CHECKPOINT_VERSION,
         ))
 
     @classmethod

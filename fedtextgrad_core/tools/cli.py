@@ -13,16 +13,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
+from fedtextgrad_core.data.tasks import TASKS
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
 from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT
 
 
 def _eval(args: argparse.Namespace) -> int:
     from fedtextgrad_core.data.loaders import load_splits
-    from fedtextgrad_core.data.tasks import get_task
+    from fedtextgrad_core.data.tasks import check_parser, get_task
     from fedtextgrad_core.llm.endpoint import EndpointSettings
     from fedtextgrad_core.llm.engine import make_engine
     from fedtextgrad_core.method.evaluation import evaluate_prompt
@@ -31,47 +33,57 @@ def _eval(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     if args.limit < 0:
         raise ConfigError("--limit", args.limit, "0 (score every example) or a positive number")
-    prompt_path = Path(args.prompt_file)
-    if not prompt_path.is_file():
-        raise FedTextGradError(f"--prompt-file '{prompt_path}' does not exist or is not a file")
-    prompt = prompt_path.read_text(encoding="utf-8").strip()
-    if not prompt:
-        raise FedTextGradError(f"--prompt-file '{prompt_path}' is empty")
+    prompt = read_text_file(args.prompt_file, "--prompt-file").strip()
     config = {
         "llm-backend": args.backend, "llm-base-url": args.base_url, "llm-model": args.model,
         "llm-api-key-env": args.api_key_env, "llm-concurrency": args.concurrency,
         "llm-max-tokens": args.max_tokens, "llm-timeout": args.timeout,
     }
     settings: EndpointSettings = endpoint_settings(config, "llm")
-    splits = load_splits(task.name, args.data_dir, seed=args.seed)
+    check_parser(args.answer_parser, [task.name])
+    splits = load_splits(task.name, args.data_dir, seed=args.seed, gsm8k_split=args.gsm8k_split)
     examples = getattr(splits, args.split)
     if args.limit:
         examples = examples[: args.limit]
     engine = make_engine(settings)
     print(f"scoring {len(examples)} {args.split} examples of {task.name} with {settings.describe()} ...", flush=True)
-    scores = evaluate_prompt(engine, task, prompt, examples)
+    scores = evaluate_prompt(engine, task, prompt, examples, args.answer_parser)
     usage = engine.take_usage()
-    print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}), "
-          f"malformed replies {scores.malformed}, LLM calls {usage.calls}, "
+    sim = " (simulated LLM)" if settings.simulated else ""
+    print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}){sim}, "
+          f"malformed replies {scores.malformed}, scored otherwise by the other answer parser "
+          f"{scores.parser_disagreements}, LLM calls {usage.calls}, "
           f"tokens {usage.prompt_tokens + usage.completion_tokens}, {scores.seconds:.1f}s")
     return 0
 
 
-def _read_prompt_file(name: str) -> str:
+def read_text_file(name: str, option: str = "") -> str:
+    """A prompt file's text, or one line saying why it cannot be one (missing, a folder, unreadable,
+    binary, not UTF-8, empty). prompts/*.txt end with one added newline, which is not the prompt's."""
+    label = f"{option} '{name}'" if option else f"'{name}'"
     path = Path(name)
-    if not path.is_file():
-        raise FedTextGradError(f"'{path}' does not exist or is not a file")
-    text = path.read_text(encoding="utf-8")
-    text = text.removesuffix("\n")  # prompts/*.txt end with one added newline
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise FedTextGradError(f"{label} is a folder, not a text file") from None
+    except OSError as exc:
+        raise FedTextGradError(f"{label} cannot be read: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise FedTextGradError(f"{label} is a binary file, not a text file holding a prompt")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FedTextGradError(f"{label} is not UTF-8 text (byte {exc.start} cannot be read)") from None
+    text = text.removesuffix("\n")
     if not text.strip():
-        raise FedTextGradError(f"'{path}' is empty")
+        raise FedTextGradError(f"{label} is empty")
     return text
 
 
 def _analyze(args: argparse.Namespace) -> int:
     from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze, format_metrics_table
 
-    prompts = [(name, _read_prompt_file(name)) for name in args.prompt_files]
+    prompts = [(name, read_text_file(name)) for name in args.prompt_files]
     client = None
     if args.base_url:
         if not args.model:
@@ -89,7 +101,10 @@ def _compare(args: argparse.Namespace) -> int:
     rows = compare_runs(runs)
     print(format_table(rows))
     if args.out:
-        path = plot_comparison(rows, {row["run"]: run.rounds for row, run in zip(rows, runs)}, args.out)
+        try:
+            path = plot_comparison(rows, {row["run"]: run.rounds for row, run in zip(rows, runs)}, args.out)
+        except OSError as exc:
+            raise FedTextGradError(f"--out '{args.out}' cannot be written: {exc.strerror or exc}") from None
         print(f"plot: {path}")
     return 0
 
@@ -97,7 +112,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _sim_server(args: argparse.Namespace) -> int:
     from fedtextgrad_core.sim.server import serve_forever
 
-    serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host, call_log=args.call_log or None)
+    try:
+        serve_forever(port=args.port, latency_ms=args.latency_ms, host=args.host, call_log=args.call_log or None)
+    except OSError as exc:
+        raise FedTextGradError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc} "
+                               "(is another server on that port? choose another with --port)") from None
     return 0
 
 
@@ -131,26 +150,35 @@ def _settings(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtextgrad", description="FedTextGrad tools around a federated run.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # every option's help ends with its default
+    plain_add_parser = commands.add_parser
+    commands.add_parser = functools.partial(  # type: ignore[method-assign]
+        plain_add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     ev = commands.add_parser("eval", help="print the accuracy of a prompt on a task split")
-    ev.add_argument("--task", required=True, help="object_counting, word_sorting, multistep_arithmetic_two or gsm8k")
+    ev.add_argument("--task", required=True, help="the task: " + ", ".join(TASKS))
     ev.add_argument("--prompt-file", required=True, help="a text file holding the system prompt")
-    ev.add_argument("--split", default="test", choices=["train", "val", "test"])
-    ev.add_argument("--backend", default="sim", choices=["sim", "openai"])
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to score")
+    ev.add_argument("--backend", default="sim", choices=["sim", "openai"],
+                    help="sim (the simulated LLM, a test double) or openai (any OpenAI-compatible server)")
     ev.add_argument("--base-url", default="", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    ev.add_argument("--model", default="sim")
+    ev.add_argument("--model", default="sim", help="the model name the server knows")
     ev.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
-    ev.add_argument("--data-dir", default="synthetic", help="'synthetic' (default), 'hub', or a data file or folder")
-    ev.add_argument("--concurrency", type=int, default=8, help="parallel requests (default 8)")
-    ev.add_argument("--max-tokens", type=int, default=512)
-    ev.add_argument("--timeout", type=float, default=60.0)
-    ev.add_argument("--limit", type=int, default=0, help="score only the first N examples")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data-dir", default="synthetic", help="'synthetic', 'hub', or a data file or folder")
+    ev.add_argument("--gsm8k-split", default="textgrad", choices=["textgrad", "fedtextgrad"],
+                    help="GSM8K's split (see the settings table)")
+    ev.add_argument("--answer-parser", default="answer-line", choices=["answer-line", "last-number"],
+                    help="how an answer is read from a reply (see the settings table)")
+    ev.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
+    ev.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
+    ev.add_argument("--timeout", type=float, default=0.0, help="seconds per call; 0: by the kind of server")
+    ev.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
+    ev.add_argument("--seed", type=int, default=0, help="the seed of the synthetic data")
     ev.set_defaults(run=_eval)
 
     sim = commands.add_parser("sim-server", help="serve the simulated LLM as an OpenAI-compatible endpoint")
-    sim.add_argument("--port", type=int, default=8765)
-    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    sim.add_argument("--port", type=int, default=8765, help="TCP port")
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
     sim.add_argument("--latency-ms", type=float, default=0.0, help="added delay per call, for benchmarks")
     sim.add_argument("--call-log", default="", help="append one JSON line per chat call (kind, start, end) to this file")
     sim.set_defaults(run=_sim_server)
@@ -189,17 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure an LLM server")
     benches = bench.add_subparsers(dest="bench", required=True)
-    be = benches.add_parser("endpoint", help="requests/s, tokens/s and latency of an OpenAI-compatible endpoint "
+    be = benches.add_parser("endpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            help="requests/s, tokens/s and latency of an OpenAI-compatible endpoint "
                             "at several concurrency levels, to choose llm-concurrency")
     be.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     be.add_argument("--model", required=True, help="the model name the server serves")
     be.add_argument("--api-key-env", default="", help="NAME of the environment variable holding the API key")
-    be.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level after another "
-                    "(default 1,4,16,64)")
-    be.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
-    be.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request (default 64)")
+    be.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level after another ")
+    be.add_argument("--requests", type=int, default=32, help="requests per level")
+    be.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
     be.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message sent")
-    be.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    be.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     be.add_argument("--out", default="endpoint-bench.json", help="where to write the JSON results ('' for none)")
     be.set_defaults(run=_bench_endpoint, command_name="bench endpoint")
     return parser

@@ -1,0 +1,168 @@
+"""What a user sees for bad input: one line naming the setting, file or option, the value and what is
+accepted, and no traceback, in `flwr run`'s own output and on the command line.
+
+Each `flwr run` case is a real Flower simulation (its own FLWR_HOME and SuperLink ports); the
+output checked is everything `flwr run --stream` printed. After our line Flower adds its own report
+of a failed run ("Simulation raised an exception", "Exit Code: 700" and a link), which this project
+cannot change; the test checks that no Python traceback is among it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.faulty_llm_server import closed_port
+from tests.simulation_helpers import ROOT, flwr_run
+
+START = "fedtextgrad: the run cannot start: "
+STOPPED = "fedtextgrad: the run stopped: "
+
+
+def no_traceback(output: str) -> None:
+    assert "Traceback" not in output, output[-3000:]
+    assert 'File "' not in output, output[-3000:]
+
+
+def bad_bbh_file(tmp_path: Path) -> Path:
+    """An object-counting file whose targets are words: the task cannot score them."""
+    path = tmp_path / "object_counting.json"
+    examples = [{"input": f"I have {i} apples. How many fruits do I have?", "target": "many"} for i in range(250)]
+    path.write_text(json.dumps({"examples": examples}))
+    return path
+
+
+def broken_json(tmp_path: Path) -> Path:
+    path = tmp_path / "object_counting.json"
+    path.write_text('{"examples": [{"input": "x", "target": "1"},\n')
+    return path
+
+
+# (id, run config given the test's tmp folder, the exact text expected in the output)
+SETTINGS = [
+    ("unknown-merge", lambda t: "merge='average'",
+     START + "setting 'merge' = 'average' is not accepted; expected concat, summarize, summarize-uid, "
+             "summarize-uid-explicit"),
+    ("zero-rounds", lambda t: "num-server-rounds=0",
+     START + "setting 'num-server-rounds' = 0 is not accepted; expected a whole number of at least 1 and at most 10000"),
+    ("absurd-rounds", lambda t: "num-server-rounds=1000000000",
+     START + "setting 'num-server-rounds' = 1000000000 is not accepted; expected a whole number of at least 1 and at "
+             "most 10000"),
+    ("unknown-task", lambda t: "task='counting'",
+     START + "setting 'task' = 'counting' is not accepted; expected object_counting, word_sorting, "
+             "multistep_arithmetic_two, gsm8k"),
+    ("unknown-backend", lambda t: "llm-backend='vllm'",
+     START + "setting 'llm-backend' = 'vllm' is not accepted; expected sim, openai"),
+    ("openai-without-url", lambda t: "llm-backend='openai'",
+     START + "setting 'llm-base-url' = '' is not accepted; expected the URL of an OpenAI-compatible endpoint"),
+    ("not-a-url", lambda t: "llm-backend='openai' llm-base-url='ftp://example'",
+     START + "setting 'llm-base-url' = 'ftp://example' is not accepted; expected an http:// or https:// URL"),
+    ("key-pasted", lambda t: "server-api-key-env='sk-proj-123 secret'",
+     START + "setting 'server-api-key-env' = '<not shown>' is not accepted; expected the NAME of an environment "
+             "variable"),
+    ("results-dir-pseudo-fs", lambda t: "results-dir='/proc/fedtextgrad-results'",
+     START + "setting 'results-dir' = '/proc/fedtextgrad-results' is not accepted; expected a folder this process "
+             "can create and write in"),
+    ("run-name-too-long", lambda t: f"run-name='{'x' * 300}'",
+     START + "setting 'run-name' = 'xxxxxxxx"),
+    ("resume-nothing", lambda t: f"resume-from='{t / 'nowhere'}'",
+     START + f"setting 'resume-from' = '{'{}'}' is not accepted; expected the results folder of an earlier run"),
+    ("more-clients-than-nodes", lambda t: "min-train-clients=5",
+     "setting 'min-train-clients' = 5 is not accepted; expected at most 3, the simulated SuperNodes of this "
+     "federation"),
+    ("sim-gsm8k", lambda t: "task='gsm8k'",
+     START + "setting 'llm-backend' = 'sim' is not accepted; expected openai for gsm8k: the simulated LLM answers "
+             "object counting, word sorting and multistep arithmetic only"),
+    ("parser-for-words", lambda t: "task='word_sorting' answer-parser='last-number'",
+     START + "setting 'answer-parser' = 'last-number' is not accepted; expected answer-line for word_sorting"),
+    ("budget-too-small", lambda t: "merge-token-budget=10",
+     START + "setting 'merge-token-budget' = 10 is not accepted; expected a whole number of tokens, at least"),
+    ("fraction", lambda t: "fraction-train=1.5",
+     START + "setting 'fraction-train' = 1.5 is not accepted; expected a number in (0, 1]"),
+]
+
+CLIENT_SIDE = [
+    ("data-source-missing", lambda t: "data-source='/nonexistent/data'",
+     STOPPED + "round 0 evaluation: only 0 client(s) succeeded, at least 2 required (min-train-clients). Errors: "
+               "clients 0, 1, 2: data-source path '/nonexistent/data' does not exist"),
+    ("data-file-broken", lambda t: f"data-source='{broken_json(t)}'", "is not valid JSON"),
+    ("data-targets-unscorable", lambda t: f"data-source='{bad_bbh_file(t)}'",
+     "has the target 'many', which object_counting cannot score; expected a number"),
+    ("batch-beyond-training-data", lambda t: "batch-size=5000",
+     "setting 'batch-size' = 5000 is not accepted; expected at most 17, the training examples this client holds"),
+    ("llm-server-down", lambda t: f"llm-backend='openai' llm-base-url='http://127.0.0.1:{closed_port()}/v1' "
+                                  "llm-model='m' server-backend='sim' llm-startup-wait=0.0",
+     "is unreachable"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SETTINGS + CLIENT_SIDE, ids=[c[0] for c in SETTINGS + CLIENT_SIDE])
+def test_bad_input_under_flwr_run_is_one_line_without_a_traceback(flwr_home, tmp_path, case) -> None:
+    _, config, expected = case
+    text = config(tmp_path)
+    results = tmp_path / "results"
+    output = flwr_run(flwr_home, f"results-dir='{results}' {text}" if "results-dir" not in text else text)
+    if "{}" in expected:
+        expected = expected.replace("{}", str(tmp_path / "nowhere"))
+    lines = [line for line in output.splitlines() if expected in line]
+    assert len(lines) == 1, output[-4000:]
+    no_traceback(output)
+    for summary in results.glob("*/summary.json"):  # a run that opened its folder says the same there
+        assert expected.removeprefix(STOPPED) in json.loads(summary.read_text())["error"] or \
+            expected in json.loads(summary.read_text())["error"]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedtextgrad_core.tools.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def busy_port() -> tuple[socket.socket, int]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    return holder, holder.getsockname()[1]
+
+
+def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path: Path) -> None:
+    binary = tmp_path / "prompt.bin"
+    binary.write_bytes(b"\x00\xff\xfe binary")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 prompt".encode("latin-1"))
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[axes]\nmerge = ['mean']\n")
+    holder, port = busy_port()
+    cases = [
+        (("eval", "--task", "object_counting", "--prompt-file", str(binary)),
+         f"fedtextgrad eval: --prompt-file '{binary}' is a binary file, not a text file holding a prompt"),
+        (("eval", "--task", "object_counting", "--prompt-file", str(latin)),
+         f"fedtextgrad eval: --prompt-file '{latin}' is not UTF-8 text (byte 3 cannot be read)"),
+        (("eval", "--task", "object_counting", "--prompt-file", str(tmp_path)),
+         f"fedtextgrad eval: --prompt-file '{tmp_path}' is a folder, not a text file"),
+        (("analyze", str(tmp_path / "missing.txt")),
+         f"fedtextgrad analyze: '{tmp_path / 'missing.txt'}' cannot be read: No such file or directory"),
+        (("compare", str(tmp_path)),
+         f"fedtextgrad compare: '{tmp_path}' is not a run folder: it has no summary.json and no rounds.jsonl"),
+        (("sim-server", "--port", str(port)),
+         f"fedtextgrad sim-server: cannot serve on 127.0.0.1:{port}: Address already in use"),
+        (("experiment", str(grid), "--out", str(tmp_path / "out")),
+         "fedtextgrad experiment: cell 1 (merge=mean): setting 'merge' = 'mean' is not accepted"),
+        (("serve", "--model", str(tmp_path / "none.gguf")),
+         f"--model '{tmp_path / 'none.gguf'}' does not exist"),
+        (("serve", "--model", str(binary)), "is not a GGUF file"),
+    ]
+    try:
+        for args, expected in cases:
+            done = cli(*args)
+            assert done.returncode == 2, (args, done.stdout, done.stderr)
+            assert expected in done.stderr, (args, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1, (args, done.stderr)
+            no_traceback(done.stderr + done.stdout)
+    finally:
+        holder.close()

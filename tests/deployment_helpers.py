@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 QUIET_ENV = {
@@ -37,6 +40,18 @@ QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
 SERVED = "served POST /v1/chat/completions"
+# The marks of every test module that starts SuperLinks and SuperNodes as separate processes.
+DEPLOYMENT_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.deployment,
+    pytest.mark.skipif(
+        not (shutil.which("openssl") and shutil.which("ssh-keygen") and shutil.which("flower-superlink")),
+        reason="needs openssl, ssh-keygen (openssh-client) and Flower's flower-superlink",
+    ),
+]
+# How often a SuperNode's (and the SuperLink's) task runner asks whether a ClientApp (ServerApp) is to
+# start: Flower's default is every 1.0 s, a delay added to every message a test deployment handles.
+POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def free_ports(count: int) -> list[int]:
@@ -96,7 +111,7 @@ def kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
             pass
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -175,7 +190,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.state_root = self.root / "state"
         self.state_root.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ, **QUIET_ENV, FEDTEXTGRAD_DEPLOY_STATE=str(self.state_root))
+        self.env = dict(os.environ, **QUIET_ENV, **POLL_ENV, FEDTEXTGRAD_DEPLOY_STATE=str(self.state_root))
         self.env.pop("FLWR_HOME", None)
 
     # --- running the scripts ------------------------------------------------------

@@ -42,7 +42,7 @@ def stop_superlinks(flwr_home: Path) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while superlinks_of(flwr_home) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)
     for pid in superlinks_of(flwr_home):
         os.kill(pid, signal.SIGKILL)
 

@@ -130,6 +130,7 @@ def busy_port() -> tuple[socket.socket, int]:
     return holder, holder.getsockname()[1]
 
 
+@pytest.mark.slow  # a dozen fresh `fedtextgrad` processes
 def test_bad_input_on_the_command_line_is_one_line_without_a_traceback(tmp_path: Path) -> None:
     binary = tmp_path / "prompt.bin"
     binary.write_bytes(b"\x00\xff\xfe binary")

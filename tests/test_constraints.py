@@ -563,6 +563,8 @@ def llama_server(tmp_path_factory):
                 process.wait(timeout=15)
 
 
+@pytest.mark.slow
+@pytest.mark.real_llm
 def test_real_llama_cpp_is_detected(llama_server):
     client = OpenAI(base_url=llama_server, api_key="sk-no-key", max_retries=0, timeout=30)
     raw = client.models.with_raw_response.list()
@@ -571,6 +573,8 @@ def test_real_llama_cpp_is_detected(llama_server):
     assert probe_kind(llama_server, "", timeout=5.0) == "llama.cpp"
 
 
+@pytest.mark.slow
+@pytest.mark.real_llm
 def test_real_llama_cpp_grammar_makes_every_reply_well_formed(llama_server, record_property):
     client = OpenAI(base_url=llama_server, api_key="sk-no-key", max_retries=0, timeout=300)
     constraint = constraint_for("llama.cpp", REAL_BODY_CHARS)
@@ -602,6 +606,8 @@ def test_real_llama_cpp_grammar_makes_every_reply_well_formed(llama_server, reco
         assert len(text) <= len(OPEN_TAG) + REAL_BODY_CHARS + len(CLOSE_TAG)
 
 
+@pytest.mark.slow
+@pytest.mark.real_llm
 def test_real_llama_cpp_accepts_the_json_schema_form_and_unwrap_works(llama_server):
     """The Ollama-style ``response_format`` also works on llama.cpp: a real constrained JSON reply unwraps."""
     client = OpenAI(base_url=llama_server, api_key="sk-no-key", max_retries=0, timeout=300)

@@ -57,6 +57,7 @@ def one_line_error(capsys: pytest.CaptureFixture) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # a benchmark against a server with latency
 def test_more_requests_in_flight_raise_requests_per_second(slow_sim: str, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = run_cli("--base-url", slow_sim, "--model", "sim", "--concurrency", "1,8", "--requests", "16",

@@ -32,6 +32,8 @@ from tests.flower_loopback import LoopbackGrid, default_run_config
 from tests.resume_helpers import run_server
 
 # the second send of round 2 onwards: 1 = initial evaluation, 2/3 = round 1 train/evaluate, 4 = round 2 train
+pytestmark = pytest.mark.slow  # federations against misbehaving LLM servers, waiting out their timeouts
+
 ROUND_2_STARTS = 4
 FAST_FAILURE = {"llm-max-retries": 1, "llm-retry-backoff": 0.01, "llm-timeout": 1.0}
 

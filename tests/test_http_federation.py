@@ -16,6 +16,8 @@ from tests.deployment_helpers import start_sim_server
 from tests.flower_loopback import LoopbackGrid
 from tests.test_strategy import make_strategy
 
+pytestmark = pytest.mark.slow  # the sim served by a real `fedtextgrad sim-server` process
+
 
 @pytest.fixture(scope="module")
 def sim_server_process(tmp_path_factory):
@@ -66,3 +68,21 @@ def test_sim_server_stops_on_sigterm(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0  # a clean exit, not a kill
+
+
+def test_clients_given_a_real_endpoint_by_their_node_config_make_the_run_not_simulated(sim_server_process, tmp_path):
+    """The run config says `sim`, each SuperNode's node config says otherwise: the summary goes by what the
+    clients reported (the served sim is, to a client, any OpenAI-compatible server)."""
+    url, _ = sim_server_process
+    real = {"llm-backend": "openai", "llm-base-url": url, "llm-model": "sim"}
+    strategy, run_config, recorder, lines = make_strategy(tmp_path, **{"num-server-rounds": 1, "merge": "concat"})
+    strategy.start(LoopbackGrid(run_config, node_overrides={i: real for i in range(3)}))
+    summary = RunFolder(recorder.path).read_summary()
+    assert summary.finished and set(summary.client_llms.values()) == {f"sim at {url}"}
+    assert summary.simulated is False
+    assert not any("(simulated LLM)" in line for line in lines if line.startswith("best prompt"))
+    # and the same run with the run config's own sim clients is labelled as simulated
+    strategy, run_config, recorder, lines = make_strategy(tmp_path / "sim", **{"num-server-rounds": 1, "merge": "concat"})
+    strategy.start(LoopbackGrid(run_config))
+    assert RunFolder(recorder.path).read_summary().simulated is True
+    assert any("(simulated LLM)" in line for line in lines if line.startswith("best prompt"))

@@ -150,6 +150,7 @@ def test_unusable_bodies_are_final_with_a_plain_message(faulty: FaultyLLMServer,
     assert_plain(str(info.value), faulty.url)
 
 
+@pytest.mark.slow  # waits out a request timeout
 def test_a_hanging_endpoint_times_out_naming_it_in_bounded_time() -> None:
     with FaultyLLMServer("hang", hang_seconds=5.0) as server:
         engine = engine_for(server.url, timeout=0.5, max_retries=1)
@@ -205,6 +206,7 @@ def test_a_broken_models_route_fails_at_engine_creation(faulty: FaultyLLMServer,
     assert faulty.models_requests == 1 and faulty.chat_requests == 0
 
 
+@pytest.mark.slow  # waits out the default llm-startup-wait (60 s) on a closed port
 def test_the_start_up_check_names_the_setting_of_the_role() -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
     with pytest.raises(LLMError, match="'backward-base-url'"):
@@ -363,6 +365,7 @@ def test_the_server_does_see_parallel_requests_when_the_limit_allows() -> None:
 # --- slow and late servers --------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits for a late server
 def test_a_server_that_comes_up_late_is_waited_for_within_llm_startup_wait(capsys) -> None:
     """A vLLM still loading its model refuses connections for a while: the start-up check waits for it,
     says so once, and goes on when it answers."""
@@ -395,6 +398,7 @@ def test_a_server_that_comes_up_late_is_waited_for_within_llm_startup_wait(capsy
             server.server_close()
 
 
+@pytest.mark.slow  # waits out llm-startup-wait
 def test_a_server_that_never_comes_up_fails_after_llm_startup_wait_saying_so() -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
     began = time.monotonic()
@@ -404,6 +408,7 @@ def test_a_server_that_never_comes_up_fails_after_llm_startup_wait_saying_so() -
     assert "waited 3 s for it (llm-startup-wait)" in str(info.value) and "unreachable" in str(info.value)
 
 
+@pytest.mark.slow  # waits out timeouts
 def test_a_timed_out_request_is_sent_again_only_after_waiting_as_long_as_it_ran(faulty: FaultyLLMServer) -> None:
     """The server may still be busy with a request that timed out: the retry must not pile a second copy
     on top at once (with a 0.01 s backoff, the old retry came back at once)."""
@@ -426,6 +431,7 @@ def test_the_timeout_follows_the_server_kind_unless_set(faulty: FaultyLLMServer)
     assert engine_for(faulty.url, timeout=42.0, server_kind="llama.cpp")._chat.timeout == 42.0
 
 
+@pytest.mark.slow  # waits while a wait is reported
 def test_a_long_wait_is_reported_while_it_lasts(faulty: FaultyLLMServer, capsys, monkeypatch) -> None:
     from fedtextgrad_core.llm import waiting
 

@@ -16,10 +16,14 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from tests.deployment_helpers import alive, cmdline, descendants, kill_pids, wait_until
 from tests.flower_loopback import LoopbackGrid, default_run_config
 from tests.resume_helpers import outcome, run_server
 from tests.simulation_helpers import ROOT, RUN_TIMEOUT, flwr_env, flwr_run, flwr_run_command, superlinks_of
+
+pytestmark = pytest.mark.slow
 
 SHORT = {"num-server-rounds": 3, "local-steps": 1, "batch-size": 2, "synthetic-size": 60}
 # slower LLM calls while the run is watched, so the kill lands inside round 2, not after it

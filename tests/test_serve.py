@@ -25,6 +25,8 @@ import pytest
 from fedtextgrad_core.tools.serve import ServedModel, add_arguments, run, serving, smollm2_path, start_server
 from tests.llama_server import missing_requirement
 
+pytestmark = pytest.mark.slow  # starts real llama.cpp servers (SmolLM2-135M) as processes
+
 ROOT = Path(__file__).resolve().parents[1]
 ALIAS = "tiny-smol"
 SERVE = [sys.executable, "-m", "fedtextgrad_core.tools.serve"]

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from fedtextgrad_core.llm.engine import Usage
 from fedtextgrad_core.method.evaluation import Scores
 from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
-from fedtextgrad_core.run.records import Failure
+from fedtextgrad_core.run.records import ClientId, Failure
 from fedtextgrad_core.run.round_step import RoundFailed
 from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.server_setup import open_run
@@ -311,3 +311,101 @@ def test_two_nodes_reporting_the_same_partition_are_both_kept(tmp_path):
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "nodes 100, 101 all report partition 0" in warnings[0]
     assert any(line.startswith("1") and "client 0 (node 101)" in line for line in lines)
+
+
+# --- requests sent at once, and together ----------------------------------------------------------
+
+
+class PushPullLoopback(LoopbackGrid):
+    """The loopback grid with Flower's push/pull: each message is delivered to the real ClientApp when
+    it is pulled for the first time (so what is sent at once is answered at once)."""
+
+    def __init__(self, run_config, **kwargs):
+        super().__init__(run_config, **kwargs)
+        self.pushed: dict[str, Message] = {}
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self.sent.append(message)
+            self.pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [self._deliver(self.pushed.pop(i)) for i in list(message_ids) if i in self.pushed]
+
+
+def _requests(prompt: str) -> tuple[RoundRequest, RoundRequest]:
+    return (RoundRequest(phase="evaluate", server_round=1, prompt=prompt),
+            RoundRequest(phase="train", server_round=2, prompt=prompt))
+
+
+def test_requests_sent_together_travel_in_one_message_per_node_and_answer_as_apart(tmp_path):
+    strategy, run_config, recorder, _ = make_strategy(tmp_path)
+    start = RunFolder(recorder.path).prompts.joinpath("round-000-initial.txt").read_text().rstrip("\n")
+    evaluate, train = _requests(start)
+    apart_grid = LoopbackGrid(run_config)
+    strategy.grid = apart_grid
+    apart = [strategy.ask(evaluate, [100, 101, 102]), strategy.ask(train, [101, 102])]
+    grid = PushPullLoopback(run_config)
+    strategy.grid = grid
+    sent = strategy.send([(evaluate, [100, 101, 102]), (train, [101, 102])], together=True)
+    # node 100 is asked one request: a plain message; nodes 101 and 102 both, in one message each
+    assert [(m.metadata.dst_node_id, sorted(m.content.keys()), m.metadata.message_type) for m in grid.sent] == [
+        (100, [REQUEST_RECORD], MessageType.EVALUATE), (101, [REQUEST_RECORD, "request-1"], MessageType.TRAIN),
+        (102, [REQUEST_RECORD, "request-1"], MessageType.TRAIN)]
+    together = [sent.replies(0), sent.replies(1)]
+
+    def untimed(replies):  # what the clients answered, without how long it took
+        return sorted((c.node_id, {k: v for k, v in r.encode().items() if "seconds" not in k})
+                      for c, r in replies.answers)
+
+    for got, expected in zip(together, apart):
+        assert not got.failures and untimed(got) == untimed(expected)
+
+
+def test_one_failed_request_of_several_is_a_failure_of_that_request_only(tmp_path, monkeypatch):
+    import client_app.client_app as client_module
+    from fedtextgrad_core.errors import ConfigError
+
+    answer = client_module.answer
+
+    def training_fails(run_config, node_config, request):
+        if request.kind is Phase.TRAIN:
+            raise ConfigError("batch-size", 99, "at most 5, the training examples this client holds")
+        return answer(run_config, node_config, request)
+
+    monkeypatch.setattr(client_module, "answer", training_fails)
+    strategy, run_config, _, _ = make_strategy(tmp_path)
+    grid = PushPullLoopback(run_config)
+    strategy.grid = grid
+    evaluate, train = _requests("Answer the question.")
+    sent = strategy.send([(evaluate, [100]), (train, [100])], together=True)
+    ((client, reply),) = sent.replies(0).answers
+    assert client.node_id == 100 and isinstance(reply, EvalReply)
+    ((failed, reason),) = sent.replies(1).failures
+    assert failed == ClientId(node_id=100, name="", partition_id=0)
+    assert reason == "setting 'batch-size' = 99 is not accepted; expected at most 5, the training examples this client holds"
+    # a node whose whole message fails (an exception Flower turns into an error reply) fails every request
+    grid = PushPullLoopback(run_config, failing=[1])
+    strategy.grid = grid
+    sent = strategy.send([(evaluate, [101]), (train, [101])], together=True)
+    assert [len(sent.replies(i).failures) for i in (0, 1)] == [1, 1]
+    assert all("refused the connection" in reason for i in (0, 1) for _, reason in sent.replies(i).failures)
+
+
+def test_a_run_through_push_and_pull_ends_as_a_run_asked_one_request_at_a_time(tmp_path):
+    results = {}
+    for name, grid_class in (("apart", LoopbackGrid), ("together", PushPullLoopback)):
+        strategy, run_config, recorder, _ = make_strategy(tmp_path / name, **{
+            "num-server-rounds": 2, "fraction-train": 0.67, "local-steps": 1, "batch-size": 2, "synthetic-size": 60})
+        strategy.start(grid_class(run_config))
+        rounds, summary = read(recorder)
+        results[name] = ([(r.merged_prompt, r.val_accuracy, [u.label for u in r.uploads],
+                           sorted(e.label for e in r.evaluations)) for r in rounds],
+                         summary.best_prompt, summary.test_accuracy, summary.cost)
+    assert results["together"] == results["apart"]

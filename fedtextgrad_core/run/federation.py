@@ -5,10 +5,22 @@ The loop talks to clients through a ``ClientPool``, which the Flower strategy im
 with messages (and tests with plain functions). It samples clients with the state's
 generator, labels them for people, hands each round's uploads to the round step, and gives
 the recorder every decision to write down.
+
+Requests whose content is known in advance are sent at once, when the pool can (``send``): the
+evaluation of a prompt and the next round's training on the same prompt (round r's merged prompt
+is round r+1's starting prompt whatever it scores), and the final tests of every prompt. A client
+then answers them back to back: a real SuperNode asks for its next message right after replying,
+but waits 3 s before asking again when there was none, which cost a deployment ~3 s per message
+exchange. From round 1 on, such requests also travel *together*, in one message per client (the
+start prompt's evaluation goes alone, so every client is known by its partition before it trains):
+a deployment starts a ClientApp process per message. Replies are still handled in the same order as
+when asked one by one, and the clients of every request are sampled in the same order, so a seed
+gives the same run; a round's evaluation is then complete only when the next round's training is.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +47,20 @@ class Replies:
     failures: list[tuple[ClientId, str]] = field(default_factory=list)
 
 
+class Sent(Protocol):
+    """Requests sent at once; ``replies(i)`` waits for (only) the i-th request's replies."""
+
+    def replies(self, index: int) -> Replies:
+        """What the clients asked in the i-th request delivered, failures included."""
+
+
 class ClientPool(Protocol):
-    """How the loop reaches clients: Flower's grid in the apps, plain functions in tests."""
+    """How the loop reaches clients: Flower's grid in the apps, plain functions in tests.
+
+    A pool may also have ``send(requests, together) -> Sent``: every request goes out at once, and
+    the loop takes the replies of each when it needs them; with ``together``, a client asked several
+    of them may answer them in one message. A pool without it is asked one request at a time.
+    """
 
     def connected(self, wanted: int, deadline: float) -> list[int]:
         """The node ids of the connected clients, once at least ``wanted`` are; a ConfigError naming
@@ -58,6 +82,7 @@ class ClientLabels:
         self.echo = echo
         self.partition: dict[int, int] = {}
         self.names: dict[int, str] = {}
+        self._holders: dict[int, set[int]] = {}  # partition -> the nodes that report it
         self._warned: set[int] = set()
 
     def see(self, client: ClientId) -> None:
@@ -65,12 +90,19 @@ class ClientLabels:
             self.names[client.node_id] = client.name
         if client.partition_id is None:
             return
+        before = self.partition.get(client.node_id)
+        if before == client.partition_id:
+            return
+        if before is not None:
+            self._holders[before].discard(client.node_id)
         self.partition[client.node_id] = client.partition_id
-        claimants = sorted(node for node, p in self.partition.items() if p == client.partition_id)
+        claimants = self._holders.setdefault(client.partition_id, set())
+        claimants.add(client.node_id)
         if len(claimants) > 1 and client.partition_id not in self._warned:
             self._warned.add(client.partition_id)
-            self.echo(f"warning: nodes {', '.join(map(str, claimants))} all report partition {client.partition_id}; "
-                      "each is kept and shown with its node id (check their --node-config partition-id)")
+            self.echo(f"warning: nodes {', '.join(map(str, sorted(claimants)))} all report partition "
+                      f"{client.partition_id}; each is kept and shown with its node id (check their --node-config "
+                      "partition-id)")
 
     def label(self, node_id: int) -> str:
         partition = self.partition.get(node_id)
@@ -79,7 +111,7 @@ class ClientLabels:
             return name if partition is None else f"{partition} ({name})"
         if partition is None:
             return f"node {node_id}"
-        shared = sum(1 for p in self.partition.values() if p == partition) > 1
+        shared = len(self._holders.get(partition, ())) > 1
         return f"{partition} (node {node_id})" if shared else str(partition)
 
     def client(self, node_id: int) -> ClientId:
@@ -103,6 +135,7 @@ class Federation:
         self.merger = merger
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
+        self.rounds: list[RoundRecord] = []  # the rounds this run finished, as recorded
         self._code_warned: set[int] = set()
 
     def run(self) -> RunSummary:
@@ -114,12 +147,19 @@ class Federation:
 
     def _run(self) -> RunSummary:
         state, settings = self.state, self.settings
+        rounds = range(state.finished_round + 1, settings.num_rounds + 1)
+        ahead: Ahead | None = None
         if not state.resumed_after:
-            evaluations, failures = self.evaluate(Phase.EVALUATE, 0, state.global_prompt)
+            # the start prompt's evaluation, and round 1's training on the same prompt
+            clock = (time.perf_counter(), time.time())
+            sent = self.send([(Phase.EVALUATE, 0, state.global_prompt)],
+                             ahead=(Phase.TRAIN, rounds[0], state.global_prompt) if rounds else None)
+            evaluations, failures = self.evaluations(Phase.EVALUATE, 0, sent.replies(0))
             state.record_initial(weighted_accuracy(evaluations), usage_of(evaluations))
             self.recorder.initial(state, evaluations, failures)
-        for server_round in range(state.finished_round + 1, settings.num_rounds + 1):
-            self.round(server_round)
+            ahead = Ahead(sent, 1, *clock) if sent.replay is not None else None
+        for server_round in rounds:
+            ahead = self.round(server_round, ahead)
         return self.recorder.finished(state, self.final_tests())
 
     def final_tests(self) -> dict[str, FinalScore]:
@@ -127,29 +167,41 @@ class Federation:
         as ``test-prompts`` asks; a prompt that is two of them is scored once."""
         prompts = {"best": self.state.best_prompt, "last": self.state.global_prompt,
                    "initial": self.settings.start_prompt}
+        distinct = list(dict.fromkeys(prompts[name] for name in self.settings.test_prompts))
+        sent = self.send([(Phase.TEST, self.state.finished_round, prompt) for prompt in distinct], together=True)
         scored: dict[str, FinalScore] = {}
-        results: dict[str, FinalScore] = {}
-        for name in self.settings.test_prompts:
-            prompt = prompts[name]
-            if prompt not in scored:
-                evaluations, failures = self.evaluate(Phase.TEST, self.state.finished_round, prompt)
-                scored[prompt] = FinalScore(weighted_accuracy(evaluations), examples_of(evaluations),
-                                            usage_of(evaluations), tuple(failures))
-                self.recorder.remember_llms(evaluations)
-            results[name] = scored[prompt]
-        return results
+        for index, prompt in enumerate(distinct):
+            evaluations, failures = self.evaluations(Phase.TEST, self.state.finished_round, sent.replies(index))
+            scored[prompt] = FinalScore(weighted_accuracy(evaluations), examples_of(evaluations),
+                                        usage_of(evaluations), tuple(failures))
+            self.recorder.remember_llms(evaluations)
+        return {name: scored[prompts[name]] for name in self.settings.test_prompts}
 
     # --- one round ------------------------------------------------------------------------------------
-    def round(self, server_round: int) -> RoundRecord:
-        started, started_at = time.perf_counter(), time.time()
-        replies = self.ask(Phase.TRAIN, server_round, self.state.global_prompt)
+    def round(self, server_round: int, ahead: Ahead | None = None) -> Ahead | None:
+        """Train, merge and evaluate; returns the next round's training, sent with this evaluation.
+
+        ``ahead``: this round's training requests, sent earlier (with the last evaluation), and when.
+        """
+        if ahead is None:
+            started, started_at = time.perf_counter(), time.time()
+            replies = self.ask(Phase.TRAIN, server_round, self.state.global_prompt)
+        else:
+            started, started_at = ahead.started, ahead.started_at
+            self.replay(ahead)
+            replies = ahead.sent.replies(ahead.index)
         uploads = [Upload(self.labels.label(c.node_id), c, r) for c, r in replies.answers if isinstance(r, TrainReply)]
         failures = self.failures(replies, Phase.TRAIN)
         require_enough("training", server_round, len(uploads), failures,
                        required_clients(self.settings, len(uploads) + len(failures)))
         outcome = merge_round(server_round, uploads, failures, self.settings, self.merger, self.scorer)
         client_uploads = self.recorder.uploads(outcome)
-        evaluations, eval_failures = self.evaluate(Phase.EVALUATE, server_round, outcome.merged_prompt)
+        # the merged prompt is scored, and is the next round's starting prompt whatever it scores
+        clock = (time.perf_counter(), time.time())
+        sent = self.send([(Phase.EVALUATE, server_round, outcome.merged_prompt)],
+                         ahead=(Phase.TRAIN, server_round + 1, outcome.merged_prompt)
+                         if server_round < self.settings.num_rounds else None, together=True)
+        evaluations, eval_failures = self.evaluations(Phase.EVALUATE, server_round, sent.replies(0))
         accuracy = weighted_accuracy(evaluations)
         self.state.adopt(outcome.merged_prompt, accuracy, server_round)
         record = RoundRecord(
@@ -163,7 +215,15 @@ class Federation:
             started_at=started_at, ended_at=time.time(),
         )
         self.recorder.round_done(record, self.state)
-        return record
+        self.rounds.append(record)
+        return Ahead(sent, 1, *clock) if sent.replay is not None else None
+
+    def replay(self, ahead: Ahead) -> None:
+        """The draw of a training sent ahead, made now on the state's generator (see ``send``)."""
+        assert ahead.sent.replay is not None
+        nodes, drawn = ahead.sent.replay
+        if self.draw(nodes, self.state.rng) != drawn:
+            raise RuntimeError("the clients of a training sent ahead differ from the state's draw")
 
     def _server_llm_used(self, outcome: RoundOutcome) -> bool:
         return self.merger is not None or outcome.robust_usage is not None
@@ -177,15 +237,49 @@ class Federation:
 
     # --- talking to clients -----------------------------------------------------------------------------
     def sample(self) -> list[int]:
-        nodes = sorted(self.pool.connected(self.settings.clients_needed, self.settings.wait_for_clients))
+        return self.draw(self.connected(), self.state.rng)
+
+    def connected(self) -> list[int]:
+        return sorted(self.pool.connected(self.settings.clients_needed, self.settings.wait_for_clients))
+
+    def draw(self, nodes: list[int], rng: random.Random) -> list[int]:
+        """The clients of one request, drawn from the connected ``nodes`` with ``rng``."""
         if self.settings.partitioning == "centralized":
             return [nodes[0]]
         size = max(self.settings.clients_needed, round(len(nodes) * self.settings.fraction_train))
-        return sorted(self.state.rng.sample(nodes, min(size, len(nodes))))
+        return sorted(rng.sample(nodes, min(size, len(nodes))))
 
     def ask(self, phase: Phase, server_round: int, prompt: str) -> Replies:
-        replies = self.pool.ask(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt),
-                                self.sample())
+        return self.send([(phase, server_round, prompt)]).replies(0)
+
+    def send(self, asks: Sequence[tuple[Phase, int, str]], ahead: tuple[Phase, int, str] | None = None,
+             together: bool = False) -> _Sent:
+        """Sample the clients of each request, in order, and send them all (one at a time to a pool
+        that cannot send several). ``together``: a client asked several of them may get them in one
+        message (in a deployment, one ClientApp process instead of one each).
+
+        ``ahead``: a next round's training, sent now but belonging to the next round. Its clients are
+        drawn from a copy of the state's generator, so the checkpoint written at the end of this round
+        holds the generator as it was before that draw, and a resumed run draws them again alike; the
+        next round then makes the same draw on the state's generator (``Ahead.replay``).
+        """
+        requests = [(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), self.sample())
+                    for phase, server_round, prompt in asks]
+        replay: tuple[list[int], list[int]] | None = None
+        if ahead is not None:
+            copy = random.Random()
+            copy.setstate(self.state.rng.getstate())
+            nodes = self.connected()
+            drawn = self.draw(nodes, copy)
+            phase, server_round, prompt = ahead
+            requests.append((RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), drawn))
+            replay = (nodes, drawn)
+        send = getattr(self.pool, "send", None)
+        return _Sent(self, requests, send(requests, together) if send is not None and len(requests) > 1 else None,
+                     replay)
+
+    def received(self, replies: Replies) -> Replies:
+        """Replies as the loop uses them: clients labelled, checked, in partition order."""
         for client, _ in [*replies.answers, *replies.failures]:
             self.labels.see(client)
         self.check_server_llm(replies)
@@ -226,7 +320,11 @@ class Federation:
                 for client, reason in replies.failures]
 
     def evaluate(self, phase: Phase, server_round: int, prompt: str) -> tuple[list[ClientEvaluation], list[Failure]]:
-        replies = self.ask(phase, server_round, prompt)
+        return self.evaluations(phase, server_round, self.ask(phase, server_round, prompt))
+
+    def evaluations(self, phase: Phase, server_round: int,
+                    replies: Replies) -> tuple[list[ClientEvaluation], list[Failure]]:
+        """An evaluation or test phase's replies as scores and failures; RoundFailed when too few."""
         evaluations = [ClientEvaluation(self.labels.label(c.node_id), c, r) for c, r in replies.answers
                        if isinstance(r, EvalReply)]
         failures = self.failures(replies, phase)
@@ -234,3 +332,35 @@ class Federation:
         require_enough(stage, server_round, len(evaluations), failures,
                        required_clients(self.settings, len(evaluations) + len(failures)))
         return evaluations, failures
+
+
+class _Sent:
+    """The loop's side of requests sent together: each request's replies, received once, in any order."""
+
+    def __init__(self, federation: Federation, requests: list[tuple[RoundRequest, list[int]]], sent: Sent | None,
+                 replay: tuple[list[int], list[int]] | None = None):
+        self.federation = federation
+        self.requests = requests
+        self.sent = sent
+        self.replay = replay  # the last request was sent ahead: (the connected nodes, the clients drawn)
+        self.done: dict[int, Replies] = {}
+
+    def replies(self, index: int) -> Replies:
+        if index not in self.done:
+            if self.sent is not None:
+                replies = self.sent.replies(index)
+            else:
+                request, node_ids = self.requests[index]
+                replies = self.federation.pool.ask(request, node_ids)
+            self.done[index] = self.federation.received(replies)
+        return self.done[index]
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A round's training requests, sent before the round (with the previous evaluation), and when."""
+
+    sent: _Sent
+    index: int
+    started: float  # perf_counter
+    started_at: float  # wall clock

@@ -7,6 +7,7 @@ same series.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from fedtextgrad_core.run.records import RoundRecord
 
 SIM_NOTE = "simulated LLM: these numbers show the machinery works, not how a real model does"
 NO_SURPRISAL = "no surprisal recorded\n(needs an endpoint that returns\nprompt token log-probabilities)"
+# More clients than this: the figures draw the clients as a band (min to max, and the median) per round
+# instead of one line each, which would be unreadable (and slow: a legend entry per client).
+MAX_CLIENT_LINES = 20
 
 
 def pyplot() -> Any:
@@ -52,6 +56,27 @@ def client_series(rounds: Sequence[RoundRecord]) -> dict[str, dict[str, list]]:
             series["chars"].append(metrics.get("chars", len(upload.reply.prompt)))
             series["surprisal_variance"].append(metrics.get("surprisal_variance"))
     return clients
+
+
+def client_band(clients: Mapping[str, Mapping[str, list]], key: str) -> dict[str, list]:
+    """Per round, the minimum, median and maximum of ``key`` over the clients that have a value."""
+    by_round: dict[int, list[float]] = {}
+    for series in clients.values():
+        for server_round, value in zip(series["round"], series[key]):
+            if value is not None:
+                by_round.setdefault(server_round, []).append(float(value))
+    rounds = sorted(by_round)
+    return {"round": rounds, "min": [min(by_round[r]) for r in rounds],
+            "median": [statistics.median(by_round[r]) for r in rounds], "max": [max(by_round[r]) for r in rounds]}
+
+
+def _band(ax: Any, band: Mapping[str, list], clients: int, what: str) -> None:
+    if not band["round"]:
+        return
+    ax.fill_between(band["round"], band["min"], band["max"], color="tab:blue", alpha=0.2, linewidth=0,
+                    label=f"{clients} clients, {what}: min to max", zorder=2)
+    ax.plot(band["round"], band["median"], color="tab:blue", marker=".", linewidth=1, linestyle="--",
+            label=f"{clients} clients, {what}: median", zorder=2)
 
 
 def points(xs: Sequence, ys: Sequence) -> tuple[list, list]:
@@ -93,11 +118,15 @@ def plot_accuracy(rounds: Sequence[RoundRecord], path: Path, initial_accuracy: f
         xs, ys = [0, *xs], [initial_accuracy, *ys]
     _merged_line(ax, xs, ys)
     markers = "o^vD<>pX*h"
-    for index, (label, series) in enumerate(sorted(client_series(rounds).items())):
-        cx, cy = points(series["round"], series["val_accuracy"])
-        if cy:
-            ax.plot(cx, cy, marker=markers[index % len(markers)], linewidth=1, label=f"client {label} (its own prompt)",
-                    zorder=2)
+    clients = client_series(rounds)
+    if len(clients) > MAX_CLIENT_LINES:
+        _band(ax, client_band(clients, "val_accuracy"), len(clients), "their own prompts")
+    else:
+        for index, (label, series) in enumerate(sorted(clients.items())):
+            cx, cy = points(series["round"], series["val_accuracy"])
+            if cy:
+                ax.plot(cx, cy, marker=markers[index % len(markers)], linewidth=1,
+                        label=f"client {label} (its own prompt)", zorder=2)
     ax.set_xlabel("round")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -131,13 +160,20 @@ def plot_prompt_dynamics(rounds: Sequence[RoundRecord], path: Path, initial_accu
             xs, ys = [0, *xs], [float(first), *ys]
         if ys:
             _merged_line(ax, xs, ys)
-    for label, series in sorted(client_series(rounds).items()):
+    clients = client_series(rounds)
+    if len(clients) > MAX_CLIENT_LINES:
         for ax, key in zip(axes, keys):
             if key == "surprisal_variance" and not have_surprisal:
                 continue
-            xs, ys = points(series["round"], series[key])
-            if ys:
-                ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=f"client {label}", zorder=2)
+            _band(ax, client_band(clients, key), len(clients), "own prompts")
+    else:
+        for label, series in sorted(clients.items()):
+            for ax, key in zip(axes, keys):
+                if key == "surprisal_variance" and not have_surprisal:
+                    continue
+                xs, ys = points(series["round"], series[key])
+                if ys:
+                    ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.8, label=f"client {label}", zorder=2)
     if not have_surprisal:
         no_data(axes[2], NO_SURPRISAL)
     axes[0].set_ylim(-0.02, 1.02)

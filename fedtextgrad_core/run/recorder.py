@@ -7,6 +7,7 @@ neither the round step nor the state ever prints or touches a file.
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,10 @@ class Recorder:
         self.error = ""
         self.test_failures: tuple[Failure, ...] = ()
         self.client_llms: dict[str, str] = {}
+        # whether each client's LLM is the simulator, as the client reported it: a SuperNode's node
+        # config may give its client a real model where the run config says `sim`
+        self.client_simulated: dict[str, bool] = {
+            u.label: u.reply.simulated for record in self.history for u in record.uploads}
         self.tests: dict[str, FinalScore] = {}
         self.opened = time.monotonic()
         self.seconds_before = 0.0  # wall time of the run before a resume
@@ -124,8 +129,7 @@ class Recorder:
     def initial(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
                 failures: Sequence[Failure]) -> None:
         self.remember_llms(evaluations)
-        for failure in failures:
-            self.echo(report.failure_row(0, failure.label, f"(evaluation) {failure.reason}"))
+        self._failure_rows(0, [(f.label, f"(evaluation) {f.reason}") for f in failures])
         self.echo(f"initial prompt: validation accuracy {report.percent(state.initial_accuracy)} "
                   f"on {examples_of(evaluations)} examples")
         self.echo(report.header())
@@ -137,17 +141,29 @@ class Recorder:
         """Print the round's client rows and failures, save the uploads, and measure each one."""
         server_round = outcome.round
         labels = {u.client.key: u.label for u in outcome.accepted}
-        for upload in outcome.accepted:
-            self.echo(report.client_row(server_round, upload.label, upload.reply))
-        for failure in outcome.failures:
-            stage = "" if failure.stage == "train" else f"({failure.stage} rejected) "
-            self.echo(report.failure_row(server_round, failure.label, stage + failure.reason))
+        for row in report.client_rows(server_round, [(u.label, u.reply) for u in outcome.accepted],
+                                      clients=len(outcome.accepted) + len(outcome.failures)):
+            self.echo(row)
+        self._failure_rows(server_round, [
+            (f.label, ("" if f.stage == "train" else f"({f.stage} rejected) ") + f.reason) for f in outcome.failures])
         if outcome.robust is not None:
             robust = outcome.robust
-            scores = ", ".join(f"client {labels[key]} {report.percent(score)}" for key, score in robust.scores.items())
+            if len(robust.scores) <= report.MAX_CLIENT_ROWS:
+                scores = ", ".join(f"client {labels[key]} {report.percent(score)}"
+                                   for key, score in robust.scores.items())
+            else:
+                values = sorted(robust.scores.values())
+                scores = (f"min {report.percent(values[0])}, median {report.percent(statistics.median(values))}, "
+                          f"max {report.percent(values[-1])} over {len(values)} uploads (each in rounds.jsonl)")
             self.echo(f"round {server_round}: robust merge, held-out accuracy of each upload on "
                       f"{robust.holdout_examples} server examples: {scores}")
-            for key in robust.left_out:
+            left_out = list(robust.left_out)
+            if len(left_out) > report.MAX_FAILURE_ROWS:
+                self.echo(f"round {server_round}: robust merge left out {len(left_out)} uploads, more than "
+                          f"{100 * robust.margin:.0f} points below the median {report.percent(robust.median)}; the "
+                          f"first {report.MAX_FAILURE_ROWS} below, all in rounds.jsonl")
+                left_out = left_out[:report.MAX_FAILURE_ROWS]
+            for key in left_out:
                 self.echo(f"round {server_round}: robust merge left out client {labels[key]}: held-out accuracy "
                           f"{report.percent(robust.scores[key])}, more than {100 * robust.margin:.0f} points "
                           f"below the median {report.percent(robust.median)}")
@@ -157,9 +173,17 @@ class Recorder:
         if merged.dropped_sentences:
             self.echo(f"round {server_round}: merge left out {len(merged.dropped_sentences)} sentence(s) to stay "
                       f"within merge-token-budget={merged.token_budget} (listed in rounds.jsonl)")
+        measured: dict[str, dict[str, Any] | None] = {}  # clients often upload the same text: measure it once
+
+        def metrics_of(prompt: str) -> dict[str, Any] | None:
+            if prompt not in measured:
+                measured[prompt] = self.prompt_metrics(prompt, with_surprisal=False)
+            found = measured[prompt]
+            return dict(found) if found is not None else None
+
         uploads = tuple(
             ClientUpload(label=u.label, client=u.client, reply=u.reply,
-                         prompt_metrics=self.prompt_metrics(u.reply.prompt, with_surprisal=False),
+                         prompt_metrics=metrics_of(u.reply.prompt),
                          holdout_accuracy=outcome.robust.scores[u.client.key] if outcome.robust else None,
                          left_out=outcome.left_out(u))
             for u in outcome.accepted)
@@ -168,12 +192,12 @@ class Recorder:
              "left_out": u.left_out, "prompt": u.reply.prompt} for u in uploads])
         self.folder.save_prompt(f"round-{server_round:03d}-merged", outcome.merged_prompt)
         self.client_llms.update({u.label: u.reply.llm for u in uploads})
+        self.client_simulated.update({u.label: u.reply.simulated for u in uploads})
         return uploads
 
     def round_done(self, record: RoundRecord, state: FederationState) -> None:
-        for failure in record.failures:
-            if failure.stage == "evaluate":
-                self.echo(report.failure_row(record.round, failure.label, f"(evaluation) {failure.reason}"))
+        self._failure_rows(record.round, [(f.label, f"(evaluation) {f.reason}") for f in record.failures
+                                          if f.stage == "evaluate"])
         self.remember_llms(record.evaluations)
         self.echo(report.merged_row(record.round, record.merge.method, record.val_accuracy, record.val_examples,
                                     state.best_accuracy, record.merged_prompt, record.seconds))
@@ -189,13 +213,12 @@ class Recorder:
         clients that answered; the others are listed as failures."""
         self.folder.save_prompt("best", state.best_prompt)
         failures = tuple(dict.fromkeys(f for result in tests.values() for f in result.failures))
-        for failure in failures:
-            self.echo(report.failure_row(state.finished_round, failure.label, f"(test) {failure.reason}"))
+        self._failure_rows(state.finished_round, [(f.label, f"(test) {f.reason}") for f in failures])
         self.test_failures = failures
         self.tests = dict(tests)
         summary = self.write_summary(state, finished=True)
         self._figures_done()
-        sim = " (simulated LLM)" if self.settings.simulated else ""
+        sim = " (simulated LLM)" if self.simulated else ""
         shown = ", ".join(f"{name} prompt {report.percent(result.accuracy)}" for name, result in tests.items())
         self.echo(f"best prompt (round {state.best_round}): validation {report.percent(state.best_accuracy)}; "
                   f"test: {shown}{sim}")
@@ -212,6 +235,10 @@ class Recorder:
         self.echo(f"fedtextgrad: the run stopped: {error}")
         self.echo(f"results so far: {self.path}")
         self.tracker.fail(self.error, self.path)
+
+    def _failure_rows(self, server_round: int, failures: Sequence[tuple[str, str]]) -> None:
+        for row in report.failure_rows(server_round, failures):
+            self.echo(row)
 
     # --- the summary --------------------------------------------------------------------------------
     def write_summary(self, state: FederationState, finished: bool) -> RunSummary:
@@ -231,7 +258,7 @@ class Recorder:
             initial_test_accuracy=tests["initial"].accuracy if "initial" in tests else None,
             test_examples=best.examples if best else 0, test_failures=self.test_failures,
             resumed_after_rounds=tuple(state.resumed_after), cost=self._cost(state, test_usage),
-            client_llms=dict(sorted(self.client_llms.items())), server_llm=s.server_llm, simulated=s.simulated,
+            client_llms=dict(sorted(self.client_llms.items())), server_llm=s.server_llm, simulated=self.simulated,
             seconds=self.seconds_before + (time.monotonic() - self.opened),
         )
         self.folder.write_summary(summary)
@@ -274,6 +301,16 @@ class Recorder:
 
     def remember_llms(self, evaluations: Sequence[ClientEvaluation]) -> None:
         self.client_llms.update({e.label: e.reply.llm for e in evaluations})
+        self.client_simulated.update({e.label: e.reply.simulated for e in evaluations})
+
+    @property
+    def simulated(self) -> bool:
+        """Whether any number of this run comes from the simulated LLM: the server's own LLM as set,
+        the clients' as they reported them (before any reply, as the run config says)."""
+        s = self.settings
+        if not self.client_simulated:
+            return s.simulated
+        return any(self.client_simulated.values()) or (s.server_llm_used and s.server.backend == "sim")
 
     def _draw_figures(self, state: FederationState) -> None:
         """Draw the figures in the background, while the next round waits on its clients: drawing takes
@@ -291,7 +328,7 @@ class Recorder:
             self._drawing = None
 
     def _draw(self, rounds: list[RoundRecord], initial_accuracy: float | None) -> None:
-        title, sim = self.path.name, self.settings.simulated
+        title, sim = self.path.name, self.simulated
         try:
             figures.plot_accuracy(rounds, self.path / "accuracy.png", initial_accuracy, title, sim)
         except Exception as exc:  # a figure must never cost the run its results

@@ -528,7 +528,8 @@ class MlflowTracker:
 
     def _finish(self, summary: RunSummary, run_folder: Path) -> None:
         assert self.run_id is not None
-        tags: dict[str, object] = {"client_llms": ", ".join(sorted(set(summary.client_llms.values())))}
+        tags: dict[str, object] = {"client_llms": ", ".join(sorted(set(summary.client_llms.values()))),
+                                   "simulated": summary.simulated}  # as the clients reported their LLMs
         if summary.error:
             tags["error"] = summary.error
         self.store.log(self.run_id, summary_metrics(summary), step=summary.rounds, tags=tags)

@@ -13,6 +13,12 @@ latency, and reports from what the run itself left on disk and from sampling /pr
   from /proc/PID/smaps_rollup) and of RSS (which counts shared pages once per process,
   so it overstates), sampled every 0.25 s;
 - the largest number of Ray ClientApp actors alive at once: how many clients run at once;
+- CPU seconds by process kind (from /proc/PID/stat, the last value seen of each process): the
+  simulation process (``flwr-simulation``: the ServerApp, Flower's simulation engine and Ray's
+  driver), the Ray ClientApp actors (the clients' own work), and the rest (SuperLink, Ray's
+  services); and the server's cost per reply: the simulation process's CPU seconds over the
+  replies of the run (every phase asks every client: the start prompt's evaluation, training
+  and evaluation per round, one test per distinct prompt of ``test-prompts``);
 - the merged prompt's length (chars and tokens) per round, what the budget dropped, and
   the largest summariser input (tokens) against `merge-token-budget`.
 
@@ -20,7 +26,12 @@ Each run holds /tmp/fedtextgrad-flwr.lock (flock) from before `flwr run` until i
 SuperLink is stopped, and its SuperLink listens on ports of its own (39191/39193, see
 SUPERLINK_PORTS), so it neither collides with nor is captured by another user's SuperLink.
 
+The synthetic data holds ``clients * batch-size / 0.2`` examples (at least 250), at most 100,000
+(the setting's limit): beyond 6,666 clients at batch 3 each client holds fewer training examples
+than a batch, and the benchmark lowers the batch to what they hold (2 at 10,000 clients), saying so.
+
     python -m tests.benchmarks.bench_scale --clients 10,30,100 --rounds 3 --merges concat,summarize-uid
+    python -m tests.benchmarks.bench_scale --clients 100,1000,10000 --merges summarize-uid --timeout 2400
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ SUPERLINK_PORTS = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": 39191, "FLWR_LOCAL_CONT
 SAMPLE_SECONDS = 0.25
 TRAIN_SHARE = 0.2  # synthetic data: 20 % of the examples are training examples
 MAX_TIMELINE = 400  # output lines kept, with their times, in the JSON file
+MAX_SYNTHETIC = 100_000  # the largest synthetic-size the settings accept
 
 
 # --- processes ----------------------------------------------------------------------------
@@ -94,6 +106,24 @@ def _tree(roots: list[int], parents: dict[int, int]) -> set[int]:
     return found
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of one process, in clock ticks; None once it has gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kind(command: str) -> str:
+    if "flwr-simulation" in command:
+        return "simulation"
+    if "ClientAppActor" in command:
+        return "client_actors"
+    return "other"
+
+
 def _memory_kb(pid: int) -> tuple[int, int]:
     """(RSS, PSS) of one process in kB; (0, 0) once it has gone."""
     rss = pss = 0
@@ -121,6 +151,7 @@ class Sampler:
     peak_processes: int = 0
     peak_actors: int = 0
     initial_done_at: float | None = None
+    cpu_ticks: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (kind, utime + stime)
     round_done_at: list[float] = field(default_factory=list)
     seen_pids: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -144,6 +175,9 @@ class Sampler:
         for pid in pids:
             r, p = _memory_kb(pid)
             rss, pss = rss + r, pss + p
+            ticks = _cpu_ticks(pid)
+            if ticks is not None:
+                self.cpu_ticks[pid] = (_kind(cmdline(pid)), ticks)
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
         self.peak_processes = max(self.peak_processes, len(pids))
@@ -185,6 +219,7 @@ class RunPlan:
     local_steps: int
     batch_size: int
     timeout: float
+    test_prompts: str = "best,last,initial"
 
     def federation_config(self) -> str:
         parts = [f"num-supernodes={self.clients}", f"client-resources-num-cpus={self.num_cpus}"]
@@ -196,7 +231,7 @@ class RunPlan:
         return (f"results-dir='{results_dir}' run-name='scale' merge='{self.merge}' "
                 f"num-server-rounds={self.rounds} merge-token-budget={self.token_budget} "
                 f"synthetic-size={self.synthetic_size} local-steps={self.local_steps} "
-                f"batch-size={self.batch_size} min-train-clients={self.clients}")
+                f"batch-size={self.batch_size} min-train-clients={self.clients} test-prompts='{self.test_prompts}'")
 
     def command(self, results_dir: Path) -> list[str]:
         return ["flwr", "run", ".", "local", "--stream", "--federation-config", self.federation_config(),
@@ -281,6 +316,15 @@ def summarise(plan: RunPlan, run_dir: Path, sampler: Sampler, wall: float, waite
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()] \
         if (run_dir / "rounds.jsonl").exists() else []
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = {"simulation": 0.0, "client_actors": 0.0, "other": 0.0}
+    for kind, ticks in sampler.cpu_ticks.values():
+        cpu[kind] += ticks / tick
+    prompts = {"best": summary.get("best_prompt"), "last": summary.get("final_prompt"),
+               "initial": summary.get("initial_prompt")}
+    tested = {prompts[name] for name in plan.test_prompts.split(",") if prompts.get(name) is not None}
+    phases = 1 + 2 * len(rounds) + len(tested) if summary.get("finished") else None
+    replies = plan.clients * phases if phases else None
     per_round = []
     for line, seconds in zip(rounds, _round_seconds(sampler) + [None] * len(rounds)):
         record = RoundRecord.from_json(line)
@@ -316,6 +360,10 @@ def summarise(plan: RunPlan, run_dir: Path, sampler: Sampler, wall: float, waite
         "peak_rss_mb": sampler.peak_rss_kb / 1024,
         "peak_processes": sampler.peak_processes,
         "peak_client_actors": sampler.peak_actors,
+        "cpu_seconds": cpu,
+        "replies": replies,
+        "server_ms_per_reply": 1000 * cpu["simulation"] / replies if replies else None,
+        "client_ms_per_reply": 1000 * cpu["client_actors"] / replies if replies else None,
         "initial_val_accuracy": summary.get("initial_val_accuracy"),
         "best_val_accuracy": summary.get("best_val_accuracy"),
         "rounds": per_round,
@@ -346,6 +394,11 @@ def print_table(results: list[dict]) -> None:
               f"{(str(max(largest)) if largest else '-') + '/' + str(budget):>15} "
               f"{'/'.join(_fmt(x['summariser_calls']) for x in rounds):>9} "
               f"{'/'.join(str(x['dropped_sentences']) for x in rounds):>9}")
+        cpu = r["cpu_seconds"]
+        print(f"        CPU s: simulation process {cpu['simulation']:.1f}, client actors {cpu['client_actors']:.1f}, "
+              f"other {cpu['other']:.1f}; {_fmt(r['replies'])} replies: server "
+              f"{_fmt(r['server_ms_per_reply'], '.2f')} ms/reply, clients {_fmt(r['client_ms_per_reply'], '.2f')} "
+              f"ms/reply")
         if r["error"]:
             print(f"        error: {r['error'][:300]}")
     print("s/round, merged chars/tok, calls, dropped: one value per round. max in: the largest summariser "
@@ -366,6 +419,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="examples per task; 0: enough for --batch-size training examples per client, at least 250")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--test-prompts", default="best,last,initial", help="the run's test-prompts")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before one flwr run is killed")
     parser.add_argument("--app-dir", default=str(ROOT), help="the Flower app to run (default: this project)")
     parser.add_argument("--out", default="tests/benchmarks/bench_scale.json")
@@ -373,10 +427,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     results = []
     for clients in [int(c) for c in args.clients.split(",")]:
-        size = args.synthetic_size or max(250, math.ceil(clients * args.batch_size / TRAIN_SHARE))
+        size = args.synthetic_size or min(MAX_SYNTHETIC, max(250, math.ceil(clients * args.batch_size / TRAIN_SHARE)))
+        # at most MAX_SYNTHETIC examples: with many clients, each holds fewer training examples than a batch
+        batch = max(1, min(args.batch_size, math.floor(size * TRAIN_SHARE) // clients))
+        if batch != args.batch_size:
+            print(f"[{clients} clients] batch-size {batch} instead of {args.batch_size}: synthetic-size {size} "
+                  f"leaves {math.floor(size * TRAIN_SHARE) // clients} training example(s) per client", flush=True)
         for merge in [m.strip() for m in args.merges.split(",") if m.strip()]:
             plan = RunPlan(clients, merge, args.rounds, args.num_cpus, args.init_cpus, args.token_budget, size,
-                           args.local_steps, args.batch_size, args.timeout)
+                           args.local_steps, batch, args.timeout, args.test_prompts)
             with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
                 result = run_once(plan, Path(tmp), Path(args.app_dir))
             print(f"[{clients} clients, {merge}] {result['wall_seconds']:.1f} s, finished={result['finished']}"

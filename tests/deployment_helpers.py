@@ -272,6 +272,13 @@ class Deployment:
         return pids + [child for pid in pids for child in descendants(pid)]
 
 
+def own_deployment(tmp_path_factory, name: str):
+    """A fixture's body: a ``Deployment`` in its own temporary folder, all it started stopped afterwards."""
+    deployment = Deployment(tmp_path_factory.mktemp(name))
+    yield deployment
+    deployment.stop_all()
+
+
 def read_results(run_dir: Path) -> tuple[dict, list[dict]]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]

@@ -56,6 +56,7 @@ from tests.deployment_helpers import (
     descendants,
     free_ports,
     kill_pids,
+    own_deployment,
     read_results,
     serves_models,
     wait_until,
@@ -500,9 +501,7 @@ class TestWalkthrough:
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-    deployment = Deployment(tmp_path_factory.mktemp("walkthrough-offline"))
-    yield deployment
-    deployment.stop_all()
+    yield from own_deployment(tmp_path_factory, "walkthrough-offline")
 
 
 class TestScriptChecks:

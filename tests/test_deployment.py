@@ -45,6 +45,7 @@ from tests.deployment_helpers import (
     descendants,
     free_ports,
     kill_pids,
+    own_deployment,
     read_results,
     wait_until,
 )
@@ -313,9 +314,7 @@ class TestNodesClaimingTheSamePartition:
 
 @pytest.fixture(scope="class")
 def offline(tmp_path_factory):
-    deployment = Deployment(tmp_path_factory.mktemp("offline"))
-    yield deployment
-    deployment.stop_all()
+    yield from own_deployment(tmp_path_factory, "offline")
 
 
 class TestStartChecks:

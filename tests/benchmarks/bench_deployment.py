@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.benchmarks.periodic import Periodic
 from tests.deployment_helpers import ROOT, Deployment, alive, cmdline, descendants, free_ports, wait_until
 from tests.simulation_helpers import flwr_env, stop_superlinks
 
@@ -49,7 +50,7 @@ NODE_EVENTS = (("Receiving: ", "message received from the SuperLink"), ("Sending
 
 
 @dataclass
-class Watcher:
+class Watcher(Periodic):
     """Timestamps new SuperNode log lines and the app processes below the deployment, until stopped."""
 
     logs: dict[str, Path]  # node name -> its log file
@@ -58,19 +59,11 @@ class Watcher:
     processes: dict[int, list] = field(default_factory=dict)  # pid -> [kind, parent name, first, last seen]
     _offsets: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
+    interval = SAMPLE_SECONDS
 
     def __post_init__(self) -> None:
         for name, path in self.logs.items():  # only what is logged from now on
             self._offsets[name] = path.stat().st_size if path.exists() else 0
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(SAMPLE_SECONDS)
-        self.sample()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def sample(self) -> None:
         now = time.time()

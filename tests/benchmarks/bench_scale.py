@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedtextgrad_core.run.records import RoundRecord
+from tests.benchmarks.periodic import Periodic
 from tests.deployment_helpers import cmdline
 from tests.simulation_helpers import stop_superlinks
 
@@ -139,7 +140,7 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 
 
 @dataclass
-class Sampler:
+class Sampler(Periodic):
     """Samples the run's processes and its results folder until stopped."""
 
     flwr_home: Path
@@ -155,15 +156,7 @@ class Sampler:
     round_done_at: list[float] = field(default_factory=list)
     seen_pids: set[int] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(SAMPLE_SECONDS)
-        self.sample()
-
-    def stop(self) -> None:
-        self._stop.set()
+    interval = SAMPLE_SECONDS
 
     def sample(self) -> None:
         parents = _parents()

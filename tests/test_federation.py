@@ -369,3 +369,8 @@ def test_report_rows() -> None:
     merged = report.merged_row(1, "concat", 0.6, 34, 0.7, "p" * 42, 3.0)
     assert "merged (concat)" in merged and "60.0% (34)" in merged and "best 70.0%" in merged and "42" in merged
     assert "-" in report.merged_row(1, "concat", None, 0, None, "p", 0.0)
+
+
+def test_a_client_that_trained_in_milliseconds_does_not_show_zero_seconds():
+    assert report.secs(0.0045) == "0.004" and report.secs(0.25) == "0.2" and report.secs(12.34) == "12.3"
+    assert report.secs(0.0) == "0.0"  # nothing measured (e.g. an old run folder) stays as it was

@@ -28,6 +28,12 @@ COLUMNS = (
 )
 
 
+def secs(seconds: float) -> str:
+    """Seconds for the table: tenths, or milliseconds below a tenth (the in-process simulator trains
+    a client in a few ms, which tenths would show as 0.0)."""
+    return f"{seconds:.1f}" if seconds >= 0.1 or seconds == 0 else f"{seconds:.3f}"
+
+
 def percent(value: object) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}%"  # type: ignore[arg-type]
 
@@ -54,7 +60,7 @@ def client_row(server_round: int, label: str, reply: TrainReply) -> str:
         f"{percent(local.batch_accuracy_before)}>{percent(local.batch_accuracy_after)}",
         accuracy_of(val.accuracy, val.total) if val is not None else "-",
         f"{local.steps_accepted}/{local.steps}",
-        local.llm_calls, local.llm_retries, local.prompt_tokens + local.completion_tokens, f"{seconds:.1f}",
+        local.llm_calls, local.llm_retries, local.prompt_tokens + local.completion_tokens, secs(seconds),
         len(reply.prompt),
     ])
 
@@ -67,7 +73,7 @@ def merged_row(server_round: int, method: str, val_accuracy: float | None, examp
                prompt: str, seconds: float) -> str:
     return _row([
         server_round, f"merged ({method})", "", accuracy_of(val_accuracy, examples), f"best {percent(best)}",
-        "", "", "", f"{seconds:.1f}", len(prompt),
+        "", "", "", secs(seconds), len(prompt),
     ])
 
 
@@ -106,7 +112,7 @@ def summary_rows(server_round: int, replies: Sequence[TrainReply]) -> list[str]:
         rows.append(_row([
             server_round, f"{count} clients: {name}", f"{percent(before)}>{percent(after)}", percent(val),
             f"{_number(kept)}/{_number(steps)}", _number(calls), _number(retries), _number(tokens),
-            "-" if seconds is None else f"{seconds:.1f}", _number(chars),
+            "-" if seconds is None else secs(seconds), _number(chars),
         ]))
     return rows
 

@@ -27,7 +27,7 @@ def header(settings: RunSettings) -> str:
     s = settings
     return (f"FedTextGrad: {s.num_rounds} round(s), task {', '.join(s.tasks)} ({s.partitioning}), merge {s.merge}, "
             f"{s.local.steps} local step(s) of batch {s.local.batch_size}, keep rule {s.local.keep_rule}, loss {s.loss}, "
-            f"client LLM {s.forward.describe()} (a SuperNode's node config may set its own), server LLM {s.server_llm}")
+            f"client LLM {s.forward.describe()} unless a node sets its own, server LLM {s.server_llm}")
 
 
 @dataclass

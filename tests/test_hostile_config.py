@@ -38,6 +38,8 @@ from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest
 from fedtextgrad_core.run.settings import RunSettings, client_settings
 from tests.flower_loopback import default_run_config
 
+pytestmark = pytest.mark.slow  # thousands of generated inputs (~15 s a module): the full suite, not the quick loop
+
 RUN_CONFIG = default_run_config()
 RUN_KEYS = sorted(RUN_CONFIG)
 # Keys a node config may override: the schema's node keys, every one of them declared in pyproject.

@@ -29,6 +29,8 @@ from fedtextgrad_core.data.tasks import TASKS, get_task
 from fedtextgrad_core.errors import ConfigError, DataError
 from tests import SHARED_DATA
 
+pytestmark = pytest.mark.slow  # thousands of generated inputs (~15 s a module): the full suite, not the quick loop
+
 FIVE_MB = 5 * 1024 * 1024
 MEGABYTE = 1024 * 1024
 # Generous for a loaded 2-core machine; a catastrophic regex would take minutes, not seconds.

@@ -135,7 +135,6 @@ class Federation:
         self.merger = merger
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
-        self.rounds: list[RoundRecord] = []  # the rounds this run finished, as recorded
         self._code_warned: set[int] = set()
 
     def run(self) -> RunSummary:
@@ -215,7 +214,6 @@ class Federation:
             started_at=started_at, ended_at=time.time(),
         )
         self.recorder.round_done(record, self.state)
-        self.rounds.append(record)
         return Ahead(sent, 1, *clock) if sent.replay is not None else None
 
     def replay(self, ahead: Ahead) -> None:
@@ -318,9 +316,6 @@ class Federation:
     def failures(self, replies: Replies, phase: Phase) -> list[Failure]:
         return [Failure(self.labels.label(client.node_id), STAGES[phase], reason, client.node_id)
                 for client, reason in replies.failures]
-
-    def evaluate(self, phase: Phase, server_round: int, prompt: str) -> tuple[list[ClientEvaluation], list[Failure]]:
-        return self.evaluations(phase, server_round, self.ask(phase, server_round, prompt))
 
     def evaluations(self, phase: Phase, server_round: int,
                     replies: Replies) -> tuple[list[ClientEvaluation], list[Failure]]:

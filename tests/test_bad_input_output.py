@@ -1,10 +1,11 @@
 """What a user sees for bad input: one line naming the setting, file or option, the value and what is
 accepted, and no traceback, in `flwr run`'s own output and on the command line.
 
-Each `flwr run` case is a real Flower simulation (its own FLWR_HOME and SuperLink ports); the
-output checked is everything `flwr run --stream` printed. After our line Flower adds its own report
-of a failed run ("Simulation raised an exception", "Exit Code: 700" and a link), which this project
-cannot change; the test checks that no Python traceback is among it.
+Each case is its own `flwr run` (a real Flower simulation) on this module's SuperLink (its own
+FLWR_HOME and ports), a few at a time; the output checked is everything `flwr run --stream`
+printed. After our line Flower adds its own report of a failed run ("Simulation raised an
+exception", "Exit Code: 700" and a link), which this project cannot change; the test checks that
+no Python traceback is among it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -101,19 +104,45 @@ CLIENT_SIDE = [
 ]
 
 
+CASES = SETTINGS + CLIENT_SIDE
+CONCURRENT_RUNS = 4  # each case mostly waits on Flower (Ray starting and stopping), so a few overlap well
+
+
+@dataclass(frozen=True)
+class CaseRun:
+    folder: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def case_runs(flwr_home, tmp_path_factory) -> dict[str, CaseRun]:
+    """Every case's `flwr run`, a few at a time on the module's SuperLink: the first alone (it starts
+    the SuperLink), then the rest in parallel. Each is still its own run with its own output."""
+    folders = {name: tmp_path_factory.mktemp(name) for name, _, _ in CASES}
+
+    def run(case: tuple) -> str:
+        name, config, _ = case
+        text = config(folders[name])
+        results = folders[name] / "results"
+        return flwr_run(flwr_home, f"results-dir='{results}' {text}" if "results-dir" not in text else text)
+
+    outputs = {CASES[0][0]: run(CASES[0])}
+    with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
+        outputs.update(zip([c[0] for c in CASES[1:]], pool.map(run, CASES[1:])))
+    return {name: CaseRun(folders[name], outputs[name]) for name in folders}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", SETTINGS + CLIENT_SIDE, ids=[c[0] for c in SETTINGS + CLIENT_SIDE])
-def test_bad_input_under_flwr_run_is_one_line_without_a_traceback(flwr_home, tmp_path, case) -> None:
-    _, config, expected = case
-    text = config(tmp_path)
-    results = tmp_path / "results"
-    output = flwr_run(flwr_home, f"results-dir='{results}' {text}" if "results-dir" not in text else text)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_under_flwr_run_is_one_line_without_a_traceback(case_runs, case) -> None:
+    name, _, expected = case
+    folder, output = case_runs[name].folder, case_runs[name].output
     if "{}" in expected:
-        expected = expected.replace("{}", str(tmp_path / "nowhere"))
+        expected = expected.replace("{}", str(folder / "nowhere"))
     lines = [line for line in output.splitlines() if expected in line]
     assert len(lines) == 1, output[-4000:]
     no_traceback(output)
-    for summary in results.glob("*/summary.json"):  # a run that opened its folder says the same there
+    for summary in (folder / "results").glob("*/summary.json"):  # a run that opened its folder says the same there
         assert expected.removeprefix(STOPPED) in json.loads(summary.read_text())["error"] or \
             expected in json.loads(summary.read_text())["error"]
 

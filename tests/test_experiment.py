@@ -61,12 +61,13 @@ def grid_processes(out: Path) -> list[int]:
     return found
 
 
-def test_a_grid_runs_every_cell_resumes_after_an_interruption_and_writes_its_table(tmp_path):
+def test_a_grid_runs_every_cell_resumes_after_an_interruption_and_writes_its_table(tmp_path, monkeypatch):
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(GRID)
     out = tmp_path / "out"
+    tracking = ("--tracker", "mlflow", "--tracking-uri", str(tmp_path / "mlruns"))
     # first run: stopped (SIGTERM) once the second cell has finished its first round
-    first = experiment(str(grid_file), "--out", str(out))
+    first = experiment(str(grid_file), "--out", str(out), *tracking)
     second_cell = out / "runs" / "partitioning-homogeneous__merge-summarize-uid"
     try:
         assert wait_until(lambda: first.poll() is not None or ((second_cell / "rounds.jsonl").exists()
@@ -89,7 +90,7 @@ def test_a_grid_runs_every_cell_resumes_after_an_interruption_and_writes_its_tab
     assert first_summary["finished"] is False
 
     # second run: the finished cell is skipped, the interrupted one continues from its checkpoint
-    again = experiment(str(grid_file), "--out", str(out))
+    again = experiment(str(grid_file), "--out", str(out), *tracking)
     output, _ = again.communicate(timeout=900)
     assert again.returncode == 0, output[-3000:]
     assert "cell 1/2 (partitioning=homogeneous merge=concat): already finished" in output
@@ -109,6 +110,21 @@ def test_a_grid_runs_every_cell_resumes_after_an_interruption_and_writes_its_tab
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "logs").iterdir()) == [
         "partitioning-homogeneous__merge-concat.log", "partitioning-homogeneous__merge-summarize-uid.log"]
+
+    # tracking: one MLflow run per federation, the interrupted one continued, under one parent for the grid
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("fedtextgrad").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "experiment-grid"]
+    assert len(runs) == 3 and len(parents) == 1 and parents[0].info.status == "FINISHED", [r.info for r in runs]
+    children = {r.info.run_name: r for r in runs if r not in parents}
+    assert set(children) == {"partitioning-homogeneous__merge-concat", "partitioning-homogeneous__merge-summarize-uid"}
+    for child in children.values():
+        assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    resumed = children["partitioning-homogeneous__merge-summarize-uid"].info.run_id
+    assert {m.step for m in client.get_metric_history(resumed, "val_accuracy")} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("text, says", [

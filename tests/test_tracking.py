@@ -323,6 +323,62 @@ def test_sqlite_store_with_a_parent_a_failed_and_a_finished_child(federation, tm
     assert {r.info.run_id for r in children} == {failed.run_id, finished.run_id}
 
 
+@needs_mlflow
+@pytest.mark.slow
+def test_a_resumed_federation_and_grid_continue_their_own_mlflow_runs(federation, tmp_path, monkeypatch):
+    """Killed after round 1 (its run left RUNNING), then resumed: one MLflow run holds every
+    round and ends FINISHED. The grid's parent is continued the same way; another experiment
+    or store gets a run of its own."""
+    import dataclasses
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/tracking.db"
+    folder = tmp_path / "run"
+    shutil.copytree(federation.folder, folder)
+    grid_out = tmp_path / "grid-out"
+    grid_out.mkdir()
+    lines: list[str] = []
+
+    parent = start_parent(uri, "grid", "cpu", {"grid": "cpu.toml"}, lines.append, folder=grid_out)
+    first = MlflowTracker(uri, "grid", parent or "", echo=lines.append)
+    first.start(federation.settings, federation.run_config, folder)
+    first.log_initial(federation.summary.initial_val_accuracy)
+    first.log_round(federation.rounds[0])  # ... and the process is killed here
+    finish_parent(uri, parent, "KILLED", None, lines.append)
+
+    again = start_parent(uri, "grid", "cpu", {"grid": "cpu.toml"}, lines.append, folder=grid_out)
+    assert again == parent
+    resumed_settings = dataclasses.replace(federation.settings, resume_from=str(folder))
+    second = MlflowTracker(uri, "grid", again or "", echo=lines.append)
+    second.start(resumed_settings, {**federation.run_config, "resume-from": str(folder)}, folder)
+    assert second.run_id == first.run_id
+    assert lines[-1] == f"tracking: MLflow run {first.run_id} (resumed) in experiment 'grid' at {uri}", lines
+    second.log_round(federation.rounds[1])
+    second.finish(federation.summary, folder)
+    finish_parent(uri, again, "FINISHED", None, lines.append)
+
+    client = reader(uri, monkeypatch)
+    experiment = client.get_experiment_by_name("grid").experiment_id
+    runs = client.search_runs([experiment])
+    assert {r.info.run_id for r in runs} == {parent, first.run_id}
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+    assert history(client, first.run_id, "val_accuracy").keys() == {0, 1, 2}
+    assert run.data.params["resume-from"] == ""  # the params stay those the run started with
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    # a resume into another experiment (or store) cannot continue that run: it starts its own
+    elsewhere = MlflowTracker(uri, "other", echo=lines.append)
+    elsewhere.start(resumed_settings, federation.run_config, folder)
+    assert elsewhere.run_id not in (None, first.run_id)
+    # and a run that is not a resume never continues one, even in the same folder
+    fresh = MlflowTracker(uri, "other", echo=lines.append)
+    fresh.start(federation.settings, federation.run_config, folder)
+    assert fresh.run_id not in (None, elsewhere.run_id)
+    assert not [line for line in lines if "failed" in line], lines
+
+
 # --- stores that cannot be used -----------------------------------------------------------------------
 
 

@@ -36,10 +36,18 @@ What is logged (names as they appear in MLflow):
 * artifacts: ``prompts/round-NNN-merged.txt`` as each round ends, ``prompts/best.txt``
   at the end, and the whole run folder (config, rounds, summary, prompts, figures) at
   the end or when the run stops; the status is then ``FINISHED`` or ``FAILED``.
+
+A resumed federation (``resume-from``) continues its own MLflow run, as MLflow's
+``start_run(run_id=...)`` convention has it: the run's id is kept in the run folder
+(``RUN_ID_FILE``), and a resume into the same store and experiment sets that run back to
+``RUNNING`` and logs the remaining rounds into it, so a federation stays one MLflow run
+however often it was interrupted. A grid keeps its parent run the same way, in its output
+folder. (A process killed outright cannot end its run: it shows ``RUNNING`` until resumed.)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -64,6 +72,7 @@ Echo = Callable[[str], None]
 TRACKERS = ("none", "mlflow")
 DEFAULT_EXPERIMENT = "fedtextgrad"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+RUN_ID_FILE = "mlflow-run.json"  # in a run folder (or a grid's output folder): the MLflow run to resume
 
 # How long one MLflow call may take against an http(s):// tracking server. MLflow's own
 # defaults (120 s per request, 7 retries with exponential back-off) add up to many minutes
@@ -348,6 +357,32 @@ class _Store:
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def remember(self, folder: Path, run_id: str, experiment_id: str) -> None:
+        """Keep the run's id in ``folder``, for a resume to find."""
+        record = {"run_id": run_id, "tracking_uri": self.uri, "experiment_id": experiment_id}
+        (folder / RUN_ID_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    def reopen(self, folder: Path, experiment_id: str) -> str | None:
+        """The run remembered in ``folder``, set back to RUNNING, if it is in this store and
+        experiment and not deleted; None otherwise (a new run is made then)."""
+        try:
+            record = json.loads((folder / RUN_ID_FILE).read_text(encoding="utf-8"))
+            run_id = str(record["run_id"])
+            if record.get("tracking_uri") != self.uri or str(record.get("experiment_id")) != experiment_id:
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception as exc:
+            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        if run.info.lifecycle_stage != "active" or str(run.info.experiment_id) != experiment_id:
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
 
 # --- one federation, one MLflow run ------------------------------------------------------------------
 
@@ -480,12 +515,20 @@ class MlflowTracker:
         store = self.store
         store.open()
         with store.bounded():
-            self._create_run(settings, run_config, run_folder)
-        self.echo(f"tracking: MLflow run {self.run_id} in experiment '{self.experiment}' at {store.shown}")
+            experiment_id = store.experiment_id(self.experiment)
+            resumed = store.reopen(run_folder, experiment_id) if settings.resume_from else None
+            if resumed:
+                self.run_id = resumed
+            else:
+                self._create_run(settings, run_config, run_folder, experiment_id)
+                assert self.run_id is not None
+                store.remember(run_folder, self.run_id, experiment_id)
+        self.echo(f"tracking: MLflow run {self.run_id}{' (resumed)' if resumed else ''} in experiment "
+                  f"'{self.experiment}' at {store.shown}")
 
-    def _create_run(self, settings: RunSettings, run_config: Mapping[str, object], run_folder: Path) -> None:
+    def _create_run(self, settings: RunSettings, run_config: Mapping[str, object], run_folder: Path,
+                    experiment_id: str) -> None:
         store = self.store
-        experiment_id = store.experiment_id(self.experiment)
         tags: dict[str, object] = {
             "task": ",".join(settings.tasks),
             "partitioning": settings.partitioning,
@@ -550,17 +593,23 @@ class MlflowTracker:
 
 
 def start_parent(uri: str, experiment: str, name: str, params: Mapping[str, object],
-                 echo: Echo = print) -> str | None:
+                 echo: Echo = print, folder: Path | None = None) -> str | None:
     """A parent run for an experiment grid (each cell's federation becomes its child through
-    ``tracking-parent-run``); its id, or None when MLflow cannot be used (said in one line)."""
+    ``tracking-parent-run``); its id, or None when MLflow cannot be used (said in one line).
+    With ``folder`` (the grid's output folder) the parent of an earlier, interrupted run of
+    the grid is continued instead of starting another."""
     store = _Store(uri)
     try:
         store.open()
         with store.bounded():
             experiment_id = store.experiment_id(experiment.strip() or DEFAULT_EXPERIMENT)
-            run = store.client.create_run(experiment_id, run_name=name, tags={"kind": "experiment-grid"})
-            run_id = str(run.info.run_id)
-            store.log(run_id, params=params)
+            run_id = store.reopen(folder, experiment_id) if folder is not None else None
+            if run_id is None:
+                run = store.client.create_run(experiment_id, run_name=name, tags={"kind": "experiment-grid"})
+                run_id = str(run.info.run_id)
+                store.log(run_id, params=params)
+                if folder is not None:
+                    store.remember(folder, run_id, experiment_id)
     except Exception as exc:
         echo(f"tracking: MLflow at {store.shown} failed ({_reason(exc, store)}); the grid goes on without "
              f"tracking")

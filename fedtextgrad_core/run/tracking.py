@@ -357,6 +357,16 @@ class _Store:
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def find_run(self, run_id: str) -> Any:
+        """The MLflow run ``run_id``, or None for an unknown or malformed id; any other error is
+        the store's, and is raised (the caller reports it as a tracking failure)."""
+        try:
+            return self.client.get_run(run_id)
+        except Exception as exc:
+            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
     def remember(self, folder: Path, run_id: str, experiment_id: str) -> None:
         """Keep the run's id in ``folder``, for a resume to find."""
         record = {"run_id": run_id, "tracking_uri": self.uri, "experiment_id": experiment_id}
@@ -372,13 +382,8 @@ class _Store:
                 return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        try:
-            run = self.client.get_run(run_id)
-        except Exception as exc:
-            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
-        if run.info.lifecycle_stage != "active" or str(run.info.experiment_id) != experiment_id:
+        run = self.find_run(run_id)
+        if run is None or run.info.lifecycle_stage != "active" or str(run.info.experiment_id) != experiment_id:
             return None
         self.client.update_run(run_id, status="RUNNING")
         return run_id
@@ -539,7 +544,7 @@ class MlflowTracker:
             "results_folder": str(run_folder),
         }
         if self.parent_run_id:
-            if self._parent_exists():
+            if self.store.find_run(self.parent_run_id) is not None:
                 tags["mlflow.parentRunId"] = self.parent_run_id
             else:
                 self.echo(f"tracking: parent run {self.parent_run_id} is not in {store.shown}; this run is "
@@ -549,16 +554,6 @@ class MlflowTracker:
                                             for name, value in tags.items()})
         self.run_id = str(run.info.run_id)
         store.log(self.run_id, params=dict(run_config))
-
-    def _parent_exists(self) -> bool:
-        try:
-            self.store.client.get_run(self.parent_run_id)
-        except Exception as exc:
-            # an unknown or malformed id; any other error is the store's, reported as a tracking failure
-            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return False
-            raise
-        return True
 
     def _log_initial(self, accuracy: float | None) -> None:
         assert self.run_id is not None

@@ -39,3 +39,16 @@ def flwr_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
     yield home
     stop_superlinks(home)
+
+
+# The longest modules first. Under `pytest -n N --dist loadscope` (the README's test line) xdist
+# hands out whole modules (a class of test_deployment.py each) in collection order, so a long one
+# collected late would run alone at the end while the other workers sit idle.
+LONG_FIRST = ("test_real_llm", "test_deployment", "test_bad_input_output", "test_deploy_walkthrough", "test_compose",
+              "test_experiment", "test_constraints", "test_resume_simulation", "test_e2e_simulation")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py"),
+                                         len(rank)))

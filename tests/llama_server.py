@@ -9,8 +9,12 @@ process dies (it watches a pipe only the parent holds), so a killed test run doe
 a server behind eating one of the two cores.
 
 Settings, and why:
-- 2 threads, the machine's cores: the test process mostly waits on the server (the real-model
-  federation test: 87 s against 139 s with 1 thread on an idle 2-core machine).
+- 2 threads, the machine's cores, when the suite runs one test at a time: the test process mostly
+  waits on the server (the real-model federation test: 87 s against 139 s with 1 thread on an
+  idle 2-core machine). 1 thread under pytest-xdist (``PYTEST_XDIST_WORKER`` set: other modules
+  run beside this one): llama.cpp's threads wait for each other at every step, so one of two
+  threads losing its core stalls both (the same test with two busy loops beside it: 242 s with
+  2 threads, 139 s with 1).
 - ``N_CTX`` 4096 tokens of context per slot: TextGrad's feedback and rewrite prompts carry
   long templates plus the question, the reply and the feedback (measured ~1,000 prompt
   tokens at batch 1 / max_tokens 64, 1,811 at batch 2 / 256), and the server answers HTTP
@@ -33,6 +37,7 @@ accepts ``echo: true`` but ignores it; logprobs cover generated tokens only (see
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -45,7 +50,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
 N_CTX = 4096  # per slot
 PARALLEL = 2
-THREADS = 2
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 START_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 5.0
 

@@ -1,11 +1,16 @@
 """What a user sees for bad input: one line naming the setting, file or option, the value and what is
 accepted, and no traceback, in `flwr run`'s own output and on the command line.
 
-Each case is its own `flwr run` (a real Flower simulation) on this module's SuperLink (its own
-FLWR_HOME and ports), a few at a time; the output checked is everything `flwr run --stream`
-printed. After our line Flower adds its own report of a failed run ("Simulation raised an
-exception", "Exit Code: 700" and a link), which this project cannot change; the test checks that
-no Python traceback is among it.
+Every refused setting is checked through the real ServerApp's ``main`` with the run config fused
+the way `flwr run` fuses it (Flower's own parser and the app's defaults): the line it prints.
+Under `flwr run` itself (a real Flower simulation, each starting Ray: ~9 CPU-seconds a run) go
+one case of each way a run can fail at start (a setting, a setting holding a secret, the results
+folder, resume, the federation's size) and every client-side case, each its own run on this
+module's SuperLink (its own FLWR_HOME and ports), a few at a time; the output checked is
+everything `flwr run --stream` printed. A refused setting takes the same path through Flower
+whichever setting it is. After our line Flower adds its own report of a failed run
+("Simulation raised an exception", "Exit Code: 700" and a link), which this project cannot
+change; the test checks that no Python traceback is among it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flwr.app import Context, RecordDict
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
+from fedtextgrad_core.errors import ConfigError
+from server_app.server_app import main as server_main
 from tests.faulty_llm_server import closed_port
 from tests.simulation_helpers import ROOT, flwr_run
 
@@ -104,7 +113,10 @@ CLIENT_SIDE = [
 ]
 
 
-CASES = SETTINGS + CLIENT_SIDE
+# one case of each way a run fails at start, under `flwr run`; every setting case is also run in-process
+UNDER_FLWR_RUN = ("unknown-merge", "key-pasted", "results-dir-pseudo-fs", "resume-nothing", "more-clients-than-nodes",
+                  "sim-gsm8k")
+CASES = [case for case in SETTINGS if case[0] in UNDER_FLWR_RUN] + CLIENT_SIDE
 CONCURRENT_RUNS = 4  # each case mostly waits on Flower (Ray starting and stopping), so a few overlap well
 
 
@@ -145,6 +157,37 @@ def test_bad_input_under_flwr_run_is_one_line_without_a_traceback(case_runs, cas
     for summary in (folder / "results").glob("*/summary.json"):  # a run that opened its folder says the same there
         assert expected.removeprefix(STOPPED) in json.loads(summary.read_text())["error"] or \
             expected in json.loads(summary.read_text())["error"]
+
+
+# refused before the ServerApp asks the grid anything (the federation's size and whether the clients'
+# LLM can answer the task are checked against the connected nodes: under `flwr run` above)
+AT_START = [case for case in SETTINGS if case[0] not in ("more-clients-than-nodes", "sim-gsm8k")]
+
+
+class UnusedGrid:
+    """A grid the ServerApp must not reach: a refused setting stops the run before any message."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the ServerApp used the grid ({name}) although its settings were refused")
+
+
+@pytest.mark.parametrize("case", AT_START, ids=[c[0] for c in AT_START])
+def test_a_refused_setting_is_one_line_from_the_serverapp(case, tmp_path, capsys) -> None:
+    name, config, expected = case
+    text = config(tmp_path)
+    if "results-dir" not in text:
+        text = f"results-dir='{tmp_path / 'results'}' {text}"
+    run_config = get_fused_config_from_dir(ROOT, parse_config_args([text]))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError):
+        server_main(UnusedGrid(), context)
+    printed = capsys.readouterr()
+    expected = expected.replace("{}", str(tmp_path / "nowhere"))
+    lines = [line for line in printed.out.splitlines() if line.strip()]
+    # at most the run header (printed once the settings parse), then the one line saying why
+    assert len(lines) <= 2 and expected in lines[-1] and lines[-1].startswith(START), printed.out
+    assert [line for line in lines if "cannot start" in line] == lines[-1:] and printed.err == "", printed
+    no_traceback(printed.out)
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

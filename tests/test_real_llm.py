@@ -76,7 +76,7 @@ def test_one_federated_round_through_the_real_model(llama: LlamaServer, tmp_path
     overrides = {
         **{f"llm-{k}": v for k, v in real.items()},
         **{f"server-{k}": v for k, v in real.items()},
-        "num-server-rounds": 1, "local-steps": 2, "batch-size": 2, "synthetic-size": 20,
+        "num-server-rounds": 1, "local-steps": 1, "batch-size": 2, "synthetic-size": 20,
         "max-val-examples": 4, "max-test-examples": 4,  # 2 training examples per client, few scored
         "min-train-clients": 2, "client-val-eval": False, "merge": "summarize-uid", "test-prompts": "best",
         "constrained-updates": "auto", "llm-max-tokens": MAX_TOKENS, "llm-timeout": TIMEOUT,
@@ -105,7 +105,7 @@ def test_one_federated_round_through_the_real_model(llama: LlamaServer, tmp_path
     rewrites = well_formed = 0
     for upload in record.uploads:
         local = upload.reply.local
-        assert local.steps == 2 and local.llm_errors == 0
+        assert local.steps == 1 and local.llm_errors == 0
         assert local.prompt_tokens > 0 and local.completion_tokens > 0  # from the API's usage field
         assert local.steps_accepted + local.steps_reverted <= local.rewrites_well_formed <= local.rewrites
         assert local.rewrites_well_formed + local.malformed_updates == local.rewrites

@@ -95,17 +95,21 @@ def _start_deployment(root: Path, env_extra: dict[str, str]) -> tuple[Deployment
     deployment.env.update(env_extra)
     link_port, *node_ports = free_ports(1 + NODES)
     superlink = f"127.0.0.1:{link_port}"
-    link = deployment.start("start-superlink.sh", "superlink", "--insecure", "--port", str(link_port))
-    nodes = deployment.start_many(*[
-        ("start-supernode.sh", f"supernode-{i}", "--insecure", "--superlink", superlink, "--partition-id", str(i),
-         "--num-partitions", str(NODES), "--port", str(node_ports[i]))
-        for i in range(NODES)])
-    for node in nodes:
-        if not wait_until(lambda node=node: "SuperNode ID:" in node.log, 120, 0.2):
-            raise RuntimeError(f"{node.name} did not connect: {node.log[-2000:]}")
-    home = root / "submitter"
-    deployment.script("add-connection.sh", "--name", "bench", "--superlink", superlink, "--insecure",
-                      "--flwr-home", str(home))
+    try:  # a start that fails part-way leaves nothing running
+        link = deployment.start("start-superlink.sh", "superlink", "--insecure", "--port", str(link_port))
+        nodes = deployment.start_many(*[
+            ("start-supernode.sh", f"supernode-{i}", "--insecure", "--superlink", superlink, "--partition-id",
+             str(i), "--num-partitions", str(NODES), "--port", str(node_ports[i]))
+            for i in range(NODES)])
+        for node in nodes:
+            if not wait_until(lambda node=node: "SuperNode ID:" in node.log, 120, 0.2):
+                raise RuntimeError(f"{node.name} did not connect: {node.log[-2000:]}")
+        home = root / "submitter"
+        deployment.script("add-connection.sh", "--name", "bench", "--superlink", superlink, "--insecure",
+                          "--flwr-home", str(home))
+    except BaseException:
+        deployment.stop_all()
+        raise
     return deployment, {"link": link, "nodes": nodes, "home": home}
 
 

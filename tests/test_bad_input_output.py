@@ -173,7 +173,7 @@ class UnusedGrid:
 
 @pytest.mark.parametrize("case", AT_START, ids=[c[0] for c in AT_START])
 def test_a_refused_setting_is_one_line_from_the_serverapp(case, tmp_path, capsys) -> None:
-    name, config, expected = case
+    _, config, expected = case
     text = config(tmp_path)
     if "results-dir" not in text:
         text = f"results-dir='{tmp_path / 'results'}' {text}"

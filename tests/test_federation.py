@@ -13,6 +13,7 @@ from fedtextgrad_core.llm.engine import Usage, make_engine
 from fedtextgrad_core.method.evaluation import Scores
 from fedtextgrad_core.method.leakage import LeakCounts
 from fedtextgrad_core.method.local_training import LocalMetrics
+from fedtextgrad_core.run import recorder as recorder_module
 from fedtextgrad_core.run import report
 from fedtextgrad_core.run.federation import ClientLabels, Federation, Replies
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
@@ -374,3 +375,35 @@ def test_report_rows() -> None:
 def test_a_client_that_trained_in_milliseconds_does_not_show_zero_seconds():
     assert report.secs(0.0045) == "0.004" and report.secs(0.25) == "0.2" and report.secs(12.34) == "12.3"
     assert report.secs(0.0) == "0.0"  # nothing measured (e.g. an old run folder) stays as it was
+
+
+@pytest.mark.parametrize("redraw_every", [0.0, 3600.0])
+def test_figures_are_redrawn_at_most_every_so_often_and_are_complete_when_a_run_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redraw_every: float) -> None:
+    """A quick round does not redraw the figures (drawing holds the GIL that in-process clients
+    need); a round after REDRAW_EVERY_SECONDS does; the last round and a stopped run always do."""
+    monkeypatch.setattr(recorder_module, "REDRAW_EVERY_SECONDS", redraw_every)
+    start = start_prompt()
+    seen: dict[int, bool] = {}
+
+    def watch(request: RoundRequest) -> None:
+        if request.kind is Phase.TRAIN and request.server_round == 3:  # round 1's drawing has finished by now
+            seen[3] = (tmp_path / "run" / "accuracy.png").exists()
+
+    script = {(Phase.EVALUATE, 0): evals((3, 10), (3, 10))}
+    for server_round in (1, 2, 3):
+        script[(Phase.TRAIN, server_round)] = uploads(start)
+        script[(Phase.EVALUATE, server_round)] = evals((5, 10), (5, 10))
+    script[(Phase.TEST, 3)] = evals((5, 10), (5, 10))
+    fed = make_federation(tmp_path, ScriptedPool(2, script, watch=watch), rounds=3)
+    fed.run()
+    assert seen == {3: redraw_every == 0.0}
+    for name in ("accuracy.png", "prompt_metrics.png"):
+        assert (fed.recorder.path / name).read_bytes().startswith(PNG_MAGIC)
+
+    stopped_at = tmp_path / "stopped"
+    script[(Phase.TRAIN, 2)] = {100: "LLMError: down", 101: "LLMError: down too"}
+    fed = make_federation(stopped_at, ScriptedPool(2, script), rounds=3)
+    with pytest.raises(RoundFailed):
+        fed.run()
+    assert (fed.recorder.path / "accuracy.png").read_bytes().startswith(PNG_MAGIC)  # round 1, drawn on stopping

@@ -28,6 +28,8 @@ from fedtextgrad_core.run.state import FederationState
 from fedtextgrad_core.run.tracking import NoTracker, Tracker, make_tracker
 
 log = logging.getLogger(__name__)
+# figures while a run goes: redrawn after a round at most this often, always after the last round
+REDRAW_EVERY_SECONDS = 30.0
 
 Echo = Callable[[str], None]
 
@@ -85,6 +87,8 @@ class Recorder:
         self.opened = time.monotonic()
         self.seconds_before = 0.0  # wall time of the run before a resume
         self._drawing: threading.Thread | None = None
+        self._drawn_at = self.opened  # when the figures were last drawn (or the run opened)
+        self._figures_stale = False  # a round finished since the figures were last drawn
         self.initial_metrics = self.prompt_metrics(settings.start_prompt, with_surprisal=True)
 
     @property
@@ -205,7 +209,10 @@ class Recorder:
         self.history.append(record)
         self.write_summary(state, finished=False)
         state.save(self.path)
-        self._draw_figures(state)
+        if record.round >= self.settings.num_rounds or time.monotonic() - self._drawn_at >= REDRAW_EVERY_SECONDS:
+            self._draw_figures(state)
+        else:
+            self._figures_stale = True
         self.tracker.log_round(record)
 
     def finished(self, state: FederationState, tests: Mapping[str, FinalScore]) -> RunSummary:
@@ -231,6 +238,8 @@ class Recorder:
         self.error = f"{type(error).__name__}: {error}"
         self.folder.save_prompt("best", state.best_prompt)
         self.write_summary(state, finished=False)
+        if self._figures_stale:
+            self._draw_figures(state)
         self._figures_done()
         self.echo(f"fedtextgrad: the run stopped: {error}")
         self.echo(f"results so far: {self.path}")
@@ -315,8 +324,11 @@ class Recorder:
     def _draw_figures(self, state: FederationState) -> None:
         """Draw the figures in the background, while the next round waits on its clients: drawing takes
         about a second of CPU on a small machine, which on the server's critical path would be the
-        largest cost it adds to a round."""
+        largest cost it adds to a round. After a round they are redrawn only when REDRAW_EVERY_SECONDS
+        have passed (and always after the last round, or when the run stops): a simulated round lasts
+        seconds, and drawing holds Python's lock that clients served in the same process need."""
         self._figures_done()
+        self._drawn_at, self._figures_stale = time.monotonic(), False
         rounds, initial = list(self.history), state.initial_accuracy
         self._drawing = threading.Thread(target=self._draw, args=(rounds, initial), name="figures", daemon=True)
         self._drawing.start()

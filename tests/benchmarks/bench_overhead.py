@@ -218,6 +218,13 @@ def report(args: argparse.Namespace, runs: dict[str, list[RunOutcome]], flwr: li
             raise RuntimeError(f"a {outcome.mode} run did different work: {outcome.calls_by_kind} calls, "
                                f"against {conc[0].calls_by_kind}")
     measured_c, ideal_c = median_of(conc, "measured_s"), median_of(conc, "ideal_s")
+    if not seq:  # --sequential-repeats 0: the overhead only
+        print(f"{args.clients} clients, {args.rounds} round(s), {args.latency_ms:g} ms per LLM call; median of "
+              f"{len(conc)}: measured {measured_c:.2f}s, ideal {ideal_c:.2f}s, overhead {measured_c / ideal_c:.3f}")
+        print_phases(conc[0])
+        return {"concurrent": {"median_measured_s": measured_c, "median_ideal_s": ideal_c,
+                               "measured_over_ideal": measured_c / ideal_c,
+                               "runs": [o.figures.as_dict() for o in conc]}}
     measured_s, ideal_s = median_of(seq, "measured_s"), median_of(seq, "sequential_ideal_s")
     speedup, ideal_speedup = measured_s / measured_c, ideal_s / ideal_c
     print(f"{args.clients} clients, {args.rounds} round(s), {args.latency_ms:g} ms per LLM call, "
@@ -280,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=8, help="llm-concurrency of the concurrent run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each kind; medians are reported")
     parser.add_argument("--sequential-repeats", type=int, default=1,
-                        help="runs of the (long) sequential baseline; its time barely varies")
+                        help="runs of the (long) sequential baseline; its time barely varies (0: the overhead only)")
     parser.add_argument("--flwr", action="store_true", help="also run the federation with `flwr run` (simulation)")
     parser.add_argument("--flwr-repeats", type=int, default=1, help="flwr runs (each starts Ray afresh)")
     parser.add_argument("--flwr-federation-config", default="num-supernodes=3",

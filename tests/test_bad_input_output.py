@@ -5,7 +5,7 @@ Every refused setting is checked through the real ServerApp's ``main`` with the 
 the way `flwr run` fuses it (Flower's own parser and the app's defaults): the line it prints.
 Under `flwr run` itself (a real Flower simulation, each starting Ray: ~9 CPU-seconds a run) go
 one case of each way a run can fail at start (a setting, a setting holding a secret, the results
-folder, resume, the federation's size) and every client-side case, each its own run on this
+folder, resume, the federation's size, the clients' LLM against the task) and every client-side case, each its own run on this
 module's SuperLink (its own FLWR_HOME and ports), a few at a time; the output checked is
 everything `flwr run --stream` printed. A refused setting takes the same path through Flower
 whichever setting it is. After our line Flower adds its own report of a failed run

@@ -5,9 +5,9 @@ Every refused setting is checked through the real ServerApp's ``main`` with the 
 the way `flwr run` fuses it (Flower's own parser and the app's defaults): the line it prints.
 Under `flwr run` itself (a real Flower simulation, each starting Ray: ~9 CPU-seconds a run) go
 one case of each way a run can fail at start (a setting, a setting holding a secret, the results
-folder, resume, the federation's size, the clients' LLM against the task) and every client-side case, each its own run on this
-module's SuperLink (its own FLWR_HOME and ports), a few at a time; the output checked is
-everything `flwr run --stream` printed. A refused setting takes the same path through Flower
+folder, resume, the federation's size, the clients' LLM against the task) and every client-side
+case, each its own run on this module's SuperLink (its own FLWR_HOME and ports), a few at a time;
+the output checked is everything `flwr run --stream` printed. A refused setting takes the same path through Flower
 whichever setting it is. After our line Flower adds its own report of a failed run
 ("Simulation raised an exception", "Exit Code: 700" and a link), which this project cannot
 change; the test checks that no Python traceback is among it.
@@ -120,6 +120,16 @@ CASES = [case for case in SETTINGS if case[0] in UNDER_FLWR_RUN] + CLIENT_SIDE
 CONCURRENT_RUNS = 4  # each case mostly waits on Flower (Ray starting and stopping), so a few overlap well
 
 
+def run_config_text(case: tuple, folder: Path) -> str:
+    """The case's run config, its results in ``folder`` unless the case sets its own results-dir."""
+    text = case[1](folder)
+    return text if "results-dir" in text else f"results-dir='{folder / 'results'}' {text}"
+
+
+def expected_line(case: tuple, folder: Path) -> str:
+    return case[2].replace("{}", str(folder / "nowhere"))
+
+
 @dataclass(frozen=True)
 class CaseRun:
     folder: Path
@@ -133,10 +143,7 @@ def case_runs(flwr_home, tmp_path_factory) -> dict[str, CaseRun]:
     folders = {name: tmp_path_factory.mktemp(name) for name, _, _ in CASES}
 
     def run(case: tuple) -> str:
-        name, config, _ = case
-        text = config(folders[name])
-        results = folders[name] / "results"
-        return flwr_run(flwr_home, f"results-dir='{results}' {text}" if "results-dir" not in text else text)
+        return flwr_run(flwr_home, run_config_text(case, folders[case[0]]))
 
     outputs = {CASES[0][0]: run(CASES[0])}
     with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
@@ -147,10 +154,8 @@ def case_runs(flwr_home, tmp_path_factory) -> dict[str, CaseRun]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_under_flwr_run_is_one_line_without_a_traceback(case_runs, case) -> None:
-    name, _, expected = case
-    folder, output = case_runs[name].folder, case_runs[name].output
-    if "{}" in expected:
-        expected = expected.replace("{}", str(folder / "nowhere"))
+    folder, output = case_runs[case[0]].folder, case_runs[case[0]].output
+    expected = expected_line(case, folder)
     lines = [line for line in output.splitlines() if expected in line]
     assert len(lines) == 1, output[-4000:]
     no_traceback(output)
@@ -173,16 +178,12 @@ class UnusedGrid:
 
 @pytest.mark.parametrize("case", AT_START, ids=[c[0] for c in AT_START])
 def test_a_refused_setting_is_one_line_from_the_serverapp(case, tmp_path, capsys) -> None:
-    _, config, expected = case
-    text = config(tmp_path)
-    if "results-dir" not in text:
-        text = f"results-dir='{tmp_path / 'results'}' {text}"
-    run_config = get_fused_config_from_dir(ROOT, parse_config_args([text]))
+    run_config = get_fused_config_from_dir(ROOT, parse_config_args([run_config_text(case, tmp_path)]))
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     with pytest.raises(ConfigError):
         server_main(UnusedGrid(), context)
     printed = capsys.readouterr()
-    expected = expected.replace("{}", str(tmp_path / "nowhere"))
+    expected = expected_line(case, tmp_path)
     lines = [line for line in printed.out.splitlines() if line.strip()]
     # at most the run header (printed once the settings parse), then the one line saying why
     assert len(lines) <= 2 and expected in lines[-1] and lines[-1].startswith(START), printed.out

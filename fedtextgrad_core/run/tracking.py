@@ -388,6 +388,19 @@ class _Store:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
+    def reopen_or_create(self, folder: Path | None, experiment_id: str, create: Callable[[], str],
+                         reopen: bool = True) -> tuple[str, bool]:
+        """The run remembered in ``folder`` when ``reopen`` finds it there, else a new one from
+        ``create``, remembered in ``folder``: a resumed federation or grid continues its own run
+        instead of leaving a second, half-empty one. Also says whether the run was reopened."""
+        run_id = self.reopen(folder, experiment_id) if folder is not None and reopen else None
+        if run_id is not None:
+            return run_id, True
+        run_id = create()
+        if folder is not None:
+            self.remember(folder, run_id, experiment_id)
+        return run_id, False
+
 
 # --- one federation, one MLflow run ------------------------------------------------------------------
 
@@ -521,18 +534,14 @@ class MlflowTracker:
         store.open()
         with store.bounded():
             experiment_id = store.experiment_id(self.experiment)
-            resumed = store.reopen(run_folder, experiment_id) if settings.resume_from else None
-            if resumed:
-                self.run_id = resumed
-            else:
-                self._create_run(settings, run_config, run_folder, experiment_id)
-                assert self.run_id is not None
-                store.remember(run_folder, self.run_id, experiment_id)
+            self.run_id, resumed = store.reopen_or_create(
+                run_folder, experiment_id, lambda: self._create_run(settings, run_config, run_folder, experiment_id),
+                reopen=bool(settings.resume_from))
         self.echo(f"tracking: MLflow run {self.run_id}{' (resumed)' if resumed else ''} in experiment "
                   f"'{self.experiment}' at {store.shown}")
 
     def _create_run(self, settings: RunSettings, run_config: Mapping[str, object], run_folder: Path,
-                    experiment_id: str) -> None:
+                    experiment_id: str) -> str:
         store = self.store
         tags: dict[str, object] = {
             "task": ",".join(settings.tasks),
@@ -552,8 +561,9 @@ class MlflowTracker:
         run = store.client.create_run(experiment_id, run_name=run_folder.name,
                                       tags={_tag_key(name): _cut(_text(value), MAX_TAG_CHARS)
                                             for name, value in tags.items()})
-        self.run_id = str(run.info.run_id)
-        store.log(self.run_id, params=dict(run_config))
+        run_id = str(run.info.run_id)
+        store.log(run_id, params=dict(run_config))
+        return run_id
 
     def _log_initial(self, accuracy: float | None) -> None:
         assert self.run_id is not None
@@ -598,13 +608,13 @@ def start_parent(uri: str, experiment: str, name: str, params: Mapping[str, obje
         store.open()
         with store.bounded():
             experiment_id = store.experiment_id(experiment.strip() or DEFAULT_EXPERIMENT)
-            run_id = store.reopen(folder, experiment_id) if folder is not None else None
-            if run_id is None:
+
+            def create() -> str:
                 run = store.client.create_run(experiment_id, run_name=name, tags={"kind": "experiment-grid"})
-                run_id = str(run.info.run_id)
-                store.log(run_id, params=params)
-                if folder is not None:
-                    store.remember(folder, run_id, experiment_id)
+                store.log(str(run.info.run_id), params=params)
+                return str(run.info.run_id)
+
+            run_id, _ = store.reopen_or_create(folder, experiment_id, create)
     except Exception as exc:
         echo(f"tracking: MLflow at {store.shown} failed ({_reason(exc, store)}); the grid goes on without "
              f"tracking")

@@ -280,6 +280,27 @@ def test_a_failure_midway_is_said_once_and_tracking_stops(federation, tmp_path, 
     assert history(client, tracker.run_id, "val_accuracy") == pytest.approx({1: federation.rounds[0].val_accuracy})
 
 
+@needs_mlflow
+def test_a_failure_logging_the_start_params_leaves_the_new_run_failed_not_running(federation, tmp_path, monkeypatch):
+    """The run exists once MLflow has created it: a failure logging its params right after must
+    still end it FAILED, not leave an empty run RUNNING forever."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    uri = (tmp_path / "store").as_uri()
+    lines: list[str] = []
+    tracker = MlflowTracker(uri, "fedtextgrad-test", echo=lines.append)
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tracker.store, "log", broken)
+    tracker.start(federation.settings, federation.run_config, federation.folder)
+    assert tracker.disabled and not tracker.active
+    assert lines == [f"tracking: MLflow at {uri} failed (OSError: No space left on device); "
+                     f"the run goes on without tracking"]
+    assert tracker.run_id is not None
+    assert reader(uri, monkeypatch).get_run(tracker.run_id).info.status == "FAILED"
+
+
 # --- a SQLite store, a failed run, a grid's parent and its children ---------------------------------
 
 

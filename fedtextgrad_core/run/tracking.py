@@ -561,9 +561,9 @@ class MlflowTracker:
         run = store.client.create_run(experiment_id, run_name=run_folder.name,
                                       tags={_tag_key(name): _cut(_text(value), MAX_TAG_CHARS)
                                             for name, value in tags.items()})
-        run_id = str(run.info.run_id)
-        store.log(run_id, params=dict(run_config))
-        return run_id
+        self.run_id = str(run.info.run_id)  # before the params: if they fail, _give_up marks this run FAILED
+        store.log(self.run_id, params=dict(run_config))
+        return self.run_id
 
     def _log_initial(self, accuracy: float | None) -> None:
         assert self.run_id is not None

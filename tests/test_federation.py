@@ -250,6 +250,69 @@ def test_the_test_phase_scores_the_best_last_and_start_prompts(tmp_path: Path) -
     assert summary.cost["client_evaluation"]["llm_calls"] == (20 + 20 + 20) + 3 * 20 + 4 * 10  # val, test, own val
 
 
+class SendingPool(ScriptedPool):
+    """A ScriptedPool that can also send several requests at once (``send``); every such batch is
+    kept in ``batches`` as sent, and each request is answered when its replies are asked for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[tuple[RoundRequest, list[int]]]] = []
+
+    def send(self, requests: Sequence[tuple[RoundRequest, Sequence[int]]], together: bool = False):
+        self.batches.append([(request, list(nodes)) for request, nodes in requests])
+        pool = self
+
+        class Sent:
+            def replies(self, index: int) -> Replies:
+                request, nodes = requests[index]
+                return pool.ask(request, nodes)
+
+        return Sent()
+
+
+@pytest.mark.parametrize("last_round_wins", [True, False], ids=["last-round-improves", "earlier-round-stays-best"])
+def test_the_final_tests_known_before_the_last_evaluation_go_with_it_and_only_the_others_after(
+        tmp_path: Path, last_round_wins: bool) -> None:
+    """The last merged prompt and the start prompt are known before the last evaluation: their tests
+    travel with it (one message per client in a deployment, instead of one more exchange). The best
+    prompt is known only after it: when the last round improves, it is the last merged prompt, already
+    tested; when an earlier round stays best, its test follows, to the same clients, alone."""
+    start = start_prompt()
+
+    def round_2_uploads(request: RoundRequest) -> dict[int, Answer]:
+        return {node: train_reply(node - 100, insert_instruction(request.prompt, LEARNED[2].sentence), 1)
+                for node in (100, 101, 102)}
+
+    def tests(request: RoundRequest) -> dict[int, Answer]:
+        correct = 3 if request.prompt == start else 9 if request.prompt == fed.state.best_prompt else 7
+        return {node: eval_reply(node - 100, correct, 10) for node in (100, 101, 102)}
+
+    pool = SendingPool(3, {
+        (Phase.EVALUATE, 0): evals((4, 10), (4, 10), (4, 10)),
+        (Phase.TRAIN, 1): uploads(start, LEARNED[:3]), (Phase.EVALUATE, 1): evals((6, 10), (6, 10), (6, 10)),
+        (Phase.TRAIN, 2): round_2_uploads,
+        (Phase.EVALUATE, 2): evals(*[(8, 10) if last_round_wins else (5, 10)] * 3),
+        (Phase.TEST, 2): tests,
+    })
+    fed = make_federation(tmp_path, pool, **{"test-prompts": "best,last,initial", "fraction-train": 0.67})
+    summary = fed.run()
+    first, last = (r.merged_prompt for r in RunFolder(fed.recorder.path).read_rounds())
+    assert first != last and summary.best_prompt == (last if last_round_wins else first)
+
+    with_evaluation = pool.batches[-1]
+    assert [(r.phase, r.server_round, r.prompt) for r, _ in with_evaluation] == [
+        ("evaluate", 2, last), ("test", 2, last), ("test", 2, start)]
+    test_clients = with_evaluation[1][1]
+    assert len(test_clients) == 2 and with_evaluation[2][1] == test_clients  # one draw of 2 of the 3 clients
+    tested = [(request.prompt, nodes) for request, nodes in pool.asked if request.kind is Phase.TEST]
+    if last_round_wins:  # nothing is tested twice, nothing after
+        assert tested == [(last, test_clients), (start, test_clients)]
+    else:  # the best, then (asked in test-prompts order) the two sent with the evaluation
+        assert tested == [(first, test_clients), (last, test_clients), (start, test_clients)]
+    assert (summary.test_accuracy, summary.last_test_accuracy, summary.initial_test_accuracy) == (
+        (0.9, 0.9, 0.3) if last_round_wins else (0.9, 0.7, 0.3))
+
+
 def test_summarize_merge_records_the_server_llm_usage(tmp_path: Path) -> None:
     start = start_prompt()
     pool = ScriptedPool(len(LEARNED), {

@@ -58,7 +58,8 @@ def uninterrupted(tmp_path_factory):
     return results / "run"
 
 
-@pytest.mark.parametrize("die_at", [2, 3, 6], ids=["round-1-training", "round-1-evaluation", "round-3-training"])
+@pytest.mark.parametrize("die_at", [2, 3, 6, 8],
+                         ids=["round-1-training", "round-1-evaluation", "round-3-training", "final-tests"])
 def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted, die_at):
     config = default_run_config(**SHORT, **{"results-dir": str(tmp_path)})
     # sends: 1 = initial evaluation, then (train, evaluate) per round, then test

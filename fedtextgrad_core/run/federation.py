@@ -8,14 +8,18 @@ the recorder every decision to write down.
 
 Requests whose content is known in advance are sent at once, when the pool can (``send``): the
 evaluation of a prompt and the next round's training on the same prompt (round r's merged prompt
-is round r+1's starting prompt whatever it scores), and the final tests of every prompt. A client
-then answers them back to back: a real SuperNode asks for its next message right after replying,
-but waits 3 s before asking again when there was none, which cost a deployment ~3 s per message
-exchange. From round 1 on, such requests also travel *together*, in one message per client (the
-start prompt's evaluation goes alone, so every client is known by its partition before it trains):
-a deployment starts a ClientApp process per message. Replies are still handled in the same order as
-when asked one by one, and the clients of every request are sampled in the same order, so a seed
-gives the same run; a round's evaluation is then complete only when the next round's training is.
+is round r+1's starting prompt whatever it scores), and, with the last round's evaluation, the
+final tests of the prompts already known then (the last merged prompt, the start prompt, and the
+best one when the last round cannot change it; a best prompt only that evaluation decides is tested
+after it). A client then answers them back to back: a real SuperNode asks for its next message
+right after replying, but waits 3 s before asking again when there was none, which cost a
+deployment ~3 s per message exchange. From round 1 on, such requests also travel *together*, in one
+message per client (the start prompt's evaluation goes alone, so a run that must stop at start, say
+because its clients' LLMs are real while the server's would be the simulator, stops before any
+client trains): a deployment starts a ClientApp process per message. Replies are still handled in
+the same order as when asked one by one, and the clients of every request are sampled in the same
+order, so a seed gives the same run; a round's evaluation is then complete only when the requests
+sent with it are.
 """
 
 from __future__ import annotations
@@ -136,6 +140,7 @@ class Federation:
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
         self._code_warned: set[int] = set()
+        self._tests_ahead: TestsAhead | None = None  # the final tests sent with the last evaluation
 
     def run(self) -> RunSummary:
         try:
@@ -152,7 +157,7 @@ class Federation:
             # the start prompt's evaluation, and round 1's training on the same prompt
             clock = (time.perf_counter(), time.time())
             sent = self.send([(Phase.EVALUATE, 0, state.global_prompt)],
-                             ahead=(Phase.TRAIN, rounds[0], state.global_prompt) if rounds else None)
+                             ahead=[(Phase.TRAIN, rounds[0], state.global_prompt)] if rounds else [])
             evaluations, failures = self.evaluations(Phase.EVALUATE, 0, sent.replies(0))
             state.record_initial(weighted_accuracy(evaluations), usage_of(evaluations))
             self.recorder.initial(state, evaluations, failures)
@@ -163,13 +168,26 @@ class Federation:
 
     def final_tests(self) -> dict[str, FinalScore]:
         """The test phase: the best prompt (by validation), the last merged prompt and the start prompt,
-        as ``test-prompts`` asks; a prompt that is two of them is scored once."""
+        as ``test-prompts`` asks; a prompt that is two of them is scored once. Every prompt is
+        tested by the same clients (one draw), so their scores compare on the same data. Prompts
+        already sent with the last evaluation are not sent again; only the others go now."""
         prompts = {"best": self.state.best_prompt, "last": self.state.global_prompt,
                    "initial": self.settings.start_prompt}
         distinct = list(dict.fromkeys(prompts[name] for name in self.settings.test_prompts))
-        sent = self.send([(Phase.TEST, self.state.finished_round, prompt) for prompt in distinct], together=True)
+        sources: dict[str, tuple[_Sent, int]] = {}
+        if (early := self._tests_ahead) is not None:
+            clients = self.replay(early.sent)
+            sources = {prompt: (early.sent, 1 + index) for index, prompt in enumerate(early.prompts)}
+        else:
+            clients = self.sample()
+        missing = [prompt for prompt in distinct if prompt not in sources]
+        if missing:
+            rest = self.send([(Phase.TEST, self.state.finished_round, prompt) for prompt in missing], together=True,
+                             clients=clients)
+            sources.update({prompt: (rest, index) for index, prompt in enumerate(missing)})
         scored: dict[str, FinalScore] = {}
-        for index, prompt in enumerate(distinct):
+        for prompt in distinct:
+            sent, index = sources[prompt]
             evaluations, failures = self.evaluations(Phase.TEST, self.state.finished_round, sent.replies(index))
             scored[prompt] = FinalScore(weighted_accuracy(evaluations), examples_of(evaluations),
                                         usage_of(evaluations), tuple(failures))
@@ -187,7 +205,7 @@ class Federation:
             replies = self.ask(Phase.TRAIN, server_round, self.state.global_prompt)
         else:
             started, started_at = ahead.started, ahead.started_at
-            self.replay(ahead)
+            self.replay(ahead.sent)
             replies = ahead.sent.replies(ahead.index)
         uploads = [Upload(self.labels.label(c.node_id), c, r) for c, r in replies.answers if isinstance(r, TrainReply)]
         failures = self.failures(replies, Phase.TRAIN)
@@ -195,11 +213,15 @@ class Federation:
                        required_clients(self.settings, len(uploads) + len(failures)))
         outcome = merge_round(server_round, uploads, failures, self.settings, self.merger, self.scorer)
         client_uploads = self.recorder.uploads(outcome)
-        # the merged prompt is scored, and is the next round's starting prompt whatever it scores
+        # the merged prompt is scored, and is the next round's starting prompt whatever it scores;
+        # after the last round, the final tests whose prompts are known already go with it
         clock = (time.perf_counter(), time.time())
-        sent = self.send([(Phase.EVALUATE, server_round, outcome.merged_prompt)],
-                         ahead=(Phase.TRAIN, server_round + 1, outcome.merged_prompt)
-                         if server_round < self.settings.num_rounds else None, together=True)
+        last = server_round == self.settings.num_rounds
+        later = ([(Phase.TEST, server_round, prompt) for prompt in self.tests_known_before(outcome.merged_prompt)]
+                 if last else [(Phase.TRAIN, server_round + 1, outcome.merged_prompt)])
+        sent = self.send([(Phase.EVALUATE, server_round, outcome.merged_prompt)], ahead=later, together=True)
+        if last and later:
+            self._tests_ahead = TestsAhead(sent, tuple(prompt for _, _, prompt in later))
         evaluations, eval_failures = self.evaluations(Phase.EVALUATE, server_round, sent.replies(0))
         accuracy = weighted_accuracy(evaluations)
         self.state.adopt(outcome.merged_prompt, accuracy, server_round)
@@ -214,14 +236,27 @@ class Federation:
             started_at=started_at, ended_at=time.time(),
         )
         self.recorder.round_done(record, self.state)
-        return Ahead(sent, 1, *clock) if sent.replay is not None else None
+        return None if last else Ahead(sent, 1, *clock)
 
-    def replay(self, ahead: Ahead) -> None:
-        """The draw of a training sent ahead, made now on the state's generator (see ``send``)."""
-        assert ahead.sent.replay is not None
-        nodes, drawn = ahead.sent.replay
+    def tests_known_before(self, merged_prompt: str) -> list[str]:
+        """The final tests' prompts known before the last round's evaluation: the last merged prompt
+        and the start prompt when ``test-prompts`` names them, and the best prompt when that
+        evaluation cannot change it. Otherwise the best is the merged prompt or the previous best,
+        whichever scores higher, and is tested after the evaluation: nothing is tested in vain."""
+        names = self.settings.test_prompts
+        known = {"last": merged_prompt, "initial": self.settings.start_prompt}
+        if self.state.best_prompt == merged_prompt:
+            known["best"] = merged_prompt
+        return list(dict.fromkeys(known[name] for name in names if name in known))
+
+    def replay(self, sent: _Sent) -> list[int]:
+        """The draw of requests sent ahead, made now on the state's generator (see ``send``): the
+        clients they went to."""
+        assert sent.replay is not None
+        nodes, drawn = sent.replay
         if self.draw(nodes, self.state.rng) != drawn:
-            raise RuntimeError("the clients of a training sent ahead differ from the state's draw")
+            raise RuntimeError("the clients of requests sent ahead differ from the state's draw")
+        return drawn
 
     def _server_llm_used(self, outcome: RoundOutcome) -> bool:
         return self.merger is not None or outcome.robust_usage is not None
@@ -250,27 +285,29 @@ class Federation:
     def ask(self, phase: Phase, server_round: int, prompt: str) -> Replies:
         return self.send([(phase, server_round, prompt)]).replies(0)
 
-    def send(self, asks: Sequence[tuple[Phase, int, str]], ahead: tuple[Phase, int, str] | None = None,
-             together: bool = False) -> _Sent:
-        """Sample the clients of each request, in order, and send them all (one at a time to a pool
-        that cannot send several). ``together``: a client asked several of them may get them in one
-        message (in a deployment, one ClientApp process instead of one each).
+    def send(self, asks: Sequence[tuple[Phase, int, str]], ahead: Sequence[tuple[Phase, int, str]] = (),
+             together: bool = False, clients: list[int] | None = None) -> _Sent:
+        """Sample the clients of each request, in order (or send each to ``clients``), and send them
+        all (one at a time to a pool that cannot send several). ``together``: a client asked several
+        of them may get them in one message (in a deployment, one ClientApp process instead of one each).
 
-        ``ahead``: a next round's training, sent now but belonging to the next round. Its clients are
-        drawn from a copy of the state's generator, so the checkpoint written at the end of this round
-        holds the generator as it was before that draw, and a resumed run draws them again alike; the
-        next round then makes the same draw on the state's generator (``Ahead.replay``).
+        ``ahead``: requests sent now but belonging to what comes after this round (the next round's
+        training, or the final tests), all to the same clients. They are drawn from a copy of the
+        state's generator, so the checkpoint written at the end of this round holds the generator as
+        it was before that draw, and a resumed run draws them again alike; the next step then makes the
+        same draw on the state's generator (``replay``).
         """
-        requests = [(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), self.sample())
+        requests = [(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt),
+                     list(clients) if clients is not None else self.sample())
                     for phase, server_round, prompt in asks]
         replay: tuple[list[int], list[int]] | None = None
-        if ahead is not None:
+        if ahead:
             copy = random.Random()
             copy.setstate(self.state.rng.getstate())
             nodes = self.connected()
             drawn = self.draw(nodes, copy)
-            phase, server_round, prompt = ahead
-            requests.append((RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), drawn))
+            requests.extend((RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), drawn)
+                            for phase, server_round, prompt in ahead)
             replay = (nodes, drawn)
         send = getattr(self.pool, "send", None)
         return _Sent(self, requests, send(requests, together) if send is not None and len(requests) > 1 else None,
@@ -349,6 +386,15 @@ class _Sent:
                 replies = self.federation.pool.ask(request, node_ids)
             self.done[index] = self.federation.received(replies)
         return self.done[index]
+
+
+@dataclass(frozen=True)
+class TestsAhead:
+    """The final tests sent with the last round's evaluation: request ``1 + i`` of ``sent`` tests
+    ``prompts[i]``."""
+
+    sent: _Sent
+    prompts: tuple[str, ...]
 
 
 @dataclass(frozen=True)

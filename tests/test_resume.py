@@ -50,17 +50,36 @@ class DyingGrid(LoopbackGrid):
         return super().send_and_receive(messages, timeout)
 
 
+def asks_for_a_test(message) -> bool:
+    """Whether a message asks for a final test (alone, or with other requests)."""
+    return any(RoundRequest.decode(message.content[key]).phase == "test"
+               for key in message.content if key.startswith(REQUEST_RECORD))
+
+
+def final_test_clients(grid: LoopbackGrid) -> list[int]:
+    """The nodes the grid was sent final tests for."""
+    return sorted({message.metadata.dst_node_id for message in grid.sent if asks_for_a_test(message)})
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def reference(tmp_path_factory):
+    """An uninterrupted run's folder, and the clients that took its final tests."""
     results = tmp_path_factory.mktemp("reference")
     config = default_run_config(**SHORT, **{"results-dir": str(results)})
-    run_server(config, LoopbackGrid(config))
-    return results / "run"
+    grid = LoopbackGrid(config)
+    run_server(config, grid)
+    return results / "run", final_test_clients(grid)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(reference):
+    return reference[0]
 
 
 @pytest.mark.parametrize("die_at", [2, 3, 6, 8],
                          ids=["round-1-training", "round-1-evaluation", "round-3-training", "final-tests"])
-def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted, die_at):
+def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_path, reference, die_at):
+    uninterrupted, test_clients = reference
     config = default_run_config(**SHORT, **{"results-dir": str(tmp_path)})
     # sends: 1 = initial evaluation, then (train, evaluate) per round, then test
     with pytest.raises(ServerKilled):
@@ -84,11 +103,41 @@ def test_a_killed_server_resumes_and_ends_exactly_like_an_uninterrupted_run(tmp_
                       ("test", 3)]
     assert (run_dir / "rounds.jsonl").read_text().startswith(kept)  # nor lost
     assert outcome(run_dir) == outcome(uninterrupted)
+    # the final tests went to the clients the uninterrupted run drew for them (2 of 3)
+    assert len(test_clients) == 2 and final_test_clients(grid) == test_clients
     summary = RunFolder(run_dir).read_summary()
     # what the run cost is counted once, as in the uninterrupted run: the start prompt's evaluation
     # (from the checkpoint), the finished rounds (from rounds.jsonl), the resumed rounds and the test
     assert summary.cost == RunFolder(uninterrupted).read_summary().cost
     assert summary.finished is True and summary.resumed_after_rounds == (finished_before,)
+
+
+class DiesAtTheFinalTests(LoopbackGrid):
+    """Delivers messages until it is asked to send a final test: the server dies after its last checkpoint."""
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if any(asks_for_a_test(message) for message in messages):
+            raise ServerKilled()
+        return super().send_and_receive(messages, timeout)
+
+
+def test_a_server_killed_in_its_final_tests_resumes_them_on_the_clients_an_uninterrupted_run_drew(tmp_path):
+    """The final tests are drawn before the last round's checkpoint (some go with the last evaluation),
+    from a copy of the generator: a resumed run draws the same 4 of 8 clients (1 chance in 70 by luck)."""
+    config = default_run_config(**{**SHORT, "num-server-rounds": 2, "fraction-train": 0.5, "min-train-clients": 2,
+                                   "synthetic-size": 200, "results-dir": str(tmp_path)})
+    reference = LoopbackGrid(config, num_nodes=8)
+    run_server({**config, "run-name": "reference"}, reference)
+    with pytest.raises(ServerKilled):
+        run_server(config, DiesAtTheFinalTests(config, num_nodes=8))
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / CHECKPOINT_FILE).read_text())["round"] == 2
+    resumed = LoopbackGrid(config, num_nodes=8)
+    run_server({**config, "resume-from": str(run_dir)}, resumed)
+    assert len(final_test_clients(reference)) == 4
+    assert final_test_clients(resumed) == final_test_clients(reference)
+    assert outcome(run_dir) == outcome(tmp_path / "reference")
 
 
 def test_a_round_recorded_but_not_checkpointed_is_run_again_once(tmp_path, uninterrupted):

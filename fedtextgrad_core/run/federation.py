@@ -140,7 +140,7 @@ class Federation:
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
         self._code_warned: set[int] = set()
-        self._tests_ahead: TestsAhead | None = None  # the final tests sent with the last evaluation
+        self._tests_ahead: _Sent | None = None  # the last evaluation, and the final tests sent with it
 
     def run(self) -> RunSummary:
         try:
@@ -176,8 +176,9 @@ class Federation:
         distinct = list(dict.fromkeys(prompts[name] for name in self.settings.test_prompts))
         sources: dict[str, tuple[_Sent, int]] = {}
         if (early := self._tests_ahead) is not None:
-            clients = self.replay(early.sent)
-            sources = {prompt: (early.sent, 1 + index) for index, prompt in enumerate(early.prompts)}
+            clients = self.replay(early)
+            sources = {request.prompt: (early, index) for index, (request, _) in enumerate(early.requests)
+                       if request.kind is Phase.TEST}
         else:
             clients = self.sample()
         missing = [prompt for prompt in distinct if prompt not in sources]
@@ -221,7 +222,7 @@ class Federation:
                  if last else [(Phase.TRAIN, server_round + 1, outcome.merged_prompt)])
         sent = self.send([(Phase.EVALUATE, server_round, outcome.merged_prompt)], ahead=later, together=True)
         if last and later:
-            self._tests_ahead = TestsAhead(sent, tuple(prompt for _, _, prompt in later))
+            self._tests_ahead = sent
         evaluations, eval_failures = self.evaluations(Phase.EVALUATE, server_round, sent.replies(0))
         accuracy = weighted_accuracy(evaluations)
         self.state.adopt(outcome.merged_prompt, accuracy, server_round)
@@ -386,15 +387,6 @@ class _Sent:
                 replies = self.federation.pool.ask(request, node_ids)
             self.done[index] = self.federation.received(replies)
         return self.done[index]
-
-
-@dataclass(frozen=True)
-class TestsAhead:
-    """The final tests sent with the last round's evaluation: request ``1 + i`` of ``sent`` tests
-    ``prompts[i]``."""
-
-    sent: _Sent
-    prompts: tuple[str, ...]
 
 
 @dataclass(frozen=True)

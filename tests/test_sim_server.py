@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -107,3 +108,26 @@ def test_parallel_requests_agree(port: int) -> None:
     for t in threads:
         t.join()
     assert len(replies) == 6 and len(set(replies)) == 1
+
+
+def test_many_clients_connecting_at_once_are_all_queued_while_the_server_is_busy() -> None:
+    """Clients with many calls in flight connect at once. While the accepting thread waits (here: the
+    server does not accept at all), the kernel queues connections only up to the listen backlog;
+    beyond it they are dropped and a client's kernel retries after a second (Python's default backlog
+    is 5, which admitted 6 of these 20)."""
+    server = make_server(port=0)
+    sockets = [socket.socket() for _ in range(20)]
+    try:
+        connected = 0
+        for sock in sockets:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(server.server_address)
+                connected += 1
+            except OSError:
+                pass
+        assert connected == len(sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.server_close()

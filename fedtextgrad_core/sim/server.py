@@ -189,6 +189,14 @@ def _completion(request: dict[str, Any], content: str) -> dict[str, Any]:
     }
 
 
+class _SimHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # a hung client never blocks shutdown
+    # Many clients connect at once (every client's llm-concurrency calls, benchmarks with 8 in flight).
+    # With the default listen backlog of 5, connections beyond it are dropped while the accepting
+    # thread waits for the GIL, and each is retried by the client's kernel only after a second.
+    request_queue_size = 128
+
+
 def make_server(host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
                 call_log: str | Path | None = None) -> ThreadingHTTPServer:
     """A ready, not yet serving, sim server; port 0 picks a free port.
@@ -199,9 +207,7 @@ def make_server(host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
     """
     log = CallLog(call_log) if call_log else None
     handler = type("SimHandler", (_Handler,), {"sim": SimLLM(latency_ms=latency_ms), "call_log": log})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True  # a hung client never blocks shutdown
-    return server
+    return _SimHTTPServer((host, port), handler)
 
 
 def serve_forever(port: int, latency_ms: float = 0.0, host: str = "127.0.0.1",

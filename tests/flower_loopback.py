@@ -79,3 +79,26 @@ class LoopbackGrid:
         if node_id in self.uploads and message.metadata.message_type == MessageType.TRAIN and not reply.has_error():
             reply.content[REPLY_RECORD]["prompt"] = self.uploads[node_id]
         return reply
+
+
+class PushPullLoopback(LoopbackGrid):
+    """The loopback grid with Flower's push/pull: each message is delivered to the real ClientApp when
+    it is pulled for the first time (so what is sent at once is answered at once)."""
+
+    def __init__(self, run_config, **kwargs):
+        super().__init__(run_config, **kwargs)
+        self.pushed: dict[str, Message] = {}
+        self.pulls = 0
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
+            self.sent.append(message)
+            self.pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        return [self._deliver(self.pushed.pop(i)) for i in list(message_ids) if i in self.pushed]

@@ -479,7 +479,9 @@ class TestWalkthrough:
         _, (first, second) = _check_finished(walk.results / "lost-site", output)
         assert {c["label"] for c in second["uploads"]} == {"0 (site-0)"}, second
         lost = [f for record in (first, second) for f in record["failures"]]
-        assert lost and all(f["label"].startswith("1") for f in lost), lost  # reported, as site 1
+        # reported as site 1: by its registered name ("site-1" when it was lost before its first reply,
+        # which says its partition: "1 (site-1)")
+        assert lost and all(f["label"] in ("site-1", "1 (site-1)") for f in lost), lost
         assert {c["label"] for c in first["uploads"]} <= {"0 (site-0)", "1 (site-1)"}
 
     def test_with_the_default_min_train_clients_a_lost_site_stops_the_run_with_one_line(self, walkthrough):

@@ -163,8 +163,10 @@ def plain_run(plain, tmp_path_factory):
     deployment.extra_pids.append(run.pid)
     killed = []
     try:
-        # the victim has answered the initial evaluation and now received round 1's training message
-        assert wait_until(lambda: "Receiving: train message" in victim.log, RUN_TIMEOUT), victim.log[-3000:]
+        # the victim has received its first message (the start prompt's evaluation with round 1's
+        # training) and is at work on it: its LLM server has been asked
+        assert wait_until(lambda: "Receiving: train message" in victim.log
+                          and plain["sims"][2].served() > before[2], RUN_TIMEOUT), victim.log[-3000:]
         killed = [victim.pid, *descendants(victim.pid)]
         kill_pids(killed, signal.SIGKILL)  # a site that crashes mid-round: no goodbye to the SuperLink
         assert wait_until(lambda: not any(alive(pid) for pid in killed), 10)
@@ -213,13 +215,15 @@ class TestPlainDeployment:
         # each node's requests went to its own server, named only in that node's --node-config
         assert all(count > 0 for count in plain_run["served"]), plain_run["served"]
 
-    def test_a_supernode_killed_during_a_round_is_reported_and_the_run_goes_on(self, plain_run):
+    def test_a_supernode_killed_during_a_round_is_reported_and_the_run_goes_on(self, plain, plain_run):
         summary, (first, second) = read_results(plain_run["dir"])
         missing = [f for f in first["failures"] if f["stage"] == "train"]
         assert len(missing) == 1, first["failures"]
         assert "Node Unavailable" in missing[0]["reason"]
-        # the SuperLink answers for a vanished node with its own id; the strategy still names the victim
-        assert missing[0]["label"] == "2", missing
+        # the SuperLink answers for a vanished node with its own id; the strategy still names the victim,
+        # by its node id: it died before its first reply, which would have said its partition
+        victim_id = int(re.search(r"SuperNode ID: (\d+)", plain["nodes"][2].log).group(1))
+        assert missing[0]["node_id"] == victim_id and missing[0]["label"] == f"node {victim_id}", missing
         assert "FAILED" in plain_run["output"]  # the round table showed it
         assert second["failures"] == []  # the run went on with the nodes that were left
         assert summary["finished"] is True

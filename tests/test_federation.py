@@ -257,9 +257,11 @@ class SendingPool(ScriptedPool):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.batches: list[list[tuple[RoundRequest, list[int]]]] = []
+        self.together: list[bool] = []  # per batch: whether a client may answer it in one message
 
     def send(self, requests: Sequence[tuple[RoundRequest, Sequence[int]]], together: bool = False):
         self.batches.append([(request, list(nodes)) for request, nodes in requests])
+        self.together.append(together)
         pool = self
 
         class Sent:
@@ -268,6 +270,32 @@ class SendingPool(ScriptedPool):
                 return pool.ask(request, nodes)
 
         return Sent()
+
+
+@pytest.mark.parametrize("server_backend", ["", "sim"], ids=["server-llm-unset", "server-llm-sim-on-purpose"])
+def test_the_start_evaluation_travels_with_round_1s_training_marked_for_simulated_clients_when_the_server_would_be(
+        tmp_path: Path, server_backend: str) -> None:
+    """The start prompt's evaluation and round 1's training on the same prompt go in one message per
+    client (one ClientApp process less per node in a deployment). When the server would merge with the
+    simulated LLM only because server-backend is unset, every training request says it is for simulated
+    clients only: a client with a real LLM refuses it at once, since the server stops the run on that
+    client's evaluation (check_server_llm)."""
+    start = start_prompt()
+    pool = SendingPool(2, {
+        (Phase.EVALUATE, 0): evals((4, 10), (4, 10)), (Phase.TRAIN, 1): uploads(start, LEARNED[:2]),
+        (Phase.EVALUATE, 1): evals((6, 10), (6, 10)),
+        (Phase.TRAIN, 2): lambda request: uploads(request.prompt, [LEARNED[2]] * 2),
+        (Phase.EVALUATE, 2): evals((8, 10), (8, 10)), (Phase.TEST, 2): evals((8, 10), (8, 10)),
+    })
+    overrides = {"server-backend": server_backend} if server_backend else {}
+    fed = make_federation(tmp_path, pool, merge="summarize-uid", **overrides)
+    fed.run()
+    first = pool.batches[0]
+    assert [(r.phase, r.server_round, r.prompt) for r, _ in first] == [("evaluate", 0, start), ("train", 1, start)]
+    assert pool.together[0] is True and first[0][1] == first[1][1] == [100, 101]
+    trainings = [request for request, _ in pool.asked if request.kind is Phase.TRAIN]
+    assert len(trainings) == 2 and {r.simulated_only for r in trainings} == {server_backend == ""}
+    assert not any(r.simulated_only for r, _ in pool.asked if r.kind is not Phase.TRAIN)
 
 
 @pytest.mark.parametrize("last_round_wins", [True, False], ids=["last-round-improves", "earlier-round-stays-best"])

@@ -19,19 +19,20 @@ import pytest
 
 from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.tasks import get_task
-from fedtextgrad_core.errors import LLMError
+from fedtextgrad_core.errors import ConfigError, LLMError
 from fedtextgrad_core.llm import openai_transport as openai_backend
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.llm.openai_transport import TransientLLMError
 from fedtextgrad_core.method.evaluation import evaluate_prompt
-from fedtextgrad_core.run.client_round import answer
+from fedtextgrad_core.run.client_round import answer, load_client_data, node_identity
 from fedtextgrad_core.run.messages import Phase, RoundRequest
 from fedtextgrad_core.run.round_step import RoundFailed
 from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.server_setup import open_run
+from fedtextgrad_core.run.settings import client_settings
 from server_app.strategy import PromptStrategy
 from tests.faulty_llm_server import NO_ANSWER_TEXT, OK_TEXT, FaultyLLMServer, closed_port
-from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.flower_loopback import LoopbackGrid, PushPullLoopback, default_run_config
 from tests.settings_helpers import endpoint
 
 TASK = get_task("object_counting")
@@ -41,6 +42,7 @@ TASK = get_task("object_counting")
 def fresh_endpoint_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test checks its endpoints afresh (a reused port must not skip the start-up check)."""
     monkeypatch.setattr(openai_backend, "_facts", {})
+    monkeypatch.setattr(openai_backend, "_down", {})
 
 
 @pytest.fixture
@@ -250,8 +252,10 @@ def test_backoff_between_retries_grows() -> None:
 # --- a client's work: the error reaches the caller, naming the endpoint ------------------------
 
 def fault_config(**overrides: object) -> dict[str, object]:
+    """A one-round run whose server merges with the simulated LLM on purpose: left unset, a client with a
+    real LLM would not train for it (RoundRequest.simulated_only), and its faults would not be reached."""
     return default_run_config(**{"num-server-rounds": 1, "llm-max-retries": 1, "llm-retry-backoff": 0.01,
-                                 "llm-timeout": 1.0, **overrides})
+                                 "llm-timeout": 1.0, "server-backend": "sim", **overrides})
 
 
 def faulty_node(url: str, partition: int = 0, **extra: object) -> dict[str, object]:
@@ -314,6 +318,24 @@ def test_a_node_with_a_failing_endpoint_is_reported_and_the_round_goes_on(
         assert faulty.url in reason and "(model m)" in reason and "HTTP 500" in reason
     assert any("FAILED" in line and faulty.url in line for line in lines)
     assert faulty.chat_requests > 0
+
+
+def test_a_client_with_a_real_llm_answers_the_start_evaluation_but_does_not_train_for_a_simulated_server_llm(
+        tmp_path, faulty: FaultyLLMServer) -> None:
+    """server-backend left unset with a summarising merge: the server would merge with the simulated LLM,
+    so a client whose LLM is real stops the run. The start prompt's evaluation travels with round 1's
+    training in one message; the real client scores the start prompt on its LLM (which is how the server
+    learns of it, and says so naming the setting) and refuses the training without one call to its LLM."""
+    run_config = default_run_config(**{"num-server-rounds": 1, "merge": "summarize-uid", "llm-timeout": 1.0})
+    node = faulty_node(faulty.url, partition=2)
+    strategy, recorder, lines = make_strategy(tmp_path, run_config)
+    with pytest.raises(ConfigError) as stopped:
+        strategy.start(PushPullLoopback(run_config, node_overrides={2: node}))  # sends as a deployment does
+    assert stopped.value.setting == "server-backend" and f"client 2 uses m at {faulty.url}" in str(stopped.value)
+    validation = load_client_data(client_settings(run_config, node), node_identity(node)).val
+    assert faulty.chat_requests == len(validation) > 0  # the evaluation's calls, and no training's
+    assert RunFolder(recorder.path).read_summary().error.startswith("ConfigError")
+    assert any("server-backend" in line for line in lines)  # what the server's log shows
 
 
 def test_too_many_nodes_with_failing_endpoints_fail_the_round_naming_them(
@@ -406,6 +428,27 @@ def test_a_server_that_never_comes_up_fails_after_llm_startup_wait_saying_so() -
         engine_for(url, startup_wait=3.0)
     assert 2.5 < time.monotonic() - began < 15
     assert "waited 3 s for it (llm-startup-wait)" in str(info.value) and "unreachable" in str(info.value)
+
+
+@pytest.mark.slow  # waits out llm-startup-wait twice
+def test_a_server_waited_out_in_vain_is_not_waited_for_again_by_the_next_request(capsys) -> None:
+    """A client answers a round's evaluation and the next training in one process: when the first waited
+    llm-startup-wait for its server in vain, the second fails at once with the same error instead of
+    waiting as long again (which doubled the time before the server heard of it). Once that long has
+    passed, the server is waited for again."""
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    with pytest.raises(LLMError) as first:
+        engine_for(url, startup_wait=2.0)
+    assert capsys.readouterr().err.count("is not answering yet") == 1
+    with pytest.raises(LLMError) as second:
+        engine_for(url, startup_wait=2.0)
+    assert "is not answering yet" not in capsys.readouterr().err  # not waited for
+    assert str(second.value).startswith(str(first.value)) and "waits again only after 2 s" in str(second.value)
+    assert_plain(str(second.value), url)
+    openai_backend._down.update({key: (0.0, error) for key, (_, error) in openai_backend._down.items()})  # expired
+    with pytest.raises(LLMError) as third:
+        engine_for(url, startup_wait=2.0)
+    assert capsys.readouterr().err.count("is not answering yet") == 1 and str(third.value) == str(first.value)
 
 
 @pytest.mark.slow  # waits out timeouts

@@ -37,6 +37,7 @@ QUESTIONS = [e.question for e in EXAMPLES]
 def fresh_process_state(monkeypatch: pytest.MonkeyPatch) -> None:
     """No endpoint check or open cache carried over from another test."""
     monkeypatch.setattr(openai_backend, "_facts", {})
+    monkeypatch.setattr(openai_backend, "_down", {})
     monkeypatch.setattr(response_cache, "_open", {})
 
 

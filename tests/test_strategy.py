@@ -16,7 +16,7 @@ from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.server_setup import open_run
 from fedtextgrad_core.sim import CATALOGUE, insert_instruction, instructions_in
 from server_app.strategy import PromptStrategy, error_reason
-from tests.flower_loopback import LoopbackGrid, default_run_config
+from tests.flower_loopback import LoopbackGrid, PushPullLoopback, default_run_config
 
 TIMEOUT = "no reply before the round's timeout"
 
@@ -48,7 +48,7 @@ def test_prompt_travels_as_text_in_a_config_record(tmp_path):
         config = message.content[REQUEST_RECORD]
         assert isinstance(config, ConfigRecord)
         assert config["prompt"] == start and config["phase"] == "train" and config["server_round"] == 1
-        assert set(config.keys()) == {"phase", "server_round", "prompt"}  # round settings are not re-sent
+        assert set(config.keys()) == {"phase", "server_round", "prompt", "simulated_only"}  # no round settings
         assert RoundRequest.decode(config) == request
         assert message.metadata.message_type == MessageType.TRAIN
     assert not replies.failures
@@ -314,29 +314,6 @@ def test_two_nodes_reporting_the_same_partition_are_both_kept(tmp_path):
 
 
 # --- requests sent at once, and together ----------------------------------------------------------
-
-
-class PushPullLoopback(LoopbackGrid):
-    """The loopback grid with Flower's push/pull: each message is delivered to the real ClientApp when
-    it is pulled for the first time (so what is sent at once is answered at once)."""
-
-    def __init__(self, run_config, **kwargs):
-        super().__init__(run_config, **kwargs)
-        self.pushed: dict[str, Message] = {}
-        self.pulls = 0
-
-    def push_messages(self, messages):
-        ids = []
-        for message in messages:
-            message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
-            self.sent.append(message)
-            self.pushed[message.metadata.message_id] = message
-            ids.append(message.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        self.pulls += 1
-        return [self._deliver(self.pushed.pop(i)) for i in list(message_ids) if i in self.pushed]
 
 
 def _requests(prompt: str) -> tuple[RoundRequest, RoundRequest]:

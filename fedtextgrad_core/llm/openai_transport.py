@@ -169,6 +169,8 @@ class EndpointFacts:
 
 _facts: dict[tuple[str, str], EndpointFacts] = {}
 _facts_lock = threading.Lock()
+# endpoints this process waited out llm-startup-wait for in vain: (until when not to wait again, the error)
+_down: dict[tuple[str, str], tuple[float, LLMError]] = {}
 
 
 class OpenAIChat:
@@ -274,14 +276,29 @@ def _say(line: str) -> None:
 
 def check_once(chat: OpenAIChat, setting_name: str, startup_wait: float = 0.0) -> EndpointFacts:
     """Check each endpoint once per process (clients build engines for every message); later chats
-    to the same endpoint learn its kind from the first check."""
+    to the same endpoint learn its kind from the first check. An endpoint waited out for
+    ``startup_wait`` seconds in vain is not waited for again for as long: its error comes at once."""
     key = (chat.base_url, str(chat.client.api_key))
     with _facts_lock:
         facts = _facts.get(key)
+        down = _down.get(key)
     if facts is None:
-        facts = chat.check(setting_name, startup_wait)
+        if down is not None and time.monotonic() < down[0]:
+            # waited out moments ago: the next request of the same message (a client answers a round's
+            # evaluation and the next training in one process) fails at once instead of waiting again
+            raise LLMError(f"{down[1]} (this process has just waited for it in vain, and waits again only "
+                           f"after {startup_wait:.0f} s)")
+        began = time.monotonic()
+        try:
+            facts = chat.check(setting_name, startup_wait)
+        except LLMError as error:
+            if startup_wait > 0 and time.monotonic() - began >= startup_wait:
+                with _facts_lock:
+                    _down[key] = (time.monotonic() + startup_wait, error)
+            raise
         with _facts_lock:
             _facts[key] = facts
+            _down.pop(key, None)
     if chat.configured_kind == "auto":
         chat.kind = facts.kind
     return facts

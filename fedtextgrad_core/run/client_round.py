@@ -24,7 +24,7 @@ from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
 from fedtextgrad_core.method.local_training import train_prompt
 from fedtextgrad_core.run import schema
 from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
-from fedtextgrad_core.run.settings import RunSettings, client_settings
+from fedtextgrad_core.run.settings import RunSettings, client_settings, real_clients_need_a_server_llm
 
 Config = Mapping[str, object]
 
@@ -154,6 +154,9 @@ def answer(run_config: Config, node_config: Config, request: RoundRequest) -> Tr
     settings = client_settings(run_config, schema.node_overrides(node_config))
     node = node_identity(node_config)
     if request.kind is Phase.TRAIN:
+        if request.simulated_only and not settings.forward.simulated:
+            # the server stops the run on this client's evaluation sent with this request; not trained
+            raise real_clients_need_a_server_llm(f"this client uses {settings.forward.describe()}, so it did not train")
         return local_round(settings, node, request)
     return evaluate_split(settings, node, request.prompt, request.kind.data_split)
 

@@ -8,18 +8,22 @@ the recorder every decision to write down.
 
 Requests whose content is known in advance are sent at once, when the pool can (``send``): the
 evaluation of a prompt and the next round's training on the same prompt (round r's merged prompt
-is round r+1's starting prompt whatever it scores), and, with the last round's evaluation, the
-final tests of the prompts already known then (the last merged prompt, the start prompt, and the
-best one when the last round cannot change it; a best prompt only that evaluation decides is tested
-after it). A client then answers them back to back: a real SuperNode asks for its next message
-right after replying, but waits 3 s before asking again when there was none, which cost a
-deployment ~3 s per message exchange. From round 1 on, such requests also travel *together*, in one
-message per client (the start prompt's evaluation goes alone, so a run that must stop at start, say
-because its clients' LLMs are real while the server's would be the simulator, stops before any
-client trains): a deployment starts a ClientApp process per message. Replies are still handled in
-the same order as when asked one by one, and the clients of every request are sampled in the same
-order, so a seed gives the same run; a round's evaluation is then complete only when the requests
-sent with it are.
+is round r+1's starting prompt whatever it scores, and the start prompt is round 1's), and, with
+the last round's evaluation, the final tests of the prompts already known then (the last merged
+prompt, the start prompt, and the best one when the last round cannot change it; a best prompt only
+that evaluation decides is tested after it). Sent at once, they are answered back to back (a
+real SuperNode that finds no message waits 3 s before asking again); and they travel *together*, in
+one message per client, so they cost one ClientApp process instead of one each (a deployment starts
+a process per message, ~2 s). Replies are still handled in the same order as when asked one by one,
+and the clients of every request are sampled in the same order, so a seed gives the same run; an
+evaluation is then complete only when the requests sent with it are.
+
+The start prompt's evaluation travelling with round 1's training has a price: its score is known
+only when round 1's training is done, and a run that stops at start (too few clients answered) stops
+only once the others have trained. The one such stop a client can foresee is refused at the client:
+when the server would merge with the simulator only because ``server-backend`` is unset, training
+requests are for simulated clients only (``request``), and a client with a real LLM answers the
+evaluation and refuses the training.
 """
 
 from __future__ import annotations
@@ -30,14 +34,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.fingerprint import code_fingerprint, code_location
 from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.recorder import FinalScore, Recorder, examples_of, usage_of, weighted_accuracy
 from fedtextgrad_core.run.records import ClientEvaluation, ClientId, Failure, RoundRecord, RunSummary
 from fedtextgrad_core.run.round_step import RoundOutcome, Upload, merge_round, require_enough, required_clients
-from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.run.settings import RunSettings, real_clients_need_a_server_llm
 from fedtextgrad_core.run.state import FederationState
 
 STAGES = {Phase.TRAIN: "train", Phase.EVALUATE: "evaluate", Phase.TEST: "test"}
@@ -154,10 +157,10 @@ class Federation:
         rounds = range(state.finished_round + 1, settings.num_rounds + 1)
         ahead: Ahead | None = None
         if not state.resumed_after:
-            # the start prompt's evaluation, and round 1's training on the same prompt
+            # the start prompt's evaluation, and round 1's training on the same prompt, in one message
             clock = (time.perf_counter(), time.time())
             sent = self.send([(Phase.EVALUATE, 0, state.global_prompt)],
-                             ahead=[(Phase.TRAIN, rounds[0], state.global_prompt)] if rounds else [])
+                             ahead=[(Phase.TRAIN, rounds[0], state.global_prompt)] if rounds else [], together=True)
             evaluations, failures = self.evaluations(Phase.EVALUATE, 0, sent.replies(0))
             state.record_initial(weighted_accuracy(evaluations), usage_of(evaluations))
             self.recorder.initial(state, evaluations, failures)
@@ -298,21 +301,25 @@ class Federation:
         it was before that draw, and a resumed run draws them again alike; the next step then makes the
         same draw on the state's generator (``replay``).
         """
-        requests = [(RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt),
-                     list(clients) if clients is not None else self.sample())
-                    for phase, server_round, prompt in asks]
+        requests = [(self.request(*ask), list(clients) if clients is not None else self.sample()) for ask in asks]
         replay: tuple[list[int], list[int]] | None = None
         if ahead:
             copy = random.Random()
             copy.setstate(self.state.rng.getstate())
             nodes = self.connected()
             drawn = self.draw(nodes, copy)
-            requests.extend((RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt), drawn)
-                            for phase, server_round, prompt in ahead)
+            requests.extend((self.request(*ask), drawn) for ask in ahead)
             replay = (nodes, drawn)
         send = getattr(self.pool, "send", None)
         return _Sent(self, requests, send(requests, together) if send is not None and len(requests) > 1 else None,
                      replay)
+
+    def request(self, phase: Phase, server_round: int, prompt: str) -> RoundRequest:
+        """A request as it goes out. A training request is for simulated clients only when the server
+        would merge with the simulator by default: a client with a real LLM then refuses it at once
+        instead of training for a run that stops on its evaluation (``check_server_llm``)."""
+        return RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt,
+                            simulated_only=phase is Phase.TRAIN and self.settings.server_sim_by_default)
 
     def received(self, replies: Replies) -> Replies:
         """Replies as the loop uses them: clients labelled, checked, in partition order."""
@@ -326,17 +333,12 @@ class Federation:
     def check_server_llm(self, replies: Replies) -> None:
         """Stop a run whose clients use real LLMs while the server would merge with the simulator only
         because ``server-backend`` was left unset: its merged prompts would be a test double's."""
-        s = self.settings
-        if s.server_set or not s.server.simulated or not s.server_llm_used:
+        if not self.settings.server_sim_by_default:
             return
         real = [(client, reply.llm) for client, reply in replies.answers if not reply.simulated]
         if real:
             client, llm = real[0]
-            raise ConfigError("server-backend", "", (
-                f"the server's own LLM when clients use real ones (client {self.labels.label(client.node_id)} "
-                f"uses {llm}): set server-backend='openai' with server-base-url and server-model, or the run's "
-                f"llm-backend/llm-base-url/llm-model for the server to use, or server-backend='sim' to merge with "
-                f"the simulated LLM on purpose"))
+            raise real_clients_need_a_server_llm(f"client {self.labels.label(client.node_id)} uses {llm}")
 
     def check_code(self, replies: Replies) -> None:
         """Say once per client when it runs other code than the server (another version at a site, or

@@ -61,6 +61,10 @@ class RoundRequest(_Codec):
     phase: str  # a Phase value
     server_round: int  # 0: the start prompt's evaluation; the test phase carries the last finished round
     prompt: str
+    # a training request only for a client whose LLM is the simulated one: the server would merge with
+    # the simulator (server-backend left unset) and stops the run when a client's LLM is real, so such
+    # a client must not spend its LLM on training (RunSettings.server_sim_by_default)
+    simulated_only: bool = False
 
     @property
     def kind(self) -> Phase:

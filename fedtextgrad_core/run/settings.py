@@ -146,6 +146,12 @@ class RunSettings:
         return (self.merge != "concat" and self.partitioning != "centralized") or self.robust_merge
 
     @property
+    def server_sim_by_default(self) -> bool:
+        """The server would merge with the simulated LLM only because ``server-backend`` was left unset:
+        such a run stops when a client answers with a real LLM (``Federation.check_server_llm``)."""
+        return not self.server_set and self.server.simulated and self.server_llm_used
+
+    @property
     def server_llm(self) -> str:
         """The server's LLM as the run header and summary name it."""
         if self.server_llm_used:
@@ -222,6 +228,16 @@ class RunSettings:
         check_token_budget(settings.merge_token_budget, settings.merge, settings.format_instruction)
         check_parser(settings.local.parser, settings.tasks)
         return settings
+
+
+def real_clients_need_a_server_llm(client: str) -> ConfigError:
+    """The line that stops a run whose server would merge with the simulated LLM by default while
+    ``client`` (e.g. "client 2 uses llama3 at http://...") uses a real one: its merged prompts would be
+    a test double's."""
+    return ConfigError("server-backend", "", (
+        f"the server's own LLM when clients use real ones ({client}): set server-backend='openai' with "
+        "server-base-url and server-model, or the run's llm-backend/llm-base-url/llm-model for the server to use, "
+        "or server-backend='sim' to merge with the simulated LLM on purpose"))
 
 
 def defaults() -> RunSettings:

@@ -164,9 +164,8 @@ def plain_run(plain, tmp_path_factory):
     killed = []
     try:
         # the victim has received its first message (the start prompt's evaluation with round 1's
-        # training) and is at work on it: its LLM server has been asked
-        assert wait_until(lambda: "Receiving: train message" in victim.log
-                          and plain["sims"][2].served() > before[2], RUN_TIMEOUT), victim.log[-3000:]
+        # training); it dies before it can reply, most likely while its ClientApp process still starts
+        assert wait_until(lambda: "Receiving: train message" in victim.log, RUN_TIMEOUT), victim.log[-3000:]
         killed = [victim.pid, *descendants(victim.pid)]
         kill_pids(killed, signal.SIGKILL)  # a site that crashes mid-round: no goodbye to the SuperLink
         assert wait_until(lambda: not any(alive(pid) for pid in killed), 10)
@@ -212,8 +211,9 @@ class TestPlainDeployment:
             assert {c["label"] for c in record["uploads"]} == {"0", "1"}, record["failures"]
             assert all(c["reply"]["local"]["llm_calls"] > 0 for c in record["uploads"])
         assert summary["test_accuracy"] is not None
-        # each node's requests went to its own server, named only in that node's --node-config
-        assert all(count > 0 for count in plain_run["served"]), plain_run["served"]
+        # each node's requests went to its own server, named only in that node's --node-config (the
+        # killed node's server may have been asked or not, depending on when it died)
+        assert all(count > 0 for count in plain_run["served"][:2]), plain_run["served"]
 
     def test_a_supernode_killed_during_a_round_is_reported_and_the_run_goes_on(self, plain, plain_run):
         summary, (first, second) = read_results(plain_run["dir"])

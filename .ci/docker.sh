@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make a Docker engine, Compose v2, the local base image and the wheelhouse available for the
-# compose demo's test (tests/test_compose.py), on a Debian machine with no image registry.
+# compose demo's test (tests/integration/test_compose.py), on a Debian machine with no image registry.
 # Idempotent: what is already there is kept, so a second call takes a second or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."

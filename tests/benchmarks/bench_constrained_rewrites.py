@@ -22,7 +22,7 @@ from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.llm.engine import make_engine
 from fedtextgrad_core.method.local_training import LocalMetrics, train_prompt
 from fedtextgrad_core.tools.serve import serving
-from tests.settings_helpers import endpoint, local
+from tests.support.settings_helpers import endpoint, local
 
 
 def measure(base_url: str, alias: str, data: str, steps: int, constrained: bool, max_tokens: int,

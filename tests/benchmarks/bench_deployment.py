@@ -2,10 +2,10 @@
 
 The run: 2 rounds, 2 clients, one local step of batch 2, 60 synthetic examples, the sim LLM in
 each ClientApp process (``RUN_CONFIG``, the deployment tests' run). The deployment is started
-with the deploy/ scripts as an operator starts it (tests/deployment_helpers.py): an insecure
+with the deploy/ scripts as an operator starts it (tests/support/deployment_helpers.py): an insecure
 SuperLink and two SuperNodes on 127.0.0.1, each with its own FLWR_HOME, every process stopped by
 PID afterwards. The simulation is `flwr run . local` with `num-supernodes=2` in an FLWR_HOME and
-on ports of its own (tests/simulation_helpers.py). Both are timed from `flwr run` to its exit.
+on ports of its own (tests/support/simulation_helpers.py). Both are timed from `flwr run` to its exit.
 
 While the deployment runs, the benchmark timestamps every new line of each SuperNode's log (read
 every 50 ms) and every ClientApp / ServerApp process it sees come and go (/proc, every 50 ms), so
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.benchmarks.periodic import Periodic
-from tests.deployment_helpers import ROOT, Deployment, alive, cmdline, descendants, free_ports, wait_until
-from tests.simulation_helpers import flwr_env, stop_superlinks
+from tests.support.deployment_helpers import ROOT, Deployment, alive, cmdline, descendants, free_ports, wait_until
+from tests.support.simulation_helpers import flwr_env, stop_superlinks
 
 RUN_CONFIG = "num-server-rounds=2 min-train-clients=2 local-steps=1 batch-size=2 synthetic-size=60"
 NODES = 2

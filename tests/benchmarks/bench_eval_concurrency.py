@@ -21,7 +21,7 @@ from fedtextgrad_core.data.tasks import get_task
 from fedtextgrad_core.llm.engine import make_engine
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.sim.server import make_server
-from tests.settings_helpers import endpoint
+from tests.support.settings_helpers import endpoint
 
 
 def main(argv: list[str] | None = None) -> dict:

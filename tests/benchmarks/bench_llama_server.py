@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT, EndpointBench, LevelResult, parse_concurrency
 from fedtextgrad_core.tools.serve import serving
-from tests.llama_server import MODEL_FILE, missing_requirement
+from tests.support.llama_server import MODEL_FILE, missing_requirement
 
 HERE = Path(__file__).resolve().parent
 

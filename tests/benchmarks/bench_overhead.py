@@ -52,8 +52,8 @@ from tests.benchmarks.critical_path import (
     server_extra,
 )
 from tests.benchmarks.sim_fleet import SimFleet
-from tests.deployment_helpers import QUIET_ENV, cmdline, kill_pids
-from tests.flower_loopback import ROOT, LoopbackGrid, default_run_config
+from tests.support.deployment_helpers import QUIET_ENV, cmdline, kill_pids
+from tests.support.flower_loopback import ROOT, LoopbackGrid, default_run_config
 
 FLWR_LOCK = "/tmp/fedtextgrad-flwr.lock"
 FLWR_TIMEOUT_SECONDS = 900

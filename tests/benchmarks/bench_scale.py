@@ -53,8 +53,8 @@ from pathlib import Path
 
 from fedtextgrad_core.run.records import RoundRecord
 from tests.benchmarks.periodic import Periodic
-from tests.deployment_helpers import cmdline
-from tests.simulation_helpers import stop_superlinks
+from tests.support.deployment_helpers import cmdline
+from tests.support.simulation_helpers import stop_superlinks
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK_FILE = "/tmp/fedtextgrad-flwr.lock"

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Self
 
-from tests.deployment_helpers import start_sim_server
+from tests.support.deployment_helpers import start_sim_server
 
 START_TIMEOUT_SECONDS = 30.0
 

@@ -19,10 +19,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedtextgrad_core.errors import ConfigError
-from fedtextgrad_core.run.client_round import ERROR_FIELD, PARTITION_PREFIX, reply_key, request_key
 from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.federation import Federation, Replies
-from fedtextgrad_core.run.messages import REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.messages import ErrorReply, EvalReply, Phase, RoundRequest, TrainReply, reply_key, request_key
 from fedtextgrad_core.run.records import ClientId
 
 from . import inmemory_index
@@ -135,10 +134,8 @@ class PromptStrategy(Strategy):
 
     def bundle(self, node_id: int, requests: Sequence[RoundRequest]) -> Message:
         """One message asking ``node_id`` for several requests, answered in order (client_app.py)."""
-        content = RecordDict({request_key(position): ConfigRecord(request.encode())
-                              for position, request in enumerate(requests)})
         kind = MessageType.TRAIN if any(r.phase == Phase.TRAIN.value for r in requests) else MessageType.EVALUATE
-        return Message(content=content, message_type=kind, dst_node_id=node_id)
+        return _message(node_id, kind, [ConfigRecord(request.encode()) for request in requests])
 
     # --- Flower's Strategy interface: messages out, typed replies in ------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
@@ -168,16 +165,15 @@ class PromptStrategy(Strategy):
         for item in replies:
             reply, position = item if isinstance(item, tuple) else (item, 0)
             node_id = self.sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            reason = error_reason(reply) if reply.has_error() else None
-            content = None if reason is not None else reply.content.get(reply_key(position))
-            if isinstance(content, ConfigRecord) and set(content.keys()) == {ERROR_FIELD}:
-                reason = str(content[ERROR_FIELD])  # one request of several failed on the client
-            if reason is not None:
-                said = PARTITION_PREFIX.match(reason)  # a failing client names the partition it holds
-                partition = int(said.group(1)) if said else None
-                decoded.failures.append((self._client(node_id, partition), reason[said.end():] if said else reason))
+            if reply.has_error():  # the ClientApp raised something this project did not name
+                decoded.failures.append((self._client(node_id), error_reason(reply)))
                 continue
+            content = reply.content.get(reply_key(position))
             try:
+                if isinstance(content, ConfigRecord) and ErrorReply.within(content):
+                    failed = ErrorReply.decode(content)
+                    decoded.failures.append((self._client(node_id, failed.partition_id), failed.error))
+                    continue
                 record = kind.decode(content)
             except MalformedRecord as exc:
                 decoded.failures.append((self._client(node_id), f"malformed reply: {exc}"))
@@ -208,8 +204,7 @@ class PromptStrategy(Strategy):
         return self.grid
 
     def _messages(self, message_type: str, config: ConfigRecord, node_ids: Sequence[int]) -> list[Message]:
-        return [Message(content=RecordDict({REQUEST_RECORD: config}), message_type=message_type, dst_node_id=node)
-                for node in node_ids]
+        return [_message(node, message_type, [config]) for node in node_ids]
 
     def _client(self, node_id: int, partition_id: int | None = None) -> ClientId:
         return ClientId(node_id=node_id, name=self.names.get(node_id, ""), partition_id=partition_id)
@@ -243,6 +238,12 @@ class PromptStrategy(Strategy):
         if not total:
             return None
         return MetricRecord({"val_accuracy": sum(s.correct for s in scores) / total, "val_examples": total})
+
+
+def _message(node_id: int, message_type: str, requests: Sequence[ConfigRecord]) -> Message:
+    """A message to ``node_id`` carrying ``requests`` under their keys (messages.py), answered in order."""
+    content = RecordDict({request_key(position): record for position, record in enumerate(requests)})
+    return Message(content=content, message_type=message_type, dst_node_id=node_id)
 
 
 class InFlight:

@@ -1,8 +1,7 @@
 """What a client does when the server asks: train the prompt locally, or score it.
 
-The ClientApp decodes the Flower message into a ``RoundRequest``, calls ``answer`` with
-its run and node config, and encodes the reply, so the same code serves simulation, a
-real SuperNode and the tests.
+The ClientApp hands the requests of a message to ``answer_each`` with its run and node config and
+sends back the replies, so the same code serves simulation, a real SuperNode and the tests.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from fedtextgrad_core.method.judge import Judge
 from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
 from fedtextgrad_core.method.local_training import train_prompt
 from fedtextgrad_core.run import schema
-from fedtextgrad_core.run.messages import REPLY_RECORD, REQUEST_RECORD, EvalReply, Phase, RoundRequest, TrainReply
+from fedtextgrad_core.run.messages import ErrorReply, EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.settings import RunSettings, client_settings, real_clients_need_a_server_llm
 
 Config = Mapping[str, object]
@@ -123,29 +122,26 @@ def backward_engine(settings: RunSettings, forward: ChatEngine) -> ChatEngine:
     return make_engine(settings.backward, "backward-api-key-env")
 
 
-PARTITION_PREFIX = re.compile(r"^\[partition (\d+)\] ")
-
-# A message may carry several requests for one client (requests the server sent together, see
-# federation.py): the first under REQUEST_RECORD, the others under "request-1", "request-2", ...
-# in order. Their replies come back under REPLY_RECORD, "reply-1", ...; a request this project's
-# code could not answer is a record holding only ERROR_FIELD, the line a failing client sends.
-ERROR_FIELD = "error"
-
-
-def request_key(position: int) -> str:
-    return REQUEST_RECORD if position == 0 else f"{REQUEST_RECORD}-{position}"
-
-
-def reply_key(position: int) -> str:
-    return REPLY_RECORD if position == 0 else f"{REPLY_RECORD}-{position}"
-
-
-def failure_reason(error: BaseException, node_config: Config) -> str:
-    """The line a failing client sends the server: its error, with the partition it holds in front
+def failed(error: BaseException, node_config: Config) -> ErrorReply:
+    """The reply of a client that could not answer: its error in one line, with the partition it holds
     when the node config says (the server has no other name for a node that never answered)."""
     partition = node_config.get("partition-id")
-    known = isinstance(partition, int) and not isinstance(partition, bool)
-    return (f"[partition {partition}] " if known else "") + " ".join(str(error).split())
+    known = partition if isinstance(partition, int) and not isinstance(partition, bool) else None
+    return ErrorReply(error=" ".join(str(error).split()), partition_id=known)
+
+
+def answer_each(run_config: Config, node_config: Config, requests: Sequence[object]
+                ) -> list[TrainReply | EvalReply | ErrorReply]:
+    """This node's replies to the requests of one message, in order. A request this project's code
+    cannot answer (a setting, a data file, an unreachable LLM server) gets an ``ErrorReply`` with the
+    one line saying why; the others are still answered."""
+    replies: list[TrainReply | EvalReply | ErrorReply] = []
+    for raw in requests:
+        try:
+            replies.append(answer(run_config, node_config, RoundRequest.decode(raw)))
+        except FedTextGradError as exc:
+            replies.append(failed(exc, node_config))
+    return replies
 
 
 def answer(run_config: Config, node_config: Config, request: RoundRequest) -> TrainReply | EvalReply:

@@ -1,15 +1,14 @@
-"""What the server and a client say to each other, as typed records with one codec each.
+"""The wire format: what the server and a client say to each other, and where it sits in a message.
 
-The server sends a ``RoundRequest`` (what to do, on which prompt); a client answers a
-training request with a ``TrainReply`` and an evaluation with an ``EvalReply``. Each
-record turns into the flat ``key -> value`` map a Flower ``ConfigRecord`` holds
-(``encode``) and back (``decode``), and both Flower apps use exactly these functions,
-so the two sides cannot disagree on a key. Only prompt text and numbers travel.
+The server sends ``RoundRequest`` records; a client answers each with a ``TrainReply``, an
+``EvalReply``, or an ``ErrorReply`` (the one line saying why it could not). Each record turns into
+the flat ``key -> value`` map a Flower ``ConfigRecord`` holds (``encode``) and back (``decode``),
+and both Flower apps use exactly these functions and keys, so the two sides cannot disagree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -20,11 +19,28 @@ from fedtextgrad_core.method.leakage import LeakCounts
 from fedtextgrad_core.method.local_training import LocalMetrics
 from fedtextgrad_core.run.codec import MalformedRecord, flatten, from_plain, to_plain, unflatten
 
-# The name of the one ConfigRecord each message carries.
+# A message carries one or more requests, answered in order: the first under REQUEST_RECORD, the
+# others under "request-1", "request-2", ...; their replies come back under REPLY_RECORD, "reply-1", ...
 REQUEST_RECORD = "request"
 REPLY_RECORD = "reply"
 
 R = TypeVar("R", bound="_Codec")
+
+
+def request_key(position: int) -> str:
+    return REQUEST_RECORD if position == 0 else f"{REQUEST_RECORD}-{position}"
+
+
+def reply_key(position: int) -> str:
+    return REPLY_RECORD if position == 0 else f"{REPLY_RECORD}-{position}"
+
+
+def request_keys(content: Container[str]) -> list[str]:
+    """The keys of the requests a message holds, in the order they are to be answered."""
+    keys: list[str] = []
+    while request_key(len(keys)) in content:
+        keys.append(request_key(len(keys)))
+    return keys
 
 
 class Phase(StrEnum):
@@ -100,3 +116,16 @@ class EvalReply(_Codec):
     scores: Scores
     usage: Usage
     code: str = ""
+
+
+@dataclass(frozen=True)
+class ErrorReply(_Codec):
+    """Client -> server: a request this client could not answer, and why, in one line."""
+
+    error: str
+    partition_id: int | None = None  # the share of the data the client says it holds, when it knows
+
+    @staticmethod
+    def within(record: Mapping[str, object]) -> bool:
+        """Whether a reply record is an error reply (its ``error`` field is what tells them apart)."""
+        return "error" in record

@@ -76,7 +76,8 @@ class LoopbackGrid:
             reply = client_app(message, context)
         except Exception as exc:  # what Flower does with a ClientApp that raises
             return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-        if node_id in self.uploads and message.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+        answered = reply.content[REPLY_RECORD] if not reply.has_error() else {}
+        if node_id in self.uploads and message.metadata.message_type == MessageType.TRAIN and "prompt" in answered:
             reply.content[REPLY_RECORD]["prompt"] = self.uploads[node_id]
         return reply
 

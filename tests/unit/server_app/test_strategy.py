@@ -337,7 +337,7 @@ def test_requests_sent_together_travel_in_one_message_per_node_and_answer_as_apa
 
 
 def test_one_failed_request_of_several_is_a_failure_of_that_request_only(tmp_path, monkeypatch):
-    import client_app.client_app as client_module
+    import fedtextgrad_core.run.client_round as client_module
     from fedtextgrad_core.errors import ConfigError
 
     answer = client_module.answer

@@ -34,6 +34,14 @@ class LLMError(FedTextGradError):
     """An LLM endpoint could not give a usable answer (after retries, where retrying made sense)."""
 
 
+class TransientLLMError(LLMError):
+    """A failure that may pass (a connection refused, a timeout, HTTP 429 or 5xx): retried with backoff."""
+
+
+class LLMTimeout(TransientLLMError):
+    """A call that ran out of time: the server may still be busy with it, so a retry waits at least as long."""
+
+
 class SimUnsupportedError(LLMError):
     """The simulated LLM was asked something it cannot answer (e.g. a GSM8K question)."""
 

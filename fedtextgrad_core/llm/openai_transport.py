@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedtextgrad_core.errors import ConfigError, LLMError
+from fedtextgrad_core.errors import ConfigError, LLMError, LLMTimeout, TransientLLMError
 from fedtextgrad_core.llm.constraints import Constraint
 from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.llm.server_kind import detect_kind, probe_kind
@@ -38,14 +38,6 @@ STARTUP_POLL_SECONDS = 2.0
 AUTO_TIMEOUT_SECONDS = {"llama.cpp": 900.0, "ollama": 900.0, "vllm": 300.0, "sglang": 300.0, "openai": 120.0,
                         "unknown": 600.0}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class TransientLLMError(LLMError):
-    """A failure that may pass: the engine retries it with backoff."""
-
-
-class LLMTimeout(TransientLLMError):
-    """A call that ran out of time: the server may still be busy with it, so a retry waits at least as long."""
 
 
 def api_key_for(api_key_env: str, setting_name: str) -> str:
@@ -138,7 +130,7 @@ _clients: dict[tuple[str, str], Any] = {}
 _clients_lock = threading.Lock()
 
 
-def shared_client(base_url: str, api_key: str):
+def shared_client(base_url: str, api_key: str) -> Any:
     """One ``openai.OpenAI`` client per endpoint per process, shared by every engine and thread.
 
     A client costs about a quarter of a second of CPU to build (it loads the CA bundle for

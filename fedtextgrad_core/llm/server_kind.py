@@ -27,13 +27,13 @@ was before constraints existed.
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
+
+from fedtextgrad_core.errors import LLMError
+from fedtextgrad_core.llm.http import get_json
 
 KINDS = ("llama.cpp", "vllm", "sglang", "ollama", "openai", "unknown")
 
@@ -57,6 +57,7 @@ _OPENAI_HOST_SUFFIXES = (".openai.azure.com",)
 _OLLAMA_NAME = re.compile(r"^(?:[^/\s]+/)?(?P<namespace>[^/\s:]+)/[^/\s:]+:[^/\s:]+$")
 
 PROBE_TIMEOUT_SECONDS = 2.0
+PROBE_MAX_BYTES = 1_000_000  # of a probe's answer; a longer one tells nothing
 
 
 def _server_root(base_url: str) -> str:
@@ -98,7 +99,7 @@ def _kind_from_headers(headers: Mapping[str, str] | None) -> str | None:
     return None
 
 
-def detect_kind(models_payload: dict | None, base_url: str, *, headers: Mapping[str, str] | None = None) -> str:
+def detect_kind(models_payload: Mapping[str, Any] | None, base_url: str, *, headers: Mapping[str, str] | None = None) -> str:
     """The server kind from the JSON of ``GET /v1/models`` (and the base URL); ``"unknown"`` if unsure.
 
     Pure: no network. The host ``api.openai.com`` wins; then ``owned_by`` of the listed models, where
@@ -126,19 +127,13 @@ def detect_kind(models_payload: dict | None, base_url: str, *, headers: Mapping[
 
 
 def _get_json(url: str, api_key: str, timeout: float) -> tuple[Any, Mapping[str, str]] | None:
-    """GET ``url``; its JSON body and headers, or None on any failure (a probe must never raise)."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+    """GET ``url``; its JSON body and headers, or None on any failure (a probe must never raise).
+
+    Through ``http.get_json``: a redirect to another origin is not followed, so the key stays home.
+    """
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            headers = dict(response.headers.items())
-            raw = response.read(1_000_000)
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-    try:
-        return json.loads(raw.decode("utf-8", errors="replace")), headers
-    except ValueError:
+        return get_json(url, api_key=api_key, timeout=timeout, max_bytes=PROBE_MAX_BYTES)
+    except LLMError:
         return None
 
 
@@ -178,5 +173,5 @@ def probe_vllm_version(base_url: str, api_key: str = "", timeout: float = PROBE_
     """
     answer = _get_json(f"{_server_root(base_url)}/version", api_key, timeout)
     if answer and isinstance(answer[0], dict) and isinstance(answer[0].get("version"), str):
-        return answer[0]["version"]
+        return str(answer[0]["version"])
     return None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtextgrad_core.llm.engine import Usage
-from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze
+from fedtextgrad_core.llm.surprisal import SurprisalClient
+from fedtextgrad_core.method.prompt_metrics import analyze
 from fedtextgrad_core.run import figures, report
 from fedtextgrad_core.run.checkpoint import Checkpoint
 from fedtextgrad_core.run.codec import MalformedRecord

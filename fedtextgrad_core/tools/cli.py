@@ -81,7 +81,8 @@ def read_text_file(name: str, option: str = "") -> str:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from fedtextgrad_core.method.prompt_metrics import SurprisalClient, analyze, format_metrics_table
+    from fedtextgrad_core.llm.surprisal import SurprisalClient
+    from fedtextgrad_core.method.prompt_metrics import analyze, format_metrics_table
 
     prompts = [(name, read_text_file(name)) for name in args.prompt_files]
     client = None
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except FedTextGradError as exc:
         print(f"fedtextgrad {getattr(args, 'command_name', args.command)}: {exc}", file=sys.stderr)
         return 2

@@ -19,10 +19,9 @@ import pytest
 
 from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.tasks import get_task
-from fedtextgrad_core.errors import ConfigError, LLMError
+from fedtextgrad_core.errors import ConfigError, LLMError, TransientLLMError
 from fedtextgrad_core.llm import openai_transport as openai_backend
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
-from fedtextgrad_core.llm.openai_transport import TransientLLMError
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.run.client_round import answer, load_client_data, node_identity
 from fedtextgrad_core.run.messages import Phase, RoundRequest

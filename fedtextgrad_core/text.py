@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from functools import lru_cache
+from typing import Any
 
 REGEX_TOKEN_PATTERN = r"\w+|[^\w\s]"
 REGEX_TOKENIZER = f"regex:{REGEX_TOKEN_PATTERN}"
@@ -49,7 +50,7 @@ def regex_tokens(text: str) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def _cached_tiktoken():
+def _cached_tiktoken() -> Any:
     """tiktoken's encoding if its BPE file is already cached locally; never downloads.
 
     tiktoken fetches its vocabulary over HTTP on first use; its download function is

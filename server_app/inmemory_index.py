@@ -52,7 +52,7 @@ class PendingIndex:
         self._get_message_ins = state.get_message_ins
 
     def store_message_ins(self, message: Any) -> str | None:
-        message_id = self._store_message_ins(message)
+        message_id: str | None = self._store_message_ins(message)
         if message_id:
             node_id = message.metadata.dst_node_id
             with self._guard:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -50,7 +50,7 @@ def error_reason(message: Message) -> str:
     reason = (message.error.reason or "").strip() if message.error else ""
     found = re.findall(r"occurred\. Message: (.+)", reason)
     if found:
-        return found[-1].strip().removesuffix("'>").strip()
+        return str(found[-1]).strip().removesuffix("'>").strip()
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return lines[-1] if lines else f"error code {message.error.code if message.error else '?'}"
 
@@ -58,8 +58,8 @@ def error_reason(message: Message) -> str:
 class PromptStrategy(Strategy):
     """Federated prompt optimisation over Flower's grid; the loop is the core's ``Federation``."""
 
-    def __init__(self, federation_factory, timeout: float = 3600.0):
-        self._federation_factory = federation_factory  # (pool) -> Federation
+    def __init__(self, federation_factory: Callable[[PromptStrategy], Federation], timeout: float = 3600.0):
+        self._federation_factory = federation_factory  # the core's loop over this strategy as its ClientPool
         self.timeout = timeout
         self.grid: Grid | None = None
         self.result = Result()
@@ -184,7 +184,8 @@ class PromptStrategy(Strategy):
     # --- the run ---------------------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float | None = None, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         """Run the core's loop over this grid. The base class threads an ArrayRecord through its own
         loop; a prompt has no arrays, and the run needs an evaluation before the first round and a
         test after the last, so the core drives the rounds."""

@@ -23,14 +23,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from fedtextgrad_core.errors import ConfigError
+from fedtextgrad_core.errors import ConfigError, LLMTimeout, TransientLLMError
 from fedtextgrad_core.llm import waiting
 from fedtextgrad_core.llm.cache import cache_key, open_cache
 from fedtextgrad_core.llm.constraints import Constraint, constraint_for
 from fedtextgrad_core.llm.endpoint import EndpointSettings
-from fedtextgrad_core.llm.openai_transport import LLMTimeout, TransientLLMError
 from fedtextgrad_core.llm.server_kind import KINDS as SERVER_KINDS
 from fedtextgrad_core.llm.textgrad_adapter import EngineLM
 
@@ -39,6 +38,8 @@ BACKOFF_CAP_SECONDS = 8.0
 
 # (messages[, constraint]) -> (reply text, prompt tokens, completion tokens)
 ChatFn = Callable[..., tuple[str, int, int]]
+# a backend registered in BACKEND_GROUP: (the endpoint, the setting naming its key) -> its chat function
+BackendFactory = Callable[[EndpointSettings, str], ChatFn]
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -168,7 +169,7 @@ class ChatEngine(EngineLM):
                 self._count(retries=1)
 
     def generate(self, prompt: str, system_prompt: str | None = None, constraint: Constraint | None = None,
-                 **kwargs) -> str:
+                 **kwargs: Any) -> str:
         """TextGrad's call: the reply to ``prompt`` under ``system_prompt``. ``constraint`` asks the
         server to shape the reply (constraints.py); the reply comes back as plain tagged text."""
         messages = [{"role": "system", "content": system_prompt or self.system_prompt},
@@ -197,7 +198,7 @@ class ChatEngine(EngineLM):
         self._last.reply = text or ""
         return text or ""
 
-    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs: Any) -> str:
         return self.generate(prompt, system_prompt=system_prompt, **kwargs)
 
     def take_usage(self) -> Usage:
@@ -223,10 +224,10 @@ class ConstrainedEngine(EngineLM):
         self.constraint = constraint
         self.model_string = inner.model_string
 
-    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+    def generate(self, prompt: str, system_prompt: str | None = None, **kwargs: Any) -> str:
         return self.inner.generate(prompt, system_prompt=system_prompt, constraint=self.constraint)
 
-    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs) -> str:
+    def __call__(self, prompt: str, system_prompt: str | None = None, **kwargs: Any) -> str:
         return self.generate(prompt, system_prompt=system_prompt)
 
     def last_reply(self) -> str:
@@ -266,5 +267,5 @@ def make_engine(settings: EndpointSettings, key_setting: str = "llm-api-key-env"
             f"a backend registered in the entry point group {BACKEND_GROUP}; none is (is the project installed? "
             "pip install -e .)")
         raise ConfigError(key_setting.replace("api-key-env", "backend"), settings.backend, accepted)
-    factory = entry.load()
+    factory: BackendFactory = entry.load()
     return ChatEngine(settings, factory(settings, key_setting))

@@ -12,6 +12,7 @@ a file nobody asked for.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 def _placeholder_litellm() -> types.ModuleType:
     module = types.ModuleType("litellm")
 
-    def completion(*args, **kwargs):
+    def completion(*args: object, **kwargs: object) -> None:
         raise RuntimeError("litellm is not used by fedtextgrad; use fedtextgrad_core.llm.engine engines")
 
     module.completion = completion  # type: ignore[attr-defined]
@@ -44,7 +45,7 @@ def _placeholder_experimental_engines() -> dict[str, types.ModuleType]:
     engines = types.ModuleType("textgrad.engine_experimental.litellm")
 
     class LiteLLMEngine:
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args: object, **kwargs: object) -> None:
             raise RuntimeError("textgrad's experimental engines are not used by fedtextgrad; "
                                "use fedtextgrad_core.llm.engine engines")
 
@@ -60,7 +61,7 @@ def import_textgrad() -> types.ModuleType:
         sys.modules.setdefault("litellm", _placeholder_litellm())
         for name, module in _placeholder_experimental_engines().items():
             sys.modules.setdefault(name, module)
-    import textgrad
+    textgrad: types.ModuleType = importlib.import_module("textgrad")
 
     logging.getLogger("textgrad").setLevel(logging.WARNING)
     return textgrad

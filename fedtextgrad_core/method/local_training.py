@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.tasks import Task
@@ -96,7 +97,7 @@ class LocalResult:
     metrics: LocalMetrics
 
 
-def _forward(model, questions: Sequence[str], engine: ChatEngine) -> list:
+def _forward(model: Any, questions: Sequence[str], engine: ChatEngine) -> list[Any]:
     """Answer a batch through TextGrad's graph, several requests at once."""
     variables = [
         tg.Variable(q, requires_grad=False, role_description="query to the language model")
@@ -134,7 +135,7 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
     # through; with the judge, the verdict is the judge's, as in the reference
     verdict_of = {id(response): verdict for response, verdict in zip(responses, verdicts)}
 
-    def correctness(prediction, ground_truth_answer) -> str:
+    def correctness(prediction: Any, ground_truth_answer: Any) -> str:
         return "1" if verdict_of.get(id(prediction)) else "0"
 
     scorer = tg.autograd.StringBasedFunction(correctness, function_purpose=SCORER_PURPOSE)

@@ -52,16 +52,15 @@ from fedtextgrad_core.text import split_sentences
 
 log = logging.getLogger(__name__)
 
-MERGE_METHODS = ("concat", "summarize", "summarize-uid", "summarize-uid-explicit")
-
 MERGE_OPENING = ("Merge the following list of prompts into a single, cohesive prompt while preserving all "
                  "original information.")
 MERGE_CLOSING = ("Ensure that the final instruction remains unchanged and is placed as the last sentence. "
                  "Provide only the merged prompt.")
 MERGE_REQUEST = f"{MERGE_OPENING} {MERGE_CLOSING}"  # the reference's summarization template
-UID_SENTENCE = "Apply Uniform Information Density Principles."  # the reference's UID template adds this
+UID_NAME = "Uniform Information Density"
+UID_SENTENCE = f"Apply {UID_NAME} Principles."  # the reference's UID template adds this
 UID_REQUEST = (
-    "Apply the Uniform Information Density principle: spread the information evenly across the "
+    f"Apply the {UID_NAME} principle: spread the information evenly across the "
     "merged prompt, keep one clear sentence for each distinct instruction, and remove redundancy "
     "so that no part is overloaded or padded."
 )
@@ -70,6 +69,7 @@ REQUESTS = {
     "summarize-uid": f"{MERGE_OPENING} {UID_SENTENCE} {MERGE_CLOSING}",
     "summarize-uid-explicit": f"{MERGE_REQUEST} {UID_REQUEST}",
 }
+MERGE_METHODS = ("concat", *REQUESTS)  # concat needs no request: the prompts are joined
 LIST_HEADING = "List of Prompts to Merge:"
 # A sentence that states an answer format, in whatever words a client's rewrite left it: the
 # run's own format is appended once after a merge, so every variant is taken out first.
@@ -110,8 +110,9 @@ class MergeResult:
 
 
 def check_method(method: str) -> str:
+    """``method`` if it is a merge method (the run's setting is checked against MERGE_METHODS at start)."""
     if method not in MERGE_METHODS:
-        raise ConfigError("merge", method, ", ".join(MERGE_METHODS))
+        raise ValueError(f"unknown merge method {method!r}; expected one of {', '.join(MERGE_METHODS)}")
     return method
 
 

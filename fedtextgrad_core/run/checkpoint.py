@@ -16,6 +16,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.run import schema
@@ -43,7 +44,7 @@ class Checkpoint:
     best_accuracy: float | None
     best_round: int
     initial_accuracy: float | None
-    rng_state: list  # random.Random.getstate(), as JSON lists
+    rng_state: list[Any]  # random.Random.getstate(), as JSON lists
     run_config: dict[str, object] = field(default_factory=dict)
     resumed_after: list[int] = field(default_factory=list)  # rounds after which earlier resumes happened
     initial_usage: dict[str, float] = field(default_factory=dict)  # what the start prompt's evaluation cost
@@ -57,7 +58,7 @@ class Checkpoint:
         return generator
 
 
-def rng_state(generator: random.Random) -> list:
+def rng_state(generator: random.Random) -> list[Any]:
     version, internal, gauss = generator.getstate()
     return [version, list(internal), gauss]
 
@@ -118,7 +119,7 @@ def check_same_run(saved: Mapping[str, object], now: Mapping[str, object], folde
 
     def value(config: Mapping[str, object], key: str) -> object:
         try:
-            return schema.read(config, key)
+            return schema.BY_KEY[key].read(config)
         except ConfigError:
             return config.get(key)
 

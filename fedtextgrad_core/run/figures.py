@@ -30,9 +30,9 @@ def pyplot() -> Any:
     return plt
 
 
-def merged_series(rounds: Sequence[RoundRecord]) -> dict[str, list]:
+def merged_series(rounds: Sequence[RoundRecord]) -> dict[str, list[Any]]:
     """Per round of the merged prompt: round, val accuracy, chars, surprisal variance (None if absent)."""
-    series: dict[str, list] = {"round": [], "val_accuracy": [], "chars": [], "surprisal_variance": []}
+    series: dict[str, list[Any]] = {"round": [], "val_accuracy": [], "chars": [], "surprisal_variance": []}
     for record in rounds:
         metrics = record.merged_prompt_metrics or {}
         series["round"].append(record.round)
@@ -42,9 +42,9 @@ def merged_series(rounds: Sequence[RoundRecord]) -> dict[str, list]:
     return series
 
 
-def client_series(rounds: Sequence[RoundRecord]) -> dict[str, dict[str, list]]:
+def client_series(rounds: Sequence[RoundRecord]) -> dict[str, dict[str, list[Any]]]:
     """Per client label, per round: its own val accuracy, its prompt's chars and surprisal variance."""
-    clients: dict[str, dict[str, list]] = {}
+    clients: dict[str, dict[str, list[Any]]] = {}
     for record in rounds:
         for upload in record.uploads:
             series = clients.setdefault(upload.label, {"round": [], "val_accuracy": [], "chars": [],
@@ -58,7 +58,7 @@ def client_series(rounds: Sequence[RoundRecord]) -> dict[str, dict[str, list]]:
     return clients
 
 
-def client_band(clients: Mapping[str, Mapping[str, list]], key: str) -> dict[str, list]:
+def client_band(clients: Mapping[str, Mapping[str, list[Any]]], key: str) -> dict[str, list[Any]]:
     """Per round, the minimum, median and maximum of ``key`` over the clients that have a value."""
     by_round: dict[int, list[float]] = {}
     for series in clients.values():
@@ -70,7 +70,7 @@ def client_band(clients: Mapping[str, Mapping[str, list]], key: str) -> dict[str
             "median": [statistics.median(by_round[r]) for r in rounds], "max": [max(by_round[r]) for r in rounds]}
 
 
-def _band(ax: Any, band: Mapping[str, list], clients: int, what: str) -> None:
+def _band(ax: Any, band: Mapping[str, list[Any]], clients: int, what: str) -> None:
     if not band["round"]:
         return
     ax.fill_between(band["round"], band["min"], band["max"], color="tab:blue", alpha=0.2, linewidth=0,
@@ -79,7 +79,7 @@ def _band(ax: Any, band: Mapping[str, list], clients: int, what: str) -> None:
             label=f"{clients} clients, {what}: median", zorder=2)
 
 
-def points(xs: Sequence, ys: Sequence) -> tuple[list, list]:
+def points(xs: Sequence[Any], ys: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     pairs = [(x, float(y)) for x, y in zip(xs, ys) if y is not None]
     return [x for x, _ in pairs], [y for _, y in pairs]
 
@@ -101,7 +101,7 @@ def style(axes: Sequence[Any], titles: Sequence[str], ylabels: Sequence[str]) ->
         ax.xaxis.get_major_locator().set_params(integer=True)
 
 
-def _merged_line(ax: Any, xs: list, ys: list) -> None:
+def _merged_line(ax: Any, xs: list[Any], ys: list[Any]) -> None:
     # drawn first and wide, so a client whose line coincides with it stays visible on top
     ax.plot(xs, ys, marker="s", markersize=9, linewidth=5, alpha=0.35, color="black", label="merged prompt", zorder=1)
 

@@ -106,7 +106,8 @@ class RoundRecord:
     version: int = ROUND_RECORD_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return to_plain(self)
+        plain: dict[str, Any] = to_plain(self)
+        return plain
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -147,7 +148,8 @@ class RunSummary:
     seconds: float = 0.0  # wall time of the run so far, across resumes
 
     def to_json(self) -> dict[str, Any]:
-        return to_plain(self)
+        plain: dict[str, Any] = to_plain(self)
+        return plain
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunSummary:

@@ -1,9 +1,8 @@
-"""Every run setting in one table: its key, kind, default, bounds, who may set it, and one line of doc.
+"""Every run setting in one table: its key, kind, default, bounds, who may set it, where it goes, and a line of doc.
 
-Validation, the node-override rule, the defaults in ``[tool.flwr.app.config]`` and the README's
-settings table all come from ``SETTINGS`` (tests check pyproject and the README against it), so a
-setting is added or changed here and nowhere else. Reading a value checks it once, at start, and a
-wrong value stops the run with one line naming the setting, the value and what is accepted.
+Validation, the node-override rule, the typed settings (``settings.py`` fills each record from the
+settings that name it), the defaults in ``[tool.flwr.app.config]`` and the settings reference all
+come from ``SETTINGS``, so a setting is one ``Setting(...)`` here and one field in its record.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+import tomli_w
 
 from fedtextgrad_core.data.loaders import GSM8K_SPLITS, MAX_SYNTHETIC_SIZE
 from fedtextgrad_core.data.partitioning import PARTITIONINGS
@@ -49,6 +50,13 @@ FLOWER_NODE_KEYS = ("partition-id", "num-partitions")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+# Which record a setting's value goes into (``Setting.record``): a field of RunSettings, a field of
+# every endpoint's EndpointSettings, or a field of one endpoint's (the role names).
+RUN = "run"
+ENDPOINT = "endpoint"
+ROLES = ("llm", "backward", "judge", "server")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One run setting."""
@@ -62,6 +70,13 @@ class Setting:
     choices: Callable[[], tuple[str, ...]] | None = None  # a function: some lists are only known at run time
     node: bool = False  # a SuperNode's node config may override the run's value
     section: str = "federation"
+    record: str = RUN  # RUN, ENDPOINT or a role of ROLES (see above)
+    field: str = ""  # the record's field it fills; empty: the key in snake case
+    empty_is_default: bool = False  # an empty text value means the default (a folder, a name)
+
+    @property
+    def attribute(self) -> str:
+        return self.field or self.key.replace("-", "_")
 
     def accepted(self) -> tuple[str, ...]:
         return self.choices() if self.choices else ()
@@ -122,7 +137,7 @@ def _int(setting: Setting, value: object) -> int:
     if (not _finite(value) or int(value) != value or value < low  # type: ignore[call-overload, operator]
             or (setting.high is not None and value > setting.high)):  # type: ignore[operator]
         raise ConfigError(setting.key, value, f"a whole number of {_bounds(setting)}")
-    return int(value)  # type: ignore[call-overload]
+    return int(value)  # type: ignore[call-overload, no-any-return]
 
 
 def _number(setting: Setting, value: object) -> float:
@@ -159,6 +174,8 @@ def _text(setting: Setting, value: object) -> str:
     value = value.strip()
     if has_control(value):
         raise ConfigError(setting.key, value, "text without control characters (no NUL, tab, newline or escape codes)")
+    if not value and setting.empty_is_default:
+        return str(setting.default)
     return value
 
 
@@ -218,25 +235,26 @@ def _tasks() -> tuple[str, ...]:
 
 def _endpoint(role: str, what: str, node: bool, backend_default: str, model_default: str,
               when_empty: str = "") -> list[Setting]:
+    """The four settings of one endpoint role (``{role}-backend``, ``-base-url``, ``-model``, ``-api-key-env``)."""
     section = "endpoints"
     return [
         Setting(f"{role}-backend", "choice", backend_default,
                 f"{what}: `sim` (the simulated LLM, a test double) or `openai` (any OpenAI-compatible server)"
                 + (f"; empty: {when_empty}" if when_empty else ""),
-                choices=backend_names, node=node, section=section),
+                choices=backend_names, node=node, section=section, record=role, field="backend"),
         Setting(f"{role}-base-url", "url", "", f"{what}: the server's URL, e.g. `http://127.0.0.1:8000/v1`",
-                node=node, section=section),
+                node=node, section=section, record=role, field="base_url"),
         Setting(f"{role}-model", "text", model_default, f"{what}: the model name the server knows", node=node,
-                section=section),
+                section=section, record=role, field="model"),
         Setting(f"{role}-api-key-env", "env-name", "",
                 f"{what}: the NAME of the environment variable holding the API key (never the key)", node=node,
-                section=section),
+                section=section, record=role, field="api_key_env"),
     ]
 
 
 SETTINGS: tuple[Setting, ...] = (
     # --- the federation ---
-    Setting("num-server-rounds", "int", 3, "federated rounds", low=1, high=MAX_ROUNDS),
+    Setting("num-server-rounds", "int", 3, "federated rounds", low=1, high=MAX_ROUNDS, field="num_rounds"),
     Setting("fraction-train", "fraction", 1.0, "share of connected clients sampled per round (at least min-train-clients)"),
     Setting("min-train-clients", "int", 2, "a round with fewer successful clients stops the run with their errors",
             low=1, high=MAX_CLIENTS),
@@ -284,6 +302,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the prompts scored on the clients' test splits at the end: the best by validation, the last merged "
             "one, the start prompt (a prompt that is two of them is scored once)",
             choices=lambda: ("best", "last", "initial"), section="local"),
+    Setting("constrained-updates", "choice", "auto", "auto: the optimizer's reply is constrained by the server "
+            "(llama.cpp grammar, vLLM/SGLang regex, Ollama/OpenAI JSON schema) to a well-formed "
+            "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), node=True,
+            section="local"),
     # --- merging on the server ---
     Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
             choices=lambda: MERGE_METHODS, section="merge"),
@@ -315,38 +337,45 @@ SETTINGS: tuple[Setting, ...] = (
                when_empty="the run's `llm-*` endpoint when it is a real one, else the simulator; a run whose clients "
                           "report real LLMs then stops at once, naming this setting"),
     Setting("llm-temperature", "number", 0.0, "sampling temperature of every endpoint", high=100, node=True,
-            section="endpoints"),
+            section="endpoints", record=ENDPOINT,
+            field="temperature"),
     Setting("llm-max-tokens", "int", 512, "most tokens per reply", low=1, high=MAX_TOKENS, node=True,
-            section="endpoints"),
+            section="endpoints", record=ENDPOINT,
+            field="max_tokens"),
     Setting("llm-timeout", "number", 0.0, "seconds per LLM call; 0: by the kind of server (llama.cpp and Ollama "
             "900, vLLM and SGLang 300, OpenAI 120, others 600)", high=MAX_TIMEOUT_SECONDS, node=True,
-            section="endpoints"),
+            section="endpoints", record=ENDPOINT,
+            field="timeout"),
     Setting("llm-startup-wait", "number", 60.0, "seconds a process waits for an LLM server that is not answering "
-            "yet (still loading) before it gives up", high=MAX_TIMEOUT_SECONDS, node=True, section="endpoints"),
+            "yet (still loading) before it gives up", high=MAX_TIMEOUT_SECONDS, node=True, section="endpoints", record=ENDPOINT,
+            field="startup_wait"),
     Setting("llm-server-kind", "choice", "auto", "the kind of server at llm-base-url, for its constrained-output "
             "field and timeout; auto: detected from GET /v1/models (owned_by) and the server's own endpoints",
-            choices=lambda: ("auto", *SERVER_KINDS), node=True, section="endpoints"),
+            choices=lambda: ("auto", *SERVER_KINDS), node=True, section="endpoints", record="llm",
+            field="server_kind"),
     Setting("backward-server-kind", "choice", "", "the same for backward-base-url; empty: llm-server-kind when "
             "the backward model is the forward one's server, else auto", choices=lambda: ("auto", *SERVER_KINDS),
-            node=True, section="endpoints"),
-    Setting("constrained-updates", "choice", "auto", "auto: the optimizer's reply is constrained by the server "
-            "(llama.cpp grammar, vLLM/SGLang regex, Ollama/OpenAI JSON schema) to a well-formed "
-            "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), node=True,
-            section="local"),
+            node=True, section="endpoints", record="backward",
+            field="server_kind"),
     Setting("llm-concurrency", "int", 8, "requests in flight per endpoint (batch answers, evaluation)",
-            low=1, high=MAX_CONCURRENCY, node=True, section="endpoints"),
+            low=1, high=MAX_CONCURRENCY, node=True, section="endpoints", record=ENDPOINT,
+            field="concurrency"),
     Setting("llm-max-retries", "int", 3, "retries on connection errors, timeouts, 429 and 5xx (never on other 4xx)",
-            high=MAX_RETRIES, node=True, section="endpoints"),
+            high=MAX_RETRIES, node=True, section="endpoints", record=ENDPOINT,
+            field="max_retries"),
     Setting("llm-retry-backoff", "number", 0.5, "seconds before the first retry; doubles each time (with jitter), at most 8",
-            high=3600, node=True, section="endpoints"),
+            high=3600, node=True, section="endpoints", record=ENDPOINT,
+            field="retry_backoff"),
     Setting("llm-cache-path", "text", "", "a SQLite file to cache replies in (off when empty); hits are counted",
-            node=True, section="endpoints"),
+            node=True, section="endpoints", record=ENDPOINT,
+            field="cache_path"),
     Setting("sim-latency-ms", "number", 0.0, "added delay per simulated LLM call (benchmarks)",
-            high=MAX_SIM_LATENCY_MS, node=True, section="endpoints"),
+            high=MAX_SIM_LATENCY_MS, node=True, section="endpoints", record=ENDPOINT,
+            field="sim_latency_ms"),
     # --- results ---
     Setting("results-dir", "text", "results",
             "where the run folder goes (a relative path is taken from the folder the SuperLink was started in)",
-            section="results"),
+            section="results", empty_is_default=True),
     Setting("run-name", "text", "", "the run folder's name; empty: <task>-<partitioning>-<merge>-<timestamp>",
             section="results"),
     Setting("resume-from", "text", "", "the folder of an unfinished run: continue after its last finished round",
@@ -359,7 +388,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tracking-uri", "text", "", "MLflow tracking URI: a folder, sqlite:///FILE or http://HOST:PORT "
             "(empty: MLflow's local default)", section="results"),
     Setting("tracking-experiment", "text", "fedtextgrad", "the MLflow experiment the run goes into",
-            section="results"),
+            section="results", empty_is_default=True),
     Setting("tracking-parent-run", "text", "", "an MLflow run id to nest this run under (set by "
             "`fedtextgrad experiment` for its grid)", section="results"),
 )
@@ -373,8 +402,9 @@ def defaults() -> dict[str, object]:
     return {setting.key: setting.default for setting in SETTINGS}
 
 
-def read(config: Config, key: str) -> Any:
-    return BY_KEY[key].read(config)
+def values(config: Config, record: str) -> dict[str, Any]:
+    """The checked values of every setting of ``record``, by field name: what builds that record."""
+    return {setting.attribute: setting.read(config) for setting in SETTINGS if setting.record == record}
 
 
 def check_known(config: Config, where: str = "run config") -> None:
@@ -412,33 +442,26 @@ SECTION_TITLES = {
 }
 
 
+def by_section() -> list[tuple[str, list[Setting]]]:
+    """The settings grouped under their section titles, each section once, in the titles' order."""
+    return [(title, [s for s in SETTINGS if s.section == section]) for section, title in SECTION_TITLES.items()]
+
+
 def markdown_table() -> str:
-    """The README's settings table, written from ``SETTINGS`` (``fedtextgrad settings --markdown``)."""
+    """The settings reference table, written from ``SETTINGS`` (``fedtextgrad settings --format markdown``)."""
     lines = ["| key | default | accepted | node may set | what |", "|---|---|---|---|---|"]
-    section = ""
-    for setting in SETTINGS:
-        if setting.section != section:
-            section = setting.section
-            lines.append(f"| **{SECTION_TITLES[section]}** | | | | |")
-        lines.append(f"| `{setting.key}` | {setting.shown_default()} | {setting.shown_accepted()} | "
-                     f"{'yes' if setting.node else ''} | {setting.doc} |")
+    for title, settings in by_section():
+        lines.append(f"| **{title}** | | | | |")
+        for setting in settings:
+            lines.append(f"| `{setting.key}` | {setting.shown_default()} | {setting.shown_accepted()} | "
+                         f"{'yes' if setting.node else ''} | {setting.doc} |")
     return "\n".join(lines)
 
 
 def pyproject_block() -> str:
     """``[tool.flwr.app.config]`` as pyproject.toml holds it, one commented line per setting."""
     lines = []
-    section = ""
-    for setting in SETTINGS:
-        if setting.section != section:
-            section = setting.section
-            lines.append(f"# --- {SECTION_TITLES[section]} ---")
-        value = setting.default
-        if isinstance(value, bool):
-            shown = "true" if value else "false"
-        elif isinstance(value, str):
-            shown = f'"{value}"'
-        else:
-            shown = repr(value)
-        lines.append(f"{setting.key} = {shown}")
+    for title, settings in by_section():
+        lines.append(f"# --- {title} ---")
+        lines.extend(tomli_w.dumps({setting.key: setting.default}).strip() for setting in settings)
     return "\n".join(lines)

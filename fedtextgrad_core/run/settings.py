@@ -22,43 +22,26 @@ from fedtextgrad_core.run import schema
 
 Config = Mapping[str, object]
 
-ENDPOINT_ROLES = ("llm", "backward", "server")
+# the endpoint of each role (schema.ROLES), by its RunSettings field
+ENDPOINT_FIELDS = {"llm": "forward", "backward": "backward", "judge": "judge", "server": "server"}
+_INHERITED = ("backend", "base_url", "model", "api_key_env")  # empty: the fallback endpoint's
 
 
 def endpoint_settings(config: Config, role: str, fallback: EndpointSettings | None = None) -> EndpointSettings:
-    """The endpoint for ``role`` ('llm', 'backward' or 'server') from flat config keys.
+    """The endpoint for ``role`` (one of schema.ROLES) from flat config keys.
 
-    Empty keys inherit from ``fallback``: the backward model defaults to the forward one.
+    Empty keys inherit from ``fallback``: the backward model defaults to the forward one. A role
+    without a server-kind setting, or with it empty, takes the fallback's kind when it is the same
+    server, else 'auto'.
     """
-    read = lambda key: schema.read(config, key)  # noqa: E731 - a short name for a long call
-    key_env = read(f"{role}-api-key-env")
-    backend = read(f"{role}-backend")
-    base_url = read(f"{role}-base-url")
-    model = read(f"{role}-model")
+    own = schema.values(config, role)
     if fallback is not None:
-        backend = backend or fallback.backend
-        base_url = base_url or fallback.base_url
-        model = model or fallback.model
-        key_env = key_env or fallback.api_key_env
-    kind = read(f"{role}-server-kind") if f"{role}-server-kind" in schema.BY_KEY else ""
-    if not kind:  # the backward endpoint inherits the kind when it is the same server
-        kind = fallback.server_kind if fallback is not None and base_url == fallback.base_url else "auto"
-    settings = EndpointSettings(
-        backend=backend,
-        base_url=base_url,
-        model=model,
-        api_key_env=key_env,
-        temperature=read("llm-temperature"),
-        max_tokens=read("llm-max-tokens"),
-        timeout=read("llm-timeout"),
-        server_kind=kind,
-        startup_wait=read("llm-startup-wait"),
-        concurrency=read("llm-concurrency"),
-        max_retries=read("llm-max-retries"),
-        retry_backoff=read("llm-retry-backoff"),
-        cache_path=read("llm-cache-path"),
-        sim_latency_ms=read("sim-latency-ms"),
-    )
+        for name in _INHERITED:
+            own[name] = own[name] or getattr(fallback, name)
+    if not own.get("server_kind"):
+        same_server = fallback is not None and own["base_url"] == fallback.base_url
+        own["server_kind"] = fallback.server_kind if fallback is not None and same_server else "auto"
+    settings = EndpointSettings(**own, **schema.values(config, schema.ENDPOINT))
     if settings.backend == "openai" and not settings.base_url:
         raise ConfigError(f"{role}-base-url", "", "the URL of an OpenAI-compatible endpoint (e.g. "
                                                   "http://127.0.0.1:8000/v1) when the backend is openai")
@@ -70,7 +53,7 @@ def server_endpoint(config: Config, forward: EndpointSettings) -> EndpointSettin
     (the merge then uses the model the clients are prompted with), else the simulator; the loop
     stops a run whose clients turn out to use real LLMs while the server merges with the simulator
     by default (see federation.py), so no real-model run is merged by a test double unasked."""
-    if schema.read(config, "server-backend") or forward.simulated:
+    if schema.BY_KEY["server-backend"].read(config) or forward.simulated:
         fallback = replace(forward, backend="sim", base_url="", model="sim", api_key_env="")
         return endpoint_settings(config, "server", fallback=fallback)
     return endpoint_settings(config, "server", fallback=forward)
@@ -78,45 +61,60 @@ def server_endpoint(config: Config, forward: EndpointSettings) -> EndpointSettin
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Everything a run needs, checked. Built from Flower's run config (and, on a client, its node config)."""
+    """Everything a run needs, checked. Built from Flower's run config (and, on a client, its node config).
 
+    One field per setting of the table (schema.py; the docs of each are there), and the four endpoints,
+    each built from its role's settings; the records other modules take are derived from the fields."""
+
+    # the federation
     num_rounds: int
     fraction_train: float
     min_train_clients: int
-    wait_for_clients: float
     seed: int
+    wait_for_clients: float
+    # the task and its data
     task: str
     partitioning: str
     heterogeneous_tasks: tuple[str, ...]
+    gsm8k_split: str
     data_source: str
     synthetic_size: int
     max_val_examples: int
     max_test_examples: int
-    local: LocalSettings
+    # local TextGrad steps
+    local_steps: int
+    batch_size: int
+    keep_rule: str
+    loss: str
+    answer_parser: str
     client_val_eval: bool
     test_prompts: tuple[str, ...]
+    constrained_updates: str
+    # merging
     merge: str
-    loss: str  # exact | judge
-    gsm8k_split: str  # textgrad | fedtextgrad
+    merge_token_budget: int
+    # untrusted uploads and private data
+    max_prompt_chars: int
+    robust_merge: bool
+    robust_holdout_size: int
+    robust_margin: float
+    leakage_guard: str
+    leakage_ngram: int
+    # results
+    results_dir: str
+    run_name: str
+    resume_from: str
+    debug: bool
+    tracker: str
+    tracking_uri: str
+    tracking_experiment: str
+    tracking_parent_run: str
+    # the endpoints (schema.ROLES)
     forward: EndpointSettings
     backward: EndpointSettings
     judge: EndpointSettings
     server: EndpointSettings
     server_set: bool  # server-backend was given; else the server took the run's llm-* endpoint or the simulator
-    results_dir: str
-    run_name: str
-    resume_from: str  # folder of an earlier, unfinished run to continue
-    tracker: str  # none | mlflow
-    tracking_uri: str
-    tracking_experiment: str
-    tracking_parent_run: str
-    max_prompt_chars: int  # a client upload longer than this is rejected before merging
-    robust_merge: bool  # score each upload on a server-side held-out set; leave out outliers
-    robust_holdout_size: int
-    robust_margin: float
-    leakage_guard: str  # redact | refuse | off: verbatim training text in an upload
-    leakage_ngram: int
-    merge_token_budget: int  # most tokens one summariser call reads; the merged prompt never exceeds it
 
     @property
     def tasks(self) -> list[str]:
@@ -135,6 +133,13 @@ class RunSettings:
     @property
     def start_prompt(self) -> str:
         return start_prompt_for(self.tasks)
+
+    @property
+    def local(self) -> LocalSettings:
+        """What a client's local steps need."""
+        return LocalSettings(steps=self.local_steps, batch_size=self.batch_size, keep_rule=self.keep_rule,
+                             seed=self.seed, constrained_updates=self.constrained_updates == "auto",
+                             max_prompt_chars=self.max_prompt_chars, parser=self.answer_parser)
 
     @property
     def robust(self) -> RobustSettings:
@@ -170,63 +175,23 @@ class RunSettings:
     @classmethod
     def from_config(cls, config: Config) -> RunSettings:
         schema.check_known(config)
-        read = lambda key: schema.read(config, key)  # noqa: E731
-        partitioning = read("partitioning")
-        hetero = read("heterogeneous-tasks")
-        if partitioning == "heterogeneous" and not hetero:
+        values = schema.values(config, schema.RUN)
+        if values["partitioning"] == "heterogeneous" and not values["heterogeneous_tasks"]:
             raise ConfigError("heterogeneous-tasks", "", "a comma-separated list of tasks, one per client, from "
                               + ", ".join(schema.BY_KEY["task"].accepted()))
         # A data path is checked where the data lives: on the clients, which may be other
         # machines than this one (each SuperNode may also name its own data-source).
-        data_source = read("data-source")
-        if not data_source:
-            raise ConfigError("data-source", data_source, "synthetic, hub, or a data file or folder")
+        if not values["data_source"]:
+            raise ConfigError("data-source", "", "synthetic, hub, or a data file or folder")
         forward = endpoint_settings(config, "llm")
-        settings = cls(
-            num_rounds=read("num-server-rounds"),
-            fraction_train=read("fraction-train"),
-            min_train_clients=read("min-train-clients"),
-            wait_for_clients=read("wait-for-clients"),
-            seed=read("seed"),
-            task=read("task"),
-            partitioning=partitioning,
-            heterogeneous_tasks=hetero,
-            data_source=data_source,
-            synthetic_size=read("synthetic-size"),
-            max_val_examples=read("max-val-examples"),
-            max_test_examples=read("max-test-examples"),
-            local=LocalSettings(steps=read("local-steps"), batch_size=read("batch-size"), keep_rule=read("keep-rule"),
-                                constrained_updates=read("constrained-updates") == "auto",
-                                max_prompt_chars=read("max-prompt-chars"), seed=read("seed"),
-                                parser=read("answer-parser")),
-            loss=read("loss"),
-            gsm8k_split=read("gsm8k-split"),
-            client_val_eval=read("client-val-eval"),
-            test_prompts=read("test-prompts"),
-            merge=read("merge"),
-            forward=forward,
-            backward=(backward := endpoint_settings(config, "backward", fallback=forward)),
-            judge=endpoint_settings(config, "judge", fallback=backward),
-            server=server_endpoint(config, forward),
-            server_set=bool(read("server-backend")),
-            results_dir=read("results-dir") or schema.BY_KEY["results-dir"].default,
-            run_name=read("run-name"),
-            resume_from=read("resume-from"),
-            tracker=read("tracker"),
-            tracking_uri=read("tracking-uri"),
-            tracking_experiment=read("tracking-experiment") or schema.BY_KEY["tracking-experiment"].default,
-            tracking_parent_run=read("tracking-parent-run"),
-            max_prompt_chars=read("max-prompt-chars"),
-            robust_merge=read("robust-merge"),
-            robust_holdout_size=read("robust-holdout-size"),
-            robust_margin=read("robust-margin"),
-            leakage_guard=read("leakage-guard"),
-            leakage_ngram=read("leakage-ngram"),
-            merge_token_budget=read("merge-token-budget"),
-        )
+        backward = endpoint_settings(config, "backward", fallback=forward)
+        settings = cls(**values, forward=forward, backward=backward,
+                       judge=endpoint_settings(config, "judge", fallback=backward),
+                       server=server_endpoint(config, forward),
+                       server_set=bool(schema.BY_KEY["server-backend"].read(config)))
         # a budget too small for the merge method is refused now, not at the first merge
         check_token_budget(settings.merge_token_budget, settings.merge, settings.format_instruction)
-        check_parser(settings.local.parser, settings.tasks)
+        check_parser(settings.answer_parser, settings.tasks)
         return settings
 
 
@@ -257,11 +222,12 @@ def client_config(run_config: Config, node_config: Config) -> dict[str, object]:
 
 
 @lru_cache(maxsize=64)
-def _client_settings(run_items: tuple, node_items: tuple) -> RunSettings:
+def _client_settings(run_items: tuple[tuple[str, str, object], ...], node_items: tuple[tuple[str, str, object], ...]
+                     ) -> RunSettings:
     return RunSettings.from_config(client_config({k: v for k, _, v in run_items}, {k: v for k, _, v in node_items}))
 
 
-def _typed_items(config: Config) -> tuple:
+def _typed_items(config: Config) -> tuple[tuple[str, str, object], ...]:
     """The config as a cache key that tells 1, 1.0 and True apart (Python finds them equal)."""
     return tuple(sorted((key, type(value).__name__, value) for key, value in config.items()))
 

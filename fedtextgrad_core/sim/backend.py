@@ -7,10 +7,11 @@ the core's stack imports the simulator.
 from __future__ import annotations
 
 from fedtextgrad_core.llm.endpoint import EndpointSettings
+from fedtextgrad_core.llm.engine import ChatFn
 from fedtextgrad_core.sim.model import SimLLM, approx_tokens
 
 
-def sim_chat(settings: EndpointSettings, key_setting: str = ""):
+def sim_chat(settings: EndpointSettings, key_setting: str = "") -> ChatFn:
     """``messages -> (reply, prompt tokens, completion tokens)`` answered by the simulator."""
     sim = SimLLM(latency_ms=settings.sim_latency_ms)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 
+from fedtextgrad_core.method.merging import MERGE_OPENING, UID_NAME
 from fedtextgrad_core.sim.catalogue import CATALOGUE, has_instruction, is_format_sentence
 from fedtextgrad_core.text import split_sentences
 
-UID_MARK = "Uniform Information Density"
-
-MERGE_MARK = "Merge the following list of prompts"
+# what the simulator recognises a merge request by, and a UID one: the server's own wording
+MERGE_MARK = MERGE_OPENING
 
 # --------------------------------------------------------------------------- merging
 
@@ -34,7 +34,7 @@ def merge_reply(user: str) -> str:
         return ""
     split = [split_sentences(p) for p in prompts]
     format_sentence = next((s for ss in split for s in ss if is_format_sentence(s)), None)
-    if UID_MARK.lower() in user.lower():
+    if UID_NAME.lower() in user.lower():
         return _merge_uid(split, format_sentence)
     return _merge_summary(split, format_sentence, max(len(p) for p in prompts))
 

@@ -18,6 +18,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedtextgrad_core.errors import FedTextGradError
 from fedtextgrad_core.method.prompt_metrics import text_metrics
@@ -82,13 +83,13 @@ def simulated(run: LoadedRun) -> bool:
         config = json.loads((Path(run.path) / CONFIG_FILE).read_text(encoding="utf-8")).get("run_config", {})
     except (OSError, ValueError, AttributeError):
         return False
-    return config.get("llm-backend", "sim") == "sim"
+    return bool(config.get("llm-backend", "sim") == "sim")
 
 
 # --- comparison rows ------------------------------------------------------------------
 
 
-def compare_runs(run_dirs: Sequence[str | Path | LoadedRun]) -> list[dict]:
+def compare_runs(run_dirs: Sequence[str | Path | LoadedRun]) -> list[dict[str, Any]]:
     """One row per run, in the order given (a path, or a run already loaded by :func:`load_run`).
 
     Row keys: ``run`` (folder name; made unique with its parent folder when two share it),
@@ -157,7 +158,7 @@ TABLE_COLUMNS = (
 )
 
 
-def format_table(rows: Sequence[Mapping]) -> str:
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width table, one line per run; '-' for what a run did not record."""
     cells = []
     for row in rows:
@@ -199,7 +200,7 @@ def format_table(rows: Sequence[Mapping]) -> str:
 # --- the plot ---------------------------------------------------------------------------------
 
 
-def plot_comparison(rows: Sequence[Mapping], rounds_by_run: Mapping[str, Sequence[RoundRecord]],
+def plot_comparison(rows: Sequence[Mapping[str, Any]], rounds_by_run: Mapping[str, Sequence[RoundRecord]],
                     path: str | Path) -> Path:
     """One PNG, one line per run: validation accuracy, merged-prompt length and surprisal variance per round.
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from fedtextgrad_core.errors import ConfigError, LLMError
 from fedtextgrad_core.llm.openai_transport import OpenAIChat, classify
@@ -75,7 +76,7 @@ class EndpointBenchReport:
     prompt: str
     levels: list[LevelResult] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

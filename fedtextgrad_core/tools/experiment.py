@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import json
 import math
 import os
 import re
@@ -54,6 +53,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
 from fedtextgrad_core.run.checkpoint import CHECKPOINT_FILE
@@ -192,17 +193,12 @@ def load_grid(path: Path) -> Grid:
 # --- running cells ---------------------------------------------------------------------------------------
 
 
-def toml_value(value: Any) -> str:
-    """A value as TOML writes it (the run settings hold text, numbers and booleans only)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise GridError(f"{value} cannot be a setting")
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string has JSON's escapes
+def config_toml(config: Mapping[str, Any]) -> str:
+    """A cell's run config as a TOML file for ``flwr run --run-config`` (text, numbers and booleans)."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GridError(f"{key} = {value} cannot be a setting")
+    return tomli_w.dumps(dict(config))
 
 
 def _free_port() -> int:
@@ -298,8 +294,7 @@ class Runner:
             config["resume-from"] = str(folder)
         self.configs.mkdir(parents=True, exist_ok=True)
         config_file = self.configs / f"{cell.name}.toml"
-        config_file.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in config.items()),
-                               encoding="utf-8")
+        config_file.write_text(config_toml(config), encoding="utf-8")
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{cell.name}.log"
         started = time.monotonic()

@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,7 +293,7 @@ def build_params(config: ServeConfig) -> Any:
     return params
 
 
-def fetch_models(base_url: str, timeout: float = 2.0) -> dict | None:
+def fetch_models(base_url: str, timeout: float = 2.0) -> dict[str, Any] | None:
     """``GET {base_url}/models`` as JSON, or None while the server does not answer it yet."""
     try:
         with urllib.request.urlopen(f"{base_url}/models", timeout=timeout) as response:
@@ -303,7 +303,7 @@ def fetch_models(base_url: str, timeout: float = 2.0) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def served_names(body: dict) -> list[str]:
+def served_names(body: Mapping[str, Any]) -> list[str]:
     return [str(m.get("id", "")) for m in body.get("data", []) if isinstance(m, dict)]
 
 
@@ -485,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class ServedModel:
     """A ``fedtextgrad serve`` child process that answered ``/v1/models`` with its alias."""
 
-    process: subprocess.Popen
+    process: subprocess.Popen[bytes]
     base_url: str
     alias: str
     port: int

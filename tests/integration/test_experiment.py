@@ -13,11 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedtextgrad_core.tools.experiment import GridError, load_grid, toml_value
+from fedtextgrad_core.tools.experiment import GridError, config_toml, load_grid
 from tests.support.deployment_helpers import wait_until
 from tests.support.simulation_helpers import ROOT
 
@@ -160,5 +161,8 @@ def test_grid_paths_and_values(tmp_path):
     assert config["data-source"] == str(tmp_path / "data")
     assert config["llm-cache-path"] == str(tmp_path / "out" / "cache.sqlite")
     assert config["seed"] == 1 and config["run-name"] == "seed-1"
-    assert toml_value('say "hi"\n') == '"say \\"hi\\"\\n"' and toml_value(True) == "true" and toml_value(0.5) == "0.5"
+    written = {"text": 'say "hi"\n', "flag": True, "share": 0.5, "seed": 1}
+    assert tomllib.loads(config_toml(written)) == written  # what flwr run reads back is what was meant
+    with pytest.raises(GridError, match="share = nan"):
+        config_toml({"share": float("nan")})
 

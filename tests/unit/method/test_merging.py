@@ -167,12 +167,12 @@ def test_useless_summary_falls_back_to_concat_with_a_logged_reason(
     assert len(logged) == 1 and result.fallback_reason in logged[0].getMessage()
 
 
-def test_unknown_method_is_a_config_error() -> None:
-    with pytest.raises(ConfigError) as info:
+def test_an_unknown_method_is_refused_naming_the_methods() -> None:
+    """A run's `merge` setting is checked at start (settings); a caller of the method layer is told too."""
+    with pytest.raises(ValueError) as info:
         merge_prompts(client_prompts(), "average", FORMAT)
     message = str(info.value)
-    assert "'merge'" in message and "'average'" in message
-    assert all(method in message for method in MERGE_METHODS)
+    assert "'average'" in message and all(method in message for method in MERGE_METHODS)
     assert check_method("concat") == "concat"
 
 

@@ -3,12 +3,15 @@ and the one table of settings (run/schema.py) that pyproject.toml and the README
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+import typing
 
 import pytest
 
 from fedtextgrad_core.data.tasks import GENERIC_FORMAT, get_task
 from fedtextgrad_core.errors import ConfigError, DataError
+from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.llm.engine import make_engine
 from fedtextgrad_core.run import schema
 from fedtextgrad_core.run.client_round import answer, node_identity
@@ -65,7 +68,7 @@ def test_values_are_read_and_typed() -> None:
     assert settings.local.keep_rule == "not-worse" and settings.merge == "concat"
     assert settings.tasks == ["word_sorting"] and settings.local.seed == 3 == settings.seed
     assert settings.fraction_train == 0.5 and settings.run_name == "mine"
-    assert settings.as_dict()["local"]["batch_size"] == 4
+    assert settings.as_dict()["batch_size"] == 4
 
 
 def test_heterogeneous_uses_one_task_per_client_and_the_generic_format() -> None:
@@ -292,8 +295,37 @@ def test_a_node_may_set_its_own_keys() -> None:
 
 @pytest.mark.parametrize("key", [setting.key for setting in schema.SETTINGS])
 def test_every_default_passes_its_own_reader(key: str) -> None:
-    schema.read({}, key)  # raises ConfigError if the table's default is not one it accepts
-    assert schema.read({key: schema.BY_KEY[key].default}, key) == schema.read({}, key)
+    setting = schema.BY_KEY[key]
+    setting.read({})  # raises ConfigError if the table's default is not one it accepts
+    assert setting.read({key: setting.default}) == setting.read({})
+
+
+# what each kind of setting reads into, as the field of its record must be declared
+KIND_TYPES = {"int": int, "number": float, "fraction": float, "bool": bool, "text": str, "choice": str, "url": str,
+              "env-name": str, "list": tuple[str, ...]}
+# RunSettings fields that no one setting fills: the endpoints (built per role) and what is derived
+DERIVED = {"forward", "backward", "judge", "server", "server_set"}
+
+
+def test_the_table_is_the_one_source_of_every_setting_field() -> None:
+    """Adding a setting is one Setting(...) and one field: every setting fills exactly one field of its
+    record, of the type its kind reads, and every field of those records is filled by exactly one setting."""
+    records = {schema.RUN: RunSettings, schema.ENDPOINT: EndpointSettings,
+               **{role: EndpointSettings for role in schema.ROLES}}
+    filled: dict[type, list[str]] = {}
+    for setting in schema.SETTINGS:
+        record = records[setting.record]
+        hints = typing.get_type_hints(record)
+        assert setting.attribute in hints, f"{setting.key}: {record.__name__} has no field {setting.attribute}"
+        assert hints[setting.attribute] == KIND_TYPES[setting.kind], setting.key
+        if setting.record not in schema.ROLES:
+            filled.setdefault(record, []).append(setting.attribute)
+    run_fields = [f.name for f in dataclasses.fields(RunSettings) if f.name not in DERIVED]
+    assert sorted(filled[RunSettings]) == sorted(run_fields)
+    per_role = {s.attribute for s in schema.SETTINGS if s.record == "llm"}
+    assert sorted(filled[EndpointSettings] + sorted(per_role)) == sorted(f.name for f in dataclasses.fields(EndpointSettings))
+    for role in schema.ROLES:  # each role names the same fields (the server kind only where it has one)
+        assert {s.attribute for s in schema.SETTINGS if s.record == role} - {"server_kind"} == per_role - {"server_kind"}
 
 
 def test_unknown_run_config_keys_are_refused() -> None:

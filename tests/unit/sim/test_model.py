@@ -16,6 +16,7 @@ import pytest
 from fedtextgrad_core.data.lexicon import CATEGORIES, NUMBER_NAMES, article
 from fedtextgrad_core.data.tasks import NUMBER_FORMAT, PROMPT_OPENING, WORDS_FORMAT, get_task
 from fedtextgrad_core.errors import SimUnsupportedError
+from fedtextgrad_core.method.merging import merge_request
 from fedtextgrad_core.sim import (
     CATALOGUE,
     SimLLM,
@@ -328,10 +329,9 @@ def test_textgrad_step_learns_a_catalogue_sentence() -> None:
 
 
 def _merge_request(prompts: list[str], uid: bool) -> str:
-    head = "Merge the following list of prompts into one prompt"
-    head += " following the Uniform Information Density principle" if uid else ""
-    body = "\n".join(f"<PROMPT>{p}</PROMPT>" for p in prompts)
-    return SIM.complete([{"role": "user", "content": f"{head}:\n{body}\nReply with the merged prompt only."}])
+    """The simulator's reply to the server's own merge request (method/merging.py's wording)."""
+    request = merge_request(prompts, "summarize-uid" if uid else "summarize")
+    return SIM.complete([{"role": "user", "content": request}])
 
 
 def test_uid_merge_keeps_every_instruction_and_plain_summary_loses_some() -> None:

@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid, ServerApp
 
-from fedtextgrad_core.errors import ConfigError, FedTextGradError
+from fedtextgrad_core.errors import ConfigError
 from fedtextgrad_core.run.quiet import quiet_own_errors
 from fedtextgrad_core.run.server_setup import open_run
 
@@ -35,7 +35,4 @@ def main(grid: Grid, context: Context) -> None:
     except ConfigError as exc:
         print(f"fedtextgrad: the run cannot start: {exc}", flush=True)
         raise
-    try:
-        PromptStrategy(run.federation).start(grid)
-    except FedTextGradError:  # the recorder has said why and where the results are
-        raise
+    PromptStrategy(run.federation).start(grid)  # a run that stops says why and where its results are

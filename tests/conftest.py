@@ -28,8 +28,8 @@ def flwr_home(tmp_path_factory):
 # The longest modules first. Under `pytest -n N --dist loadscope` (the README's test line) xdist
 # hands out whole modules (a class of test_deployment.py each) in collection order, so a long one
 # collected late would run alone at the end while the other workers sit idle.
-LONG_FIRST = ("test_vllm", "test_real_llm", "test_deployment", "test_bad_input_output", "test_deploy_walkthrough", "test_compose",
-              "test_experiment", "test_constraints", "test_resume_simulation", "test_e2e_simulation")
+LONG_FIRST = ("test_vllm", "test_real_llm", "test_deployment", "test_bad_input_output", "test_deploy_walkthrough",
+              "test_compose", "test_experiment", "test_constraints", "test_resume_simulation", "test_e2e_simulation")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

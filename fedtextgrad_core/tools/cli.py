@@ -6,7 +6,7 @@
     fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
     fedtextgrad bench endpoint --base-url URL --model M --concurrency 1,4,16,64   load-test your LLM server
     fedtextgrad serve --model smollm2|PATH.gguf [--port 8080 --parallel 4]       a local llama.cpp server
-    fedtextgrad experiment GRID.toml --out DIR                       a grid of federations, resumable
+    fedtextgrad experiment GRID.toml --out DIR [--data-source PATH]  a grid of federations, resumable
     fedtextgrad settings [--format markdown|pyproject]               every run setting
 """
 

@@ -8,6 +8,12 @@ Flower's simulation, or on a named SuperLink connection), its run folder under
 cell continues from its checkpoint (``resume-from``). At the end ``DIR/table.md``,
 ``DIR/table.csv`` and ``DIR/figure.png`` hold the results in the paper's layout.
 
+``--data-source hub|synthetic|PATH`` replaces the grid's ``data-source`` (the experiment files say
+``hub``): where this machine keeps its copy of the data is no part of the experiment, so it is
+given on the command line (a relative path from the current folder), e.g. ``--data-source
+../shared/data`` offline. It is the only setting the command line changes: every other one is part
+of the experiment and stays in the grid file, so a grid run again resumes the same experiment.
+
 The grid file (see experiments/cpu.toml)::
 
     description = "..."
@@ -26,9 +32,10 @@ The grid file (see experiments/cpu.toml)::
     [serve]               # optional: a local model server the runner starts and stops (fedtextgrad serve)
     model = "/path/model.gguf"
     port = 8080
-    [table]
-    rows = "partitioning"
-    columns = "merge"
+    [table]               # what the table's rows and columns are: each a key or a list of keys
+    rows = ["partitioning", "merge"]   # an axis, a setting, or "model" (the LLM the clients reported)
+    columns = "task"      # a heterogeneous run counts once per task: its clients' own numbers
+                          # the axes named nowhere here (seeds) are pooled: mean ± sd in each cell
 """
 
 from __future__ import annotations
@@ -45,10 +52,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +66,9 @@ import tomli_w
 
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
 from fedtextgrad_core.run.checkpoint import CHECKPOINT_FILE
-from fedtextgrad_core.run.records import RunSummary
+from fedtextgrad_core.run.records import RoundRecord, RunSummary
 from fedtextgrad_core.run.run_folder import SUMMARY_FILE, RunFolder
-from fedtextgrad_core.run.schema import BY_KEY, defaults
+from fedtextgrad_core.run.schema import BY_KEY, defaults, has_control
 from fedtextgrad_core.run.settings import RunSettings
 
 Echo = Callable[[str], None]
@@ -100,8 +108,8 @@ class Grid:
     axes: dict[str, list[Any]]
     federation: dict[str, Any]
     serve: dict[str, Any] | None
-    rows: str
-    columns: str
+    rows: tuple[str, ...]  # the table's row keys: axes, settings, or "model"
+    columns: tuple[str, ...]
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -141,8 +149,73 @@ def _table(data: Mapping[str, Any], name: str, known: set[str] | None = None) ->
     return dict(value)
 
 
-def load_grid(path: Path) -> Grid:
-    """Read and check a grid file: every cell's settings are checked before anything runs."""
+def _table_keys(table: Mapping[str, Any], name: str, default: str, axes: Mapping[str, Any],
+                settings: Mapping[str, Any]) -> tuple[str, ...]:
+    """``[table] rows`` or ``columns``: one key or a list of keys, each an axis, a setting or "model"."""
+    value = table.get(name, default)
+    keys = [value] if isinstance(value, str) else value
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise GridError(f"[table] {name} must be a key or a non-empty list of keys, e.g. {name} = "
+                        f"[\"partitioning\", \"merge\"]")
+    for key in keys:
+        if key not in axes and key not in settings and key not in BY_KEY and key != MODEL_KEY:
+            raise GridError(f"[table] {name}: '{key}' is neither an axis, a setting, nor \"{MODEL_KEY}\" (the LLM "
+                            "the clients reported)")
+    if len(set(keys)) < len(keys):
+        raise GridError(f"[table] {name} names a key twice: {', '.join(keys)}")
+    return tuple(keys)
+
+
+def _data_source_option(value: str, axes: Mapping[str, Any], connection: str) -> str:
+    """``--data-source`` checked: hub, synthetic, or an existing path (absolute: the cells run elsewhere)."""
+    text = value.strip()
+    if "data-source" in axes:
+        raise GridError("--data-source: data-source is an axis of this grid; remove it from [axes] or the option")
+    if connection != "local":
+        raise GridError(f"--data-source is for Flower's simulation (connection = \"local\"); on '{connection}' each "
+                        "site names its own data-source in its SuperNode's node config")
+    if text in ("hub", "synthetic"):
+        return text
+    expected = "give hub, synthetic, or a folder holding bbh/<task>.json and gsm8k/{train,test}.jsonl"
+    try:
+        path = Path(text).expanduser()
+        if not text or has_control(text) or not path.exists():
+            raise GridError(f"--data-source '{text[:200]}' does not exist here ({Path.cwd()}); {expected}")
+        return str(path.resolve())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise GridError(f"--data-source '{text[:200]}' cannot be used ({exc}); {expected}") from None
+
+
+def check_data(grid: Grid) -> None:
+    """Every task of every cell finds its data, in Flower's simulation (the clients run here); once per
+    (task, source): a wrong folder is one line now rather than a failure in every cell. The hub is left
+    to the cells (checking it would download it)."""
+    if not grid.simulation:
+        return
+    from fedtextgrad_core.data.loaders import load_splits
+
+    checked: set[tuple[object, ...]] = set()
+    for cell in grid.cells:
+        settings = RunSettings.from_config(grid.run_config(cell, Path("runs")))
+        if settings.data_source == "hub":
+            continue
+        for task in settings.tasks:
+            key = (task, settings.data_source, settings.gsm8k_split, settings.synthetic_size, settings.seed)
+            if key in checked:
+                continue
+            checked.add(key)
+            try:
+                load_splits(task, settings.data_source, settings.seed, settings.synthetic_size, settings.gsm8k_split)
+            except FedTextGradError as exc:
+                raise GridError(f"cell {cell.index} ({cell.describe()}): {exc}") from None
+
+
+def load_grid(path: Path, data_source: str | None = None) -> Grid:
+    """Read and check a grid file: every cell's settings are checked before anything runs.
+
+    ``data_source`` (the command's ``--data-source``) replaces the grid's ``data-source``: where this
+    machine keeps the data is no part of the experiment. A path is taken from the current folder.
+    """
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -171,11 +244,13 @@ def load_grid(path: Path) -> Grid:
     if serve is not None and "model" not in serve:
         raise GridError("[serve] needs model = the path of a GGUF file (or \"smollm2\")")
     table = _table(data, "table", TABLE_KEYS)
-    rows = str(table.get("rows", "partitioning"))
-    columns = str(table.get("columns", "merge"))
-    for name, key in (("rows", rows), ("columns", columns)):
-        if key not in axes and key not in settings and key not in BY_KEY:
-            raise GridError(f"[table] {name} = '{key}' is not a setting (an axis, a shared setting, or a default)")
+    rows = _table_keys(table, "rows", "partitioning", axes, settings)
+    columns = _table_keys(table, "columns", "merge", axes, settings)
+    both = sorted(set(rows) & set(columns))
+    if both:
+        raise GridError(f"[table] '{', '.join(both)}' is both a row and a column key; keep it in one")
+    if data_source is not None:
+        settings["data-source"] = _data_source_option(data_source, axes, str(federation.get("connection", "local")))
     description = data.get("description", "")
     grid = Grid(path=path, description=str(description), settings=settings, axes=axes, federation=federation,
                 serve=serve, rows=rows, columns=columns)
@@ -459,15 +534,38 @@ def _percent(value: float | None) -> str:
 
 # --- results ---------------------------------------------------------------------------------------------
 
+# Table keys that are no setting: "model" is the LLM the run's clients reported (so a simulated run's row
+# or column says so). "task" is a setting, but for a heterogeneous run it is each client's own task.
+MODEL_KEY = "model"
+TASK_KEY = "task"
+TEST, VALIDATION = "test", "validation"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One run's numbers in a table cell: the whole run, or one task of a heterogeneous run."""
+
+    summary: RunSummary
+    best: float | None  # the best prompt (by validation)
+    last: float | None  # the last merged prompt
+    start: float | None  # the start prompt
+    split: str = TEST  # what was scored: TEST, or VALIDATION for one task of a heterogeneous run (task_entries)
+
 
 @dataclass
 class CellResult:
-    row: str
-    column: str
-    summaries: list[RunSummary]
+    row: tuple[str, ...]  # the values of the grid's row keys
+    column: tuple[str, ...]  # the values of its column keys
+    entries: list[Entry]
+    split: str = TEST
+
+    @property
+    def summaries(self) -> list[RunSummary]:
+        return [entry.summary for entry in self.entries]
 
     def values(self, name: str) -> list[float]:
-        found = [getattr(s, name) for s in self.summaries]
+        """``best``, ``last`` or ``start`` of every entry that has it."""
+        found = [getattr(entry, name) for entry in self.entries]
         return [float(v) for v in found if v is not None]
 
 
@@ -480,9 +578,44 @@ def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> 
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def task_entries(summary: RunSummary, rounds: Sequence[RoundRecord], tasks: Sequence[str]) -> list[tuple[str, Entry]]:
+    """A heterogeneous run's numbers per task (client i holds tasks[i]).
+
+    The run folder keeps test accuracy pooled over every client (summary.json) and, per client, the
+    validation accuracy of each round's merged prompt (rounds.jsonl). So a task's numbers are the best
+    prompt's and the last merged prompt's validation accuracy on that task's clients; the best is
+    unknown when it is the start prompt (round 0), whose per-client scores no record keeps.
+    """
+    by_round = {record.round: record for record in rounds}
+
+    def accuracy(record: RoundRecord | None, task: str) -> float | None:
+        if record is None:
+            return None
+        scores = [e.reply.scores for e in record.evaluations
+                  if 0 <= e.reply.partition_id < len(tasks) and tasks[e.reply.partition_id] == task]
+        total = sum(s.total for s in scores)
+        return sum(s.correct for s in scores) / total if total else None
+
+    best, last = by_round.get(summary.best_round), (rounds[-1] if rounds else None)
+    return [(task, Entry(summary, accuracy(best, task), accuracy(last, task), None, VALIDATION))
+            for task in dict.fromkeys(tasks)]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def collect(grid: Grid, runs: Path) -> list[CellResult]:
-    """The finished runs of the grid, grouped by (row value, column value); other axes (seeds) pooled."""
-    groups: dict[tuple[str, str], list[RunSummary]] = {}
+    """The finished runs of the grid, grouped by the values of the row keys and of the column keys;
+    the other axes (seeds) pooled. A heterogeneous run counts once per task when ``task`` is a key."""
+    keys = (*grid.rows, *grid.columns)
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...], str], list[Entry]] = {}
+    order: dict[str, dict[str, int]] = {key: {} for key in keys}  # each key's values in the grid's order
+    for key in keys:
+        for value in grid.axes.get(key, []):
+            order[key].setdefault(_shown(value), len(order[key]))
     for cell in grid.cells:
         folder = runs / cell.name
         try:
@@ -492,11 +625,29 @@ def collect(grid: Grid, runs: Path) -> list[CellResult]:
         if not summary.finished:
             continue
         config = {**defaults(), **grid.settings, **cell.values}
-        key = (str(config.get(grid.rows, "")), str(config.get(grid.columns, "")))
-        groups.setdefault(key, []).append(summary)
-    rows = sorted({r for r, _ in groups}, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
-    columns = sorted({c for _, c in groups})
-    return [CellResult(r, c, groups[(r, c)]) for r in rows for c in columns if (r, c) in groups]
+        whole = Entry(summary, summary.test_accuracy, summary.last_test_accuracy, summary.initial_test_accuracy)
+        entries: list[tuple[str | None, Entry]] = [(None, whole)]
+        if TASK_KEY in keys and config.get("partitioning") == "heterogeneous":
+            try:
+                rounds = RunFolder(folder).read_rounds()
+            except (OSError, ValueError, TypeError, FedTextGradError):
+                continue
+            tasks = [t.strip() for t in str(config.get("heterogeneous-tasks", "")).split(",") if t.strip()]
+            entries = [(task, entry) for task, entry in task_entries(summary, rounds, tasks)]
+        for task, entry in entries:
+            values = {key: (task if key == TASK_KEY and task is not None else
+                            _model_of([summary]) if key == MODEL_KEY else _shown(config.get(key, "")))
+                      for key in keys}
+            for key in keys:
+                order[key].setdefault(values[key], len(order[key]))
+            row, column = tuple(values[k] for k in grid.rows), tuple(values[k] for k in grid.columns)
+            groups.setdefault((row, column, entry.split), []).append(entry)
+
+    def rank(key_names: Sequence[str], values: Sequence[str]) -> tuple[int, ...]:
+        return tuple(order[k][v] for k, v in zip(key_names, values))
+
+    found = sorted(groups, key=lambda g: (rank(grid.rows, g[0]), rank(grid.columns, g[1]), g[2] != TEST))
+    return [CellResult(row, column, groups[(row, column, split)], split) for row, column, split in found]
 
 
 def _model_of(summaries: Sequence[RunSummary]) -> str:
@@ -506,57 +657,90 @@ def _model_of(summaries: Sequence[RunSummary]) -> str:
     return text + (" (simulated LLM)" if simulated and "simulated LLM" not in text else "")
 
 
+def _label(values: Sequence[str]) -> str:
+    return " / ".join(values)
+
+
+def _in_order(values: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return list(dict.fromkeys(values))
+
+
+def _cell_text(result: CellResult) -> str:
+    tokens = statistics.mean(s.cost.get("total", {}).get("tokens", 0) for s in result.summaries)
+    minutes = statistics.mean(_minutes(s) for s in result.summaries)
+    best, start, last = (_mean_sd(result.values(name)) for name in ("best", "start", "last"))
+    split = "validation; " if result.split == VALIDATION else ""
+    return (f"**{best}** ({split}start {start}; last {last}; n={len(result.entries)}; "
+            f"{tokens / 1000:.1f}k tokens; {minutes:.0f} min)")
+
+
+def pooled_axes(grid: Grid) -> dict[str, list[Any]]:
+    """The axes with more than one value that are neither rows nor columns: their runs share a cell."""
+    named = {*grid.rows, *grid.columns}
+    return {key: values for key, values in grid.axes.items() if key not in named and len(values) > 1}
+
+
 def write_results(grid: Grid, runs: Path, out: Path, echo: Echo = print) -> list[CellResult]:
     """table.md, table.csv and figure.png from the finished cells."""
     results = collect(grid, runs)
     if not results:
         echo("no finished cell yet: no table")
         return results
-    columns = sorted({r.column for r in results})
-    rows = sorted({r.row for r in results}, key=lambda r: (ROW_ORDER.index(r) if r in ROW_ORDER else 99, r))
-    by_key = {(r.row, r.column): r for r in results}
+    rows, columns = _in_order(r.row for r in results), _in_order(r.column for r in results)
+    by_key: dict[tuple[tuple[str, ...], tuple[str, ...]], list[CellResult]] = {}
+    for result in results:
+        by_key.setdefault((result.row, result.column), []).append(result)
     lines = [f"# {grid.path.stem}: test accuracy of the best prompt (%)", ""]
     if grid.description:
         lines += [grid.description, ""]
-    lines += [f"| {grid.rows} \\ {grid.columns} | " + " | ".join(columns) + " |",
+    lines += [f"| {_label(grid.rows)} \\ {_label(grid.columns)} | " + " | ".join(_label(c) for c in columns) + " |",
               "|---|" + "---|" * len(columns)]
     for row in rows:
-        cells = []
-        for column in columns:
-            result = by_key.get((row, column))
-            if result is None:
-                cells.append("-")
-                continue
-            tokens = statistics.mean(s.cost.get("total", {}).get("tokens", 0) for s in result.summaries)
-            minutes = statistics.mean(_minutes(s) for s in result.summaries)
-            best, start = _mean_sd(result.values("test_accuracy")), _mean_sd(result.values("initial_test_accuracy"))
-            last = _mean_sd(result.values("last_test_accuracy"))
-            cells.append(f"**{best}** (start {start}; last {last}; n={len(result.summaries)}; "
-                         f"{tokens / 1000:.1f}k tokens; {minutes:.0f} min)")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        cells = ["<br>".join(_cell_text(r) for r in by_key.get((row, column), [])) or "-" for column in columns]
+        lines.append(f"| {_label(row)} | " + " | ".join(cells) + " |")
     models = sorted({_model_of(r.summaries) for r in results})
     lines += ["", "Cells: test accuracy of the best prompt (by validation), mean ± sd over the runs in the cell "
                   "(n); start = the start prompt's test accuracy; last = the last merged prompt's; tokens and "
-                  "minutes per run.", f"Model(s): {'; '.join(models)}."]
+                  "minutes per run."]
+    pooled = pooled_axes(grid)
+    if pooled:
+        lines.append("Pooled in each cell: " + "; ".join(f"{key} = {', '.join(_shown(v) for v in values)}"
+                                                        for key, values in pooled.items()) + ".")
+    if any(r.split == VALIDATION for r in results):
+        lines.append("Cells marked validation: one task of heterogeneous runs. A run folder keeps test accuracy "
+                     "pooled over every client (summary.json) and, per client, only the validation accuracy of "
+                     "each round's merged prompt (rounds.jsonl); so these show, on that task's clients, the "
+                     "validation accuracy of the best prompt (chosen on every client's validation; '-' when the "
+                     "start prompt stayed best) and of the last merged prompt. Tokens and minutes are the whole run's.")
+    lines.append(f"Model(s): {'; '.join(models)}.")
     if any(s.simulated for r in results for s in r.summaries):
         lines.append("These numbers come from the simulated LLM, a test double: they show that the machinery works, "
                      "not how a real model does.")
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (out / "table.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow([grid.rows, grid.columns, "runs", "test_best_mean", "test_best_sd", "test_last_mean",
-                         "test_start_mean", "val_best_mean", "tokens_mean", "minutes_mean", "model", "simulated"])
+        named = MODEL_KEY in (*grid.rows, *grid.columns)  # the model is a key's column already
+        writer.writerow([*grid.rows, *grid.columns, "split", "runs", "test_best_mean", "test_best_sd",
+                         "test_last_mean", "test_start_mean", "val_best_mean", "val_last_mean", "tokens_mean",
+                         "minutes_mean", *([] if named else [MODEL_KEY]), "simulated"])
         for r in results:
-            accuracies = r.values("test_accuracy")
-            writer.writerow([r.row, r.column, len(r.summaries), _num(_mean(accuracies)),
-                             _num(statistics.stdev(accuracies)) if len(accuracies) > 1 else "",
-                             _num(_mean(r.values("last_test_accuracy"))), _num(_mean(r.values("initial_test_accuracy"))),
-                             _num(_mean(r.values("best_val_accuracy"))),
+            best = r.values("best")
+            validation = r.split == VALIDATION  # the numbers are validation accuracies: not in test_* columns
+            writer.writerow([*r.row, *r.column, r.split, len(r.entries),
+                             "" if validation else _num(_mean(best)),
+                             "" if validation or len(best) < 2 else _num(statistics.stdev(best)),
+                             "" if validation else _num(_mean(r.values("last"))),
+                             "" if validation else _num(_mean(r.values("start"))),
+                             _num(_mean(best)) if validation else
+                             _num(_mean([float(s.best_val_accuracy) for s in r.summaries
+                                         if s.best_val_accuracy is not None])),
+                             _num(_mean(r.values("last"))) if validation else "",
                              _num(statistics.mean(s.cost.get("total", {}).get("tokens", 0) for s in r.summaries)),
-                             _num(statistics.mean(_minutes(s) for s in r.summaries)), _model_of(r.summaries),
+                             _num(statistics.mean(_minutes(s) for s in r.summaries)),
+                             *([] if named else [_model_of(r.summaries)]),
                              str(any(s.simulated for s in r.summaries)).lower()])
     try:
-        _figure(results, rows, columns, grid, out / "figure.png")
+        _figure(by_key, rows, columns, grid, out / "figure.png")
     except Exception as exc:  # a figure must never cost the table
         echo(f"could not draw figure.png: {exc}")
     echo(f"results: {out / 'table.md'}, {out / 'table.csv'}, {out / 'figure.png'}")
@@ -575,42 +759,51 @@ def _minutes(summary: RunSummary) -> float:
     return summary.seconds / 60
 
 
-def _figure(results: Sequence[CellResult], rows: Sequence[str], columns: Sequence[str], grid: Grid,
-            path: Path) -> None:
+def _figure(by_key: Mapping[tuple[tuple[str, ...], tuple[str, ...]], Sequence[CellResult]],
+            rows: Sequence[tuple[str, ...]], columns: Sequence[tuple[str, ...]], grid: Grid, path: Path) -> None:
+    """Bars per row, one per column; a cell's test result, else its validation one (hatched)."""
     from fedtextgrad_core.run.figures import SIM_NOTE, pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(rows) * max(1, len(columns)) / 2), 4.2))
     width = 0.8 / max(1, len(columns))
-    by_key = {(r.row, r.column): r for r in results}
+    shown: list[CellResult] = []
     for j, column in enumerate(columns):
         xs: list[float] = []
         means: list[float] = []
         errors: list[float] = []
         starts: list[float | None] = []
+        hatches: list[str] = []
         for i, row in enumerate(rows):
-            result = by_key.get((row, column))
-            if result is None or not result.values("test_accuracy"):
+            results = [r for r in by_key.get((row, column), []) if r.values("best")]
+            if not results:
                 continue
-            best = result.values("test_accuracy")
+            result = results[0]  # TEST sorts first
+            shown.append(result)
+            best = result.values("best")
             xs.append(i + (j - (len(columns) - 1) / 2) * width)
             means.append(statistics.mean(best))
             errors.append(statistics.stdev(best) if len(best) > 1 else 0.0)
-            initial = result.values("initial_test_accuracy")
+            initial = result.values("start")
             starts.append(statistics.mean(initial) if initial else None)
-        ax.bar(xs, means, width * 0.9, yerr=errors, capsize=3, label=f"{grid.columns} = {column}")
+            hatches.append("//" if result.split == VALIDATION else "")
+        bars = ax.bar(xs, means, width * 0.9, yerr=errors, capsize=3, label=f"{_label(grid.columns)} = {_label(column)}")
+        for bar, hatch in zip(bars, hatches):
+            bar.set_hatch(hatch)
         for x, start in zip(xs, starts):
             if start is not None:
                 ax.plot([x - width * 0.45, x + width * 0.45], [start, start], color="black", linewidth=1.5)
-    ax.set_xticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(rows)), ["\n".join(textwrap.fill(value, 30) for value in row) for row in rows], fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("test accuracy of the best prompt")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    simulated = any(s.simulated for r in results for s in r.summaries)
-    models = "; ".join(sorted({_model_of(r.summaries) for r in results}))
-    ax.set_title(f"{grid.path.stem} ({models}); black lines: start prompt" + (f"\n{SIM_NOTE}" if simulated else ""),
-                 fontsize=8)
+    simulated = any(s.simulated for r in shown for s in r.summaries)
+    models = "; ".join(sorted({_model_of(r.summaries) for r in shown}))
+    hatched = "; hatched: validation accuracy (one task of heterogeneous runs)" if any(
+        r.split == VALIDATION for r in shown) else ""
+    title = [f"{grid.path.stem}: {textwrap.shorten(models, 110)}", f"black lines: start prompt{hatched}"]
+    ax.set_title("\n".join(title + ([SIM_NOTE] if simulated else [])), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -623,6 +816,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("grid", metavar="GRID.toml", help="the grid file (see experiments/cpu.toml)")
     parser.add_argument("--out", required=True, help="where the runs, logs and tables go; run again to resume")
     parser.add_argument("--app", default=".", help="the Flower app folder holding pyproject.toml (default: .)")
+    parser.add_argument("--data-source", default=None, metavar="hub|synthetic|PATH",
+                        help="where this machine's copy of the data is, replacing the grid file's data-source "
+                        "(the experiment files say hub): e.g. ../shared/data, a folder holding bbh/<task>.json "
+                        "and gsm8k/{train,test}.jsonl; a relative path is taken from the current folder. "
+                        "Flower's simulation only")
     parser.add_argument("--tracker", default="none", choices=["none", "mlflow"],
                         help="also track the grid and each federation in MLflow (default: none)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI: a folder, sqlite:///FILE or "
@@ -632,7 +830,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    grid = load_grid(Path(args.grid))
+    grid = load_grid(Path(args.grid), data_source=args.data_source)
     out = Path(args.out).expanduser().resolve()
     app = Path(args.app).expanduser().resolve()
     if not (app / "pyproject.toml").is_file():
@@ -642,6 +840,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if grid.simulation and shutil.which("flwr") is None:
         raise GridError("the flwr command is not on PATH: install the project (pip install -e .) first")
+    check_data(grid)
 
     def stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # so the cell's `flwr run` and the grid's SuperLink are stopped on the way out

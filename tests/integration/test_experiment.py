@@ -2,7 +2,9 @@
 
 The cells run on the simulated LLM, so the numbers only show that the machinery works; what is
 checked is the runner: every cell is a run folder, a finished cell is skipped when the command
-runs again, an interrupted cell continues from its checkpoint, and the table names the model.
+runs again, an interrupted cell continues from its checkpoint, and the table names the model. The grid's data-source (hub) is
+replaced by the shared data folder on the command line, and tables take any keys as rows and columns
+(a heterogeneous run's per-task cells checked against its rounds.jsonl).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedtextgrad_core.tools.experiment import GridError, config_toml, load_grid
+from tests import SHARED_DATA
 from tests.support.deployment_helpers import wait_until
 from tests.support.simulation_helpers import ROOT
 
@@ -166,3 +169,93 @@ def test_grid_paths_and_values(tmp_path):
     with pytest.raises(GridError, match="share = nan"):
         config_toml({"share": float("nan")})
 
+
+
+BY_TASK = """
+description = "per-task columns on the simulated LLM"
+[settings]
+data-source = "hub"
+task = "object_counting"
+heterogeneous-tasks = "object_counting,multistep_arithmetic_two"
+num-server-rounds = 2
+local-steps = 1
+batch-size = 2
+max-val-examples = 6
+max-test-examples = 6
+answer-parser = "last-number"
+[axes]
+partitioning = ["homogeneous", "heterogeneous"]
+[federation]
+num-supernodes = 2
+[table]
+rows = ["model", "partitioning"]
+columns = "task"
+"""
+
+
+def test_a_grid_reads_the_hub_unless_told_a_folder_and_tables_each_task_and_model(tmp_path):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(BY_TASK)
+    out = tmp_path / "out"
+    # the grid says hub (no network here): the command line names this machine's copy of the data
+    done = experiment(str(grid_file), "--out", str(out), "--data-source", str(SHARED_DATA))
+    output, _ = done.communicate(timeout=900)
+    assert done.returncode == 0, output[-3000:]
+    assert not grid_processes(out)
+    for config in (out / "configs").iterdir():
+        assert tomllib.loads(config.read_text())["data-source"] == str(SHARED_DATA.resolve()), config.name
+
+    # per-task cells of the heterogeneous run are its clients' own numbers: recomputed here from
+    # rounds.jsonl (client i holds task i) and summary.json
+    hetero = out / "runs" / "partitioning-heterogeneous"
+    summary = json.loads((hetero / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (hetero / "rounds.jsonl").read_text().splitlines()]
+    tasks = ["object_counting", "multistep_arithmetic_two"]
+
+    def accuracy(record, task):
+        scores = [e["reply"]["scores"] for e in record["evaluations"] if tasks[e["reply"]["partition_id"]] == task]
+        return sum(s["correct"] for s in scores) / sum(s["total"] for s in scores)
+
+    best = [r for r in rounds if r["round"] == summary["best_round"]]
+    rows = {(r["partitioning"], r["task"]): r for r in csv.DictReader((out / "table.csv").open())}
+    assert set(rows) == {("homogeneous", "object_counting"), ("heterogeneous", "object_counting"),
+                         ("heterogeneous", "multistep_arithmetic_two")}
+    for task in tasks:
+        row = rows[("heterogeneous", task)]
+        assert row["split"] == "validation" and row["test_best_mean"] == "" and row["simulated"] == "true"
+        assert row["val_last_mean"] == f"{accuracy(rounds[-1], task):.4f}"
+        assert row["val_best_mean"] == (f"{accuracy(best[0], task):.4f}" if best else "")
+        assert "simulated LLM" in row["model"]
+    homogeneous = json.loads((out / "runs" / "partitioning-homogeneous" / "summary.json").read_text())
+    assert rows[("homogeneous", "object_counting")]["test_best_mean"] == f"{homogeneous['test_accuracy']:.4f}"
+    table = (out / "table.md").read_text()
+    assert "| model / partitioning \\ task | object_counting | multistep_arithmetic_two |" in table
+    assert "| sim (simulated LLM, in-process) / heterogeneous | **" in table and "(validation;" in table
+    assert "These numbers come from the simulated LLM" in table
+
+    # the same runs, another layout: tasks as rows, partitionings as columns; nothing runs again
+    grid_file.write_text(BY_TASK.replace('rows = ["model", "partitioning"]\ncolumns = "task"',
+                                         'rows = "task"\ncolumns = "partitioning"'))
+    again = experiment(str(grid_file), "--out", str(out), "--table-only")
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, output[-3000:]
+    table = (out / "table.md").read_text()
+    assert "| task \\ partitioning | homogeneous | heterogeneous |" in table
+    assert "| multistep_arithmetic_two | - | **" in table
+
+
+@pytest.mark.parametrize("option, says", [
+    ("/no/such/folder", "--data-source '/no/such/folder' does not exist here"),
+    ("EMPTY", "no object_counting data in folder"),
+])
+def test_a_wrong_data_source_is_one_line_before_anything_runs(tmp_path, option, says):
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(BY_TASK)
+    (tmp_path / "empty").mkdir()
+    option = str(tmp_path / "empty") if option == "EMPTY" else option
+    done = subprocess.run([sys.executable, "-m", "fedtextgrad_core.tools.cli", "experiment", str(grid_file),
+                           "--out", str(tmp_path / "out"), "--data-source", option],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

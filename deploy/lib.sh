@@ -147,6 +147,8 @@ state_dir_for() {
     # $1 name, $2 optional --state-dir -> absolute state folder, created
     local dir="${2:-$STATE_ROOT/$1}"
     mkdir -p "$dir/flwr-home" || die "cannot create state folder '$dir'"
+    # logs, keys' copies and Flower's state are the operator's alone
+    chmod 700 "$dir" "$dir/flwr-home" || die "cannot make state folder '$dir' private (chmod 700)"
     (cd "$dir" && pwd)
 }
 

@@ -10,8 +10,15 @@ Usage: $PROG --superlink HOST:PORT (--ca CA_CRT --auth-key KEY | --insecure)
 
 Starts flower-supernode in the background and prints its PID, log and state folder. The
 SuperNode connects to the SuperLink (retrying until it is up), runs the ClientApp for each
-message it receives, and points it at this site's own LLM endpoint through its node config
-(the node config wins over the run config for the llm-* and backward-* keys).
+message it receives, and points it at this site's own LLM endpoint through its node config.
+
+What this site decides, not the run: the site settings (every llm-*, backward-* and judge-*
+endpoint, model and API-key variable, data-source, llm-cache-path, leakage-guard, leakage-ngram)
+come from this node config or their default. A run whose run config sets one of them to another
+value is refused by this client with one line, unless --allow-run-config names it. Other settings
+a node may set (e.g. llm-concurrency) override the run's for this client only. The ClientApp
+code itself comes with each run (its app bundle): to run only bundles signed by publishers you
+trust, pass --trusted-entities (see docs: security model).
 
 Connection:
   --superlink HOST:PORT   the SuperLink's address, e.g. superlink.example.org:9093
@@ -25,18 +32,26 @@ Data:
   --data-source SRC       this node's data: synthetic (generated, no files), hub (downloaded), or the
                           path of a data file or folder on this machine, e.g. a folder holding
                           object_counting.json (BIG-Bench Hard format), bbh/<task>.json or gsm8k/;
-                          a path is checked here and must exist (default: the run's data-source).
+                          a path is checked here and must exist (default: synthetic).
                           The node uses its share of it: --partition-id of --num-partitions
-LLM endpoint of this site (all optional; without them the run config decides, 'sim' by default):
+LLM endpoint of this site (all optional; without them: 'sim', the simulated LLM, a test double):
   --llm-base-url URL      OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (sets llm-backend='openai')
   --llm-model NAME        the model name the server knows
   --llm-api-key-env VAR   NAME of the environment variable holding the API key (never the key)
   --backward-base-url URL, --backward-model NAME, --backward-api-key-env VAR
                           the same for the model writing feedback and rewriting the prompt
-  --node-config "k=v ..." more node config, appended as given; repeatable. Any run setting a node
-                          may set (README: settings table, "node may set"), e.g.
+  --node-config "k=v ..." more node config, appended as given; repeatable. Any setting a node
+                          may set (settings reference: "set by"), e.g.
                           --node-config "llm-startup-wait=600" waits up to 10 minutes for an LLM
-                          server that is still loading (default 60 s)
+                          server that is still loading (default 60 s), or
+                          --node-config "judge-model='mine' leakage-guard='refuse'"
+Site control:
+  --allow-run-config KEYS comma-separated site settings a run config may set for this site (its
+                          own value is then only the default), e.g. judge-model; default: none
+  --trusted-entities FILE run only app bundles (FABs) signed by one of these publishers: Flower's
+                          YAML of "fpk_<id>: ssh-ed25519 <key>" lines (flower-supernode
+                          --trusted-entities). Flower 1.42 signs only bundles from Flower Hub: a
+                          bundle sent with 'flwr run .' carries no signature and is refused
 Process:
   --port PORT             port of this SuperNode's local Runtime API (default 9094; 127.0.0.1 only)
   --isolation MODE        subprocess (default: the SuperNode starts its own ClientApp runner) or
@@ -74,6 +89,8 @@ LLM_KEY_ENV=""
 BW_URL=""
 BW_MODEL=""
 BW_KEY_ENV=""
+ALLOW_RUN_CONFIG=""
+TRUSTED_ENTITIES=""
 EXTRA_NODE_CONFIG=""
 PORT=9094
 ISOLATION=subprocess
@@ -100,6 +117,8 @@ while [[ $# -gt 0 ]]; do
         --backward-model) need_value "$1" $#; BW_MODEL="$2"; shift 2 ;;
         --backward-api-key-env) need_value "$1" $#; BW_KEY_ENV="$2"; shift 2 ;;
         --node-config) need_value "$1" $#; EXTRA_NODE_CONFIG+="${EXTRA_NODE_CONFIG:+ }$2"; shift 2 ;;
+        --allow-run-config) need_value "$1" $#; ALLOW_RUN_CONFIG="$2"; shift 2 ;;
+        --trusted-entities) need_value "$1" $#; TRUSTED_ENTITIES="$2"; shift 2 ;;
         --port) need_value "$1" $#; PORT="$2"; shift 2 ;;
         --isolation) need_value "$1" $#; ISOLATION="$2"; shift 2 ;;
         --name) need_value "$1" $#; NAME="$2"; shift 2 ;;
@@ -150,6 +169,14 @@ if [[ -n "$DATA_SOURCE" && "$DATA_SOURCE" != synthetic && "$DATA_SOURCE" != hub 
     [[ -r "$DATA_SOURCE" ]] || die "--data-source '$DATA_SOURCE' is not readable by this user"
     DATA_SOURCE="$(cd "$(dirname "$DATA_SOURCE")" && pwd)/$(basename "$DATA_SOURCE")"  # the ClientApp runs elsewhere
 fi
+[[ -z "$ALLOW_RUN_CONFIG" || "$ALLOW_RUN_CONFIG" =~ ^[a-z][a-z0-9-]*(,[a-z][a-z0-9-]*)*$ ]] \
+    || die "--allow-run-config '$ALLOW_RUN_CONFIG' is not a comma-separated list of setting names, e.g. judge-model,leakage-ngram"
+if [[ -n "$TRUSTED_ENTITIES" ]]; then
+    need_file "$TRUSTED_ENTITIES" "--trusted-entities file"
+    TRUSTED_ENTITIES="$(abs_path "$TRUSTED_ENTITIES")"
+    grep -Eq '^fpk_[A-Za-z0-9-]+: *ssh-ed25519 ' "$TRUSTED_ENTITIES" \
+        || die "--trusted-entities '$TRUSTED_ENTITIES' holds no line 'fpk_<id>: ssh-ed25519 <key>' (Flower's trusted-entities YAML)"
+fi
 NAME="${NAME:-supernode-$PARTITION}"
 check_name "$NAME"
 need_command flower-supernode "install the app and Flower on this machine first: pip install ."
@@ -181,6 +208,7 @@ else
     fi
 fi
 [[ -z "$MAX_WAIT" ]] || CMD+=(--max-wait-time "$MAX_WAIT")
+[[ -z "$TRUSTED_ENTITIES" ]] || CMD+=(--trusted-entities "$TRUSTED_ENTITIES")
 
 NODE_CONFIG="partition-id=$PARTITION num-partitions=$NUM_PARTITIONS"
 [[ -z "$DATA_SOURCE" ]] || NODE_CONFIG+=" data-source=$(node_config_value --data-source "$DATA_SOURCE")"
@@ -196,6 +224,7 @@ if [[ -n "$BW_URL" ]]; then
 fi
 [[ -z "$BW_MODEL" ]] || NODE_CONFIG+=" backward-model=$(node_config_value --backward-model "$BW_MODEL")"
 [[ -z "$BW_KEY_ENV" ]] || NODE_CONFIG+=" backward-api-key-env='$BW_KEY_ENV'"
+[[ -z "$ALLOW_RUN_CONFIG" ]] || NODE_CONFIG+=" allow-run-config='$ALLOW_RUN_CONFIG'"
 [[ -z "$EXTRA_NODE_CONFIG" ]] || NODE_CONFIG+=" $EXTRA_NODE_CONFIG"
 CMD+=(--node-config "$NODE_CONFIG" "${EXTRA[@]}")
 
@@ -221,6 +250,8 @@ explain_exit() {
         fi
     elif [[ "$lines" == *"must be registered via the CLI"* ]]; then
         echo "the SuperLink requires node authentication: start with --auth-key KEY (gen-node-keys.sh) and have KEY.pub registered by the SuperLink's operator (register-node.sh)"
+    elif [[ "$lines" == *"trusted entities"* || "$lines" == *"Trusted entities"* ]]; then
+        echo "Flower refused the --trusted-entities file $TRUSTED_ENTITIES (exit code 304): each line must be 'fpk_<id>: ssh-ed25519 <base64 key>'"
     elif [[ "$lines" == *CERTIFICATE_VERIFY_FAILED* ]]; then
         echo "the TLS handshake failed: --ca $CA is not the CA that signed the SuperLink's certificate, or that certificate does not name '$ADDR_HOST' (gen-certs.sh --host); get the right ca.crt from the SuperLink's operator"
     fi

@@ -6,7 +6,18 @@ SHOWN_CHARS = 120  # of a refused value, in the one line that names it
 
 
 class FedTextGradError(Exception):
-    """Base class: anything raised on purpose by this project."""
+    """Base class: anything raised on purpose by this project.
+
+    ``shared``: the message as it may leave this process for another party (a client's error line
+    goes to the server): without what it quotes of private data or of a server's answer. The full
+    message stays in this process's own output."""
+
+    def __init__(self, *args: object, shared: str | None = None) -> None:
+        super().__init__(*args)
+        self.shared = shared
+
+    def shareable(self) -> str:
+        return self.shared if self.shared is not None else str(self)
 
 
 class ConfigError(FedTextGradError, ValueError):
@@ -35,7 +46,12 @@ class LLMError(FedTextGradError):
 
 
 class TransientLLMError(LLMError):
-    """A failure that may pass (a connection refused, a timeout, HTTP 429 or 5xx): retried with backoff."""
+    """A failure that may pass (a connection refused, a timeout, HTTP 429 or 5xx): retried with backoff.
+    ``retry_after``: the seconds the server asked to wait before the next request (a 429's Retry-After)."""
+
+    def __init__(self, *args: object, shared: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(*args, shared=shared)
+        self.retry_after = retry_after
 
 
 class LLMTimeout(TransientLLMError):
@@ -44,6 +60,10 @@ class LLMTimeout(TransientLLMError):
 
 class SimUnsupportedError(LLMError):
     """The simulated LLM was asked something it cannot answer (e.g. a GSM8K question)."""
+
+
+class RefusedInput(FedTextGradError):
+    """Input from another party (a prompt the server sent, an upload, a reply) that is refused as it is."""
 
 
 class LeakageError(FedTextGradError):

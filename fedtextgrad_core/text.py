@@ -44,6 +44,50 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in sentences if s.strip()]
 
 
+# A sentence of a text, and what stood before it: "" (the first), " " (the same line), or line breaks
+# and the line's indentation (a list item, a new paragraph). Merges cut and join prompts by sentence;
+# with the separators kept, the lists and paragraphs a prompt carries survive them.
+Unit = tuple[str, str]
+
+
+def sentence_units(text: str) -> list[Unit]:
+    """(separator, sentence) for each sentence of ``text``, line by line: spaces inside a line are
+    folded, line breaks kept (blank lines as one paragraph break), each line's indentation kept."""
+    units: list[Unit] = []
+    blank = False
+    for line in (text or "").split("\n"):
+        sentences = split_sentences(line)
+        if not sentences:
+            blank = blank or bool(units)
+            continue
+        indent = line[: len(line) - len(line.lstrip())]
+        for position, sentence in enumerate(sentences):
+            if not units:
+                separator = ""
+            elif position:
+                separator = " "
+            else:
+                separator = ("\n\n" if blank else "\n") + indent
+            units.append((separator, sentence))
+        blank = False
+    return units
+
+
+def join_units(units: list[Unit], keep: list[bool] | None = None) -> str:
+    """The text of the ``units`` kept (all by default). A line break before a unit left out moves to the
+    next unit kept, so leaving a sentence out never joins two lines or two list items."""
+    parts: list[str] = []
+    carried = ""
+    for index, (separator, sentence) in enumerate(units):
+        if ("\n" in separator and "\n" not in carried) or not carried:
+            carried = separator
+        if keep is not None and not keep[index]:
+            continue
+        parts.append(("" if not parts else carried or " ") + sentence)
+        carried = ""
+    return "".join(parts)
+
+
 def regex_tokens(text: str) -> list[str]:
     """The fallback tokenizer: ``\\w+`` runs and single non-space characters."""
     return _TOKEN_RE.findall(text)

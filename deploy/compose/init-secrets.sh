@@ -11,7 +11,9 @@ if [[ ! -f /secrets/superlink/server.pem ]]; then
     work="$(mktemp -d)"
     # the name the other containers reach the SuperLink by; 127.0.0.1 and localhost are always in
     "$DEPLOY/gen-certs.sh" --out "$work" --host superlink
-    cp "$work/server.pem" "$work/server.key" "$work/ca.key" /secrets/superlink/
+    # the CA's private key is not copied anywhere: it signed the server certificate and is deleted
+    # with the work folder (a real CA key stays offline, never in the SuperLink's volume)
+    cp "$work/server.pem" "$work/server.key" /secrets/superlink/
     cp "$work/ca.crt" /secrets/superlink/ca.crt
     cp "$work/ca.crt" /secrets/ca/ca.crt
     rm -rf "$work"

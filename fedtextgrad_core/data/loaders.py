@@ -25,7 +25,7 @@ from fedtextgrad_core.data.synthetic import generate
 from fedtextgrad_core.data.tasks import TASKS, get_task
 from fedtextgrad_core.errors import ConfigError, DataError
 
-__all__ = ["BBH_URL", "GSM8K_HUB_NAME", "MAX_SYNTHETIC_SIZE", "load_splits"]
+__all__ = ["BBH_URL", "GSM8K_HUB_NAME", "MAX_SYNTHETIC_SIZE", "largest_split", "load_splits"]
 
 BBH_URL = "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/main/bbh/{task}.json"
 GSM8K_HUB_NAME = ("openai/gsm8k", "main")
@@ -107,6 +107,23 @@ def load_splits(
     return Splits(task=task, train=list(train), val=list(val), test=list(test))
 
 
+def largest_split(task: str, split: str, synthetic_size: int, gsm8k_split: str) -> int:
+    """The most examples a split of ``task`` can hold from any source: the reference split of the real
+    data or the synthetic split, whichever is larger; GSM8K's TextGrad test split is the whole test file,
+    of any size, so only MAX_SYNTHETIC_SIZE bounds it. What the server knows of a client's data."""
+    n_train, n_val = synthetic_size // 5, 2 * synthetic_size // 5
+    synthetic = {"train": n_train, "val": n_val, "test": synthetic_size - n_train - n_val}[split]
+    if task == "gsm8k":
+        if gsm8k_split == "fedtextgrad":
+            start, end = FEDTEXTGRAD_GSM8K[split]
+            real = end - start
+        else:
+            real = {"train": GSM8K_TRAIN, "val": GSM8K_VAL, "test": MAX_SYNTHETIC_SIZE}[split]
+    else:
+        real = {"train": BBH_TRAIN, "val": BBH_VAL, "test": BBH_TEST}[split]
+    return max(real, synthetic)
+
+
 def _local_path(source: str) -> Path:
     """The existing file or folder ``source`` names, or a DataError saying why not.
 
@@ -171,7 +188,9 @@ def _check_targets(task: str, examples: list[Example], location: str) -> list[Ex
         if spec.normalize(example.answer) is None:
             kind = "a number" if spec.answer_kind == "number" else "words"
             raise DataError(f"record {index} in '{location}' has the target {example.answer[:80]!r}, which "
-                            f"{task} cannot score; expected {kind}")
+                            f"{task} cannot score; expected {kind}",
+                            shared=f"record {index} of this site's {task} data has a target {task} cannot score; "
+                                   f"expected {kind} (the site's log names the file and the value)")
     return examples
 
 
@@ -282,7 +301,9 @@ def _gsm8k_records(table: Any, location: str) -> list[Example]:
             raise DataError(f"record {row} in '{location}' is not in the GSM8K format; expected {_GSM8K_EXPECTED}")
         target = answer.rsplit("####", 1)[1].strip().replace(",", "")
         if not _GSM8K_NUMBER.fullmatch(target):
-            raise DataError(f"record {row} in '{location}' has {target!r} after '####'; expected a number")
+            raise DataError(f"record {row} in '{location}' has {target!r} after '####'; expected a number",
+                            shared=f"record {row} of this site's gsm8k data has no number after '####' "
+                                   "(the site's log names the file and the value)")
         examples.append(Example(question=question, answer=target))
     return examples
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -31,4 +32,12 @@ class EndpointSettings:
     def describe(self) -> str:
         if self.backend == "sim":
             return "sim (simulated LLM, in-process)"
-        return f"{self.model} at {self.base_url}"
+        return f"{self.model} at {shown_url(self.base_url)}"
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown and written down: without a user, password, query or fragment, which
+    may hold a key (a run config's URL cannot hold a user or password; a query may still)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -157,9 +157,12 @@ class ChatEngine(EngineLM):
                     return self._chat(messages, constraint) if constraint is not None else self._chat(messages)
             except TransientLLMError as exc:
                 if attempt >= self.settings.max_retries:
-                    raise TransientLLMError(f"{exc} (gave up after {attempt + 1} attempts)") from exc
+                    gave_up = f" (gave up after {attempt + 1} attempts)"
+                    raise TransientLLMError(f"{exc}{gave_up}", shared=f"{exc.shareable()}{gave_up}") from exc
                 delay = min(BACKOFF_CAP_SECONDS, self.settings.retry_backoff * 2 ** attempt)
                 delay *= random.uniform(0.5, 1.0)  # jitter: clients do not retry in lockstep
+                if exc.retry_after is not None:  # a 429 that says how long to wait: wait that long
+                    delay = max(delay, exc.retry_after)
                 if isinstance(exc, LLMTimeout):
                     # the server may still be working on the request that timed out: sending it
                     # again at once would queue a second copy behind the first

@@ -21,10 +21,14 @@ this module does not rely on that.)
 from __future__ import annotations
 
 import atexit
+import email.utils
 import http.cookiejar
 import json
+import math
 import os
 import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -72,6 +76,30 @@ def close_clients() -> None:
         _clients.clear()
     for client in clients:
         client.close()
+
+
+MAX_RETRY_AFTER_SECONDS = 120.0  # the longest wait a server's Retry-After is granted
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (a number, or an HTTP date), at most
+    MAX_RETRY_AFTER_SECONDS; None when there is none or it cannot be read."""
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:
@@ -138,11 +166,15 @@ def request_json(method: str, url: str, body: Any = None, *, api_key: str = "", 
         raise LLMError(f"{where} gave an unusable answer: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if not 200 <= status < 300:
         detail = _error_detail(raw, reason)
+        unquoted = " (the server's message is in this site's log)"  # what leaves the site quotes no answer
         if status in (404, 405, 501):
-            raise RouteUnsupported(f"{where} answered HTTP {status}: {detail}")
+            raise RouteUnsupported(f"{where} answered HTTP {status}: {detail}", shared=f"{where} answered HTTP {status}")
         if status == 429 or status >= 500:
-            raise TransientLLMError(f"{where} answered HTTP {status}: {detail}")
-        raise LLMError(f"{where} refused the request with HTTP {status}: {detail}")
+            wait = retry_after(answer_headers) if status == 429 else None
+            raise TransientLLMError(f"{where} answered HTTP {status}: {detail}",
+                                    shared=f"{where} answered HTTP {status}{unquoted}", retry_after=wait)
+        raise LLMError(f"{where} refused the request with HTTP {status}: {detail}",
+                       shared=f"{where} refused the request with HTTP {status}{unquoted}")
     try:
         return json.loads(raw.decode("utf-8", errors="replace")), answer_headers
     except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested deeper than Python's stack

@@ -27,7 +27,8 @@ from typing import Any
 
 from fedtextgrad_core.errors import ConfigError, LLMError, LLMTimeout, TransientLLMError
 from fedtextgrad_core.llm.constraints import Constraint
-from fedtextgrad_core.llm.endpoint import EndpointSettings
+from fedtextgrad_core.llm.endpoint import EndpointSettings, shown_url
+from fedtextgrad_core.llm.http import retry_after
 from fedtextgrad_core.llm.server_kind import detect_kind, probe_kind
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,16 @@ def api_key_for(api_key_env: str, setting_name: str) -> str:
 
 
 def _describe(base_url: str, model: str) -> str:
-    return f"LLM endpoint {base_url} (model {model})"
+    return f"LLM endpoint {shown_url(base_url)} (model {model})"
 
 
-def _not_json(where: str, body: str) -> str:
-    """A plain message for a 200 whose body is not an OpenAI-style JSON answer."""
+def _not_json(where: str, body: str, quote: bool = True) -> str:
+    """A plain message for a 200 whose body is not an OpenAI-style JSON answer (``quote``: with its start)."""
     body = (body or "").strip()
     if not body:
         return f"{where} returned an empty body instead of a JSON answer"
-    return f"{where} returned a body that is not an OpenAI-style JSON answer: {body[:120]!r}"
+    shown = f": {body[:120]!r}" if quote else ""
+    return f"{where} returned a body that is not an OpenAI-style JSON answer{shown}"
 
 
 def classify(exc: Exception, base_url: str, model: str) -> LLMError:
@@ -83,12 +85,20 @@ def classify(exc: Exception, base_url: str, model: str) -> LLMError:
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         detail = str(exc.message)[:300]
+        # what leaves the site (a client's error line) never quotes the server's answer: it may echo the request
+        unquoted = " (the server's message is in this site's log)"
         if status == 429 or status >= 500:
-            return TransientLLMError(f"{where} answered HTTP {status}: {detail}")
-        return LLMError(f"{where} refused the request with HTTP {status}: {detail}")
+            wait = retry_after(exc.response.headers) if status == 429 else None
+            return TransientLLMError(f"{where} answered HTTP {status}: {detail}",
+                                     shared=f"{where} answered HTTP {status}{unquoted}", retry_after=wait)
+        return LLMError(f"{where} refused the request with HTTP {status}: {detail}",
+                        shared=f"{where} refused the request with HTTP {status}{unquoted}")
     if isinstance(exc, json.JSONDecodeError):  # the body was declared JSON but is not
-        return LLMError(_not_json(where, exc.doc))
-    return LLMError(f"{where} returned an unusable response: {type(exc).__name__}: {str(exc)[:300]}")
+        return LLMError(_not_json(where, exc.doc), shared=_not_json(where, exc.doc, quote=False))
+    return LLMError(f"{where} returned an unusable response: {type(exc).__name__}: {str(exc)[:300]}",
+                    shared=f"{where} returned an unusable response ({type(exc).__name__})")
+
+
 
 
 _models_lock = threading.Lock()
@@ -201,7 +211,8 @@ class OpenAIChat:
         except Exception as exc:  # every failure leaves here named and sorted
             raise classify(exc, self.base_url, self.model) from exc
         if isinstance(response, str):  # what the openai client hands back for a body that is not JSON
-            raise LLMError(_not_json(_describe(self.base_url, self.model), response))
+            where = _describe(self.base_url, self.model)
+            raise LLMError(_not_json(where, response), shared=_not_json(where, response, quote=False))
         choices = getattr(response, "choices", None)
         choice = choices[0] if choices else None
         text = getattr(getattr(choice, "message", None), "content", None)
@@ -233,7 +244,8 @@ class OpenAIChat:
                 break
             except Exception as exc:
                 if raw is not None:  # an answer, but not a model list (e.g. a web page): say what came back
-                    error = LLMError(_not_json(_describe(self.base_url, self.model), raw.http_response.text))
+                    where, body = _describe(self.base_url, self.model), raw.http_response.text
+                    error = LLMError(_not_json(where, body), shared=_not_json(where, body, quote=False))
                 else:
                     error = classify(exc, self.base_url, self.model)
                 # a server still loading refuses connections (vLLM) or answers 503: worth waiting for;
@@ -248,8 +260,9 @@ class OpenAIChat:
                     time.sleep(STARTUP_POLL_SECONDS)
                     continue
                 waited = f"; waited {startup_wait:.0f} s for it (llm-startup-wait)" if said else ""
-                raise LLMError(f"{error} (checked with GET {self.base_url.rstrip('/')}/models; "
-                               f"is the server running and is '{setting_name}' right?{waited})") from exc
+                hint = (f" (checked with GET {self.base_url.rstrip('/')}/models; is the server running and is "
+                        f"'{setting_name}' right?{waited})")
+                raise LLMError(f"{error}{hint}", shared=f"{error.shareable()}{hint}") from exc
         if served and self.model not in served:
             log.warning("%s: model %r is not among the served models %s", self.base_url, self.model, served)
         kind = self.configured_kind
@@ -278,8 +291,8 @@ def check_once(chat: OpenAIChat, setting_name: str, startup_wait: float = 0.0) -
         if down is not None and time.monotonic() < down[0]:
             # waited out moments ago: the next request of the same message (a client answers a round's
             # evaluation and the next training in one process) fails at once instead of waiting again
-            raise LLMError(f"{down[1]} (this process has just waited for it in vain, and waits again only "
-                           f"after {startup_wait:.0f} s)")
+            note = f" (this process has just waited for it in vain, and waits again only after {startup_wait:.0f} s)"
+            raise LLMError(f"{down[1]}{note}", shared=f"{down[1].shareable()}{note}")
         began = time.monotonic()
         try:
             facts = chat.check(setting_name, startup_wait)

@@ -1,20 +1,22 @@
-"""The client's leakage guard: find verbatim pieces of its own training data in a prompt.
+"""The client's leakage guard: find copied pieces of its own training data in a prompt.
 
-An optimiser LLM that sees training questions may copy one into the prompt (as a worked
-example, say), and the prompt is the one thing a client uploads. Before upload the
-client looks for runs of ``n`` or more tokens in a row that also occur in one of its
-training questions or answers, and then redacts them, refuses to upload, or only counts
-them, as the site chose (``leakage-guard``).
+An optimiser LLM that sees training questions may copy one into the prompt (as a worked example,
+say), and the prompt is the one thing a client uploads. Before upload the client looks for runs of
+``n`` or more tokens in a row that also occur in one of its training questions or answers, and then
+redacts them, refuses to upload, or only counts them, as the site chose (``leakage-guard``).
 
-Tokens are runs of letters and digits plus the arithmetic symbols ``+ - * / = ( )``,
-lower-cased. Other punctuation is ignored, so re-punctuating a quote does not hide it;
-the arithmetic symbols are kept because in an arithmetic question they are most of the
-text, and without them a copied expression would be too few "words" to notice.
+Both texts are compared in a folded form, so a copy dressed up to look different still matches:
+NFKC (fullwidth and mathematical letters, ligatures), invisible format characters removed (a
+zero-width space inside a word), combining marks removed (accents added to letters), case folded,
+and the common Latin look-alikes of Cyrillic and Greek letters mapped to Latin ones. Tokens are then
+runs of letters and digits plus the arithmetic symbols ``+ - * / = ( )``; other punctuation is
+ignored, so re-punctuating a quote does not hide it. What it cannot see: docs, security model.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +27,14 @@ __all__ = ["LEAKAGE_GUARDS", "LEAK_MARKER", "LeakCounts", "LeakReport", "find_le
 LEAK_MARKER = "[redacted]"
 LEAKAGE_GUARDS = ("redact", "refuse", "off")  # what a client does with an upload that quotes its training data
 _TOKEN = re.compile(r"\w+|[-+*/=()]")
+# Cyrillic and Greek letters (as case-folded) that look like Latin ones, mapped to them
+LOOK_ALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t",
+    "у": "y", "х": "x", "ѕ": "s", "і": "i", "ј": "j", "ԁ": "d", "һ": "h", "ԛ": "q", "ԝ": "w", "ү": "y",
+    "ӏ": "l", "ɡ": "g",
+    "α": "a", "β": "b", "ε": "e", "ζ": "z", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
+    "τ": "t", "υ": "u", "χ": "x",
+})
 
 NGram = tuple[str, ...]
 
@@ -54,8 +64,27 @@ class LeakReport:
         return LeakCounts(self.passages, self.ngrams, self.redactions, self.longest)
 
 
-def _tokens(text: str) -> list[re.Match[str]]:
-    return list(_TOKEN.finditer(text or ""))
+def folded(text: str) -> tuple[str, list[int]]:
+    """``text`` in the form the guard compares (module doc), and for each of its characters the
+    position in ``text`` it came from (to redact the original characters)."""
+    chars: list[str] = []
+    origin: list[int] = []
+    for position, char in enumerate(text or ""):
+        if unicodedata.category(char) == "Cf":
+            continue
+        for part in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", char)):
+            if unicodedata.category(part) == "Mn":
+                continue
+            for piece in part.casefold().translate(LOOK_ALIKES):
+                chars.append(piece)
+                origin.append(position)
+    return "".join(chars), origin
+
+
+def _tokens(text: str) -> list[tuple[str, int, int]]:
+    """(folded token, start, end in ``text``) of every token."""
+    view, origin = folded(text)
+    return [(m.group(0), origin[m.start()], origin[m.end() - 1] + 1) for m in _TOKEN.finditer(view)]
 
 
 def training_ngrams(examples: Iterable[Example], n: int) -> set[NGram]:
@@ -63,7 +92,7 @@ def training_ngrams(examples: Iterable[Example], n: int) -> set[NGram]:
     grams: set[NGram] = set()
     for example in examples:
         for text in (example.question, example.answer):
-            words = [m.group(0).lower() for m in _tokens(text)]
+            words = [token for token, _, _ in _tokens(text)]
             grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     return grams
 
@@ -73,7 +102,7 @@ def find_leaks(prompt: str, grams: set[NGram], n: int) -> tuple[list[tuple[int, 
     windows, and the longest passage in tokens. Overlapping or touching windows form one
     span, so a quoted question counts as one passage however long it is."""
     tokens = _tokens(prompt)
-    words = [m.group(0).lower() for m in tokens]
+    words = [token for token, _, _ in tokens]
     runs: list[list[int]] = []  # [first token, last token] of each passage
     windows = 0
     for start in range(len(words) - n + 1):
@@ -85,7 +114,7 @@ def find_leaks(prompt: str, grams: set[NGram], n: int) -> tuple[list[tuple[int, 
             runs[-1][1] = max(runs[-1][1], end)
         else:
             runs.append([start, end])
-    spans = [(tokens[first].start(), tokens[last].end()) for first, last in runs]
+    spans = [(tokens[first][1], tokens[last][2]) for first, last in runs]
     longest = max((last - first + 1 for first, last in runs), default=0)
     return spans, windows, longest
 

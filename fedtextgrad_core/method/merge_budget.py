@@ -13,14 +13,15 @@ some percent, and a chat request adds a few template tokens per message: leave t
 much headroom below the model's context window when choosing the budget.
 
 Text is cut only between sentences, split by the catalogue's splitter, which never
-splits inside a quoted span such as 'Answer: $VALUE'.
+splits inside a quoted span such as 'Answer: $VALUE'; line breaks and indentation are kept
+(``text.sentence_units``), so a prompt's lists and paragraphs survive a cut.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from fedtextgrad_core.text import count_tokens, split_sentences
+from fedtextgrad_core.text import Unit, count_tokens, join_units, sentence_units, split_sentences
 
 
 def tokens(text: str) -> int:
@@ -36,19 +37,27 @@ def sentence_key(sentence: str) -> str:
     return " ".join(sentence.lower().split())
 
 
-def distinct_sentences(texts: Sequence[str]) -> tuple[list[str], int]:
-    """Every sentence of ``texts`` once, first-seen order, and how many repeats were removed."""
-    kept: list[str] = []
+def joiner(texts: Sequence[str]) -> str:
+    """What stands between whole prompts joined into one (concat): a line break, as the reference's
+    concatenation; a blank line when a prompt has lines of its own."""
+    return "\n\n" if any("\n" in text for text in texts) else "\n"
+
+
+def distinct_sentences(texts: Sequence[str]) -> tuple[list[Unit], int]:
+    """Every sentence of ``texts`` once, first-seen order, with its separator; and how many repeats
+    were removed."""
+    kept: list[Unit] = []
     seen: set[str] = set()
     repeats = 0
+    between = joiner(texts)
     for text in texts:
-        for sentence in split_sentences(text):
+        for position, (separator, sentence) in enumerate(sentence_units(text)):
             key = sentence_key(sentence)
             if key in seen:
                 repeats += 1
                 continue
             seen.add(key)
-            kept.append(sentence)
+            kept.append((between if position == 0 else separator, sentence))
     return kept, repeats
 
 
@@ -65,8 +74,9 @@ def missing_sentences(cut: Sequence[str], prompt: str) -> list[str]:
     return missing
 
 
-def clip_sentences(sentences: Sequence[str], max_tokens: int, suffix: str = "") -> tuple[str, list[str]]:
-    """The sentences, in order, that fit in ``max_tokens`` together with ``suffix``; and the rest.
+def clip_sentences(units: Sequence[Unit], max_tokens: int, suffix: str = "") -> tuple[str, list[str]]:
+    """The text of the sentences, in order, that fit in ``max_tokens`` together with ``suffix``; and the
+    sentences left out.
 
     A sentence that does not fit is skipped and later, shorter ones are still tried, so
     one long sentence does not cost every sentence after it. Token counts of single
@@ -74,26 +84,25 @@ def clip_sentences(sentences: Sequence[str], max_tokens: int, suffix: str = "") 
     the joined text and the last kept sentences are given up until it fits.
     """
     room = max_tokens - (tokens(suffix) if suffix else 0)
-    kept: list[str] = []
-    dropped: list[str] = []
+    units = list(units)
+    keep = [False] * len(units)
     used = 0
-    for sentence in sentences:
+    for index, (_, sentence) in enumerate(units):
         size = tokens(sentence)
         if used + size <= room:
-            kept.append(sentence)
+            keep[index] = True
             used += size
-        else:
-            dropped.append(sentence)
-    while kept and tokens(_join(kept, suffix)) > max_tokens:
-        dropped.insert(0, kept.pop())
-    return " ".join(kept), dropped
+    while any(keep) and tokens(_join([join_units(units, keep)], suffix)) > max_tokens:
+        keep[max(i for i, k in enumerate(keep) if k)] = False
+    dropped = [sentence for (_, sentence), kept in zip(units, keep) if not kept]
+    return join_units(units, keep), dropped
 
 
 def clip_text(text: str, max_tokens: int, suffix: str = "") -> tuple[str, list[str]]:
     """``text`` cut between sentences to fit in ``max_tokens`` with ``suffix``; unchanged if it fits."""
     if tokens(_join([text], suffix)) <= max_tokens:
         return text, []
-    return clip_sentences(split_sentences(text), max_tokens, suffix)
+    return clip_sentences(sentence_units(text), max_tokens, suffix)
 
 
 def pack_groups(items: Sequence[str], fits: Callable[[Sequence[str]], bool]) -> list[list[str]]:
@@ -115,4 +124,6 @@ def pack_groups(items: Sequence[str], fits: Callable[[Sequence[str]], bool]) -> 
 
 
 def _join(parts: Sequence[str], suffix: str) -> str:
-    return " ".join([*(p for p in parts if p), *([suffix] if suffix else [])])
+    """The parts and the suffix as one text, for counting (the suffix as ``merging.with_format`` adds it)."""
+    texts = [p for p in parts if p]
+    return ("\n" if any("\n" in text for text in texts) else " ").join([*texts, *([suffix] if suffix else [])])

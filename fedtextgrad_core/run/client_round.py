@@ -7,6 +7,7 @@ sends back the replies, so the same code serves simulation, a real SuperNode and
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,13 +15,14 @@ from functools import lru_cache
 from fedtextgrad_core.data.examples import Example
 from fedtextgrad_core.data.partitioning import ClientData, client_data
 from fedtextgrad_core.data.tasks import get_task
-from fedtextgrad_core.errors import ConfigError, FedTextGradError, LeakageError
+from fedtextgrad_core.errors import ConfigError, FedTextGradError, LeakageError, RefusedInput
 from fedtextgrad_core.fingerprint import code_fingerprint
 from fedtextgrad_core.llm.engine import ChatEngine, make_engine
 from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.method.judge import Judge
 from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
 from fedtextgrad_core.method.local_training import train_prompt
+from fedtextgrad_core.method.upload_checks import hidden_text_problem, visible_only
 from fedtextgrad_core.run import schema
 from fedtextgrad_core.run.messages import ErrorReply, EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.settings import RunSettings, client_settings, real_clients_need_a_server_llm
@@ -123,32 +125,41 @@ def backward_engine(settings: RunSettings, forward: ChatEngine) -> ChatEngine:
 
 
 def failed(error: BaseException, node_config: Config) -> ErrorReply:
-    """The reply of a client that could not answer: its error in one line, with the partition it holds
-    when the node config says (the server has no other name for a node that never answered)."""
+    """The reply of a client that could not answer: its error in one line, as it may leave the site
+    (``FedTextGradError.shareable``: no quoted data, no server's answer), with the partition it holds
+    when the node config says (the server has no other name for a node that never answered). The
+    whole message goes to this site's own log."""
+    print(f"fedtextgrad: this client could not answer a request of the server: {error}", file=sys.stderr, flush=True)
     partition = node_config.get("partition-id")
     known = partition if isinstance(partition, int) and not isinstance(partition, bool) else None
-    return ErrorReply(error=" ".join(str(error).split()), partition_id=known)
+    line = error.shareable() if isinstance(error, FedTextGradError) else str(error)
+    return ErrorReply(error=" ".join(line.split()), partition_id=known)
 
 
-def answer_each(run_config: Config, node_config: Config, requests: Sequence[object]
+def answer_each(run_config: Config, node_config: Config, requests: Sequence[object], pinned: bool = True
                 ) -> list[TrainReply | EvalReply | ErrorReply]:
     """This node's replies to the requests of one message, in order. A request this project's code
     cannot answer (a setting, a data file, an unreachable LLM server) gets an ``ErrorReply`` with the
-    one line saying why; the others are still answered."""
+    one line saying why; the others are still answered. ``pinned``: this node is a site of a deployment,
+    whose site settings the run config may not move (``settings.client_config``)."""
     replies: list[TrainReply | EvalReply | ErrorReply] = []
     for raw in requests:
         try:
-            replies.append(answer(run_config, node_config, RoundRequest.decode(raw)))
+            replies.append(answer(run_config, node_config, RoundRequest.decode(raw), pinned))
         except FedTextGradError as exc:
             replies.append(failed(exc, node_config))
     return replies
 
 
-def answer(run_config: Config, node_config: Config, request: RoundRequest) -> TrainReply | EvalReply:
+def answer(run_config: Config, node_config: Config, request: RoundRequest, pinned: bool = True
+           ) -> TrainReply | EvalReply:
     """This node's reply to ``request``: train in the training phase, else score."""
     # parsed once per process: only the keys a node may set matter, not its partition id
-    settings = client_settings(run_config, schema.node_overrides(node_config))
+    settings = client_settings(run_config, schema.node_overrides(node_config), pinned)
     node = node_identity(node_config)
+    hidden = hidden_text_problem(request.prompt, "the prompt the server sent")
+    if hidden:  # text this site's optimizer would read beside its private data, unseen by any person
+        raise RefusedInput(f"{hidden}; this site did not use it")
     if request.kind is Phase.TRAIN:
         if request.simulated_only and not settings.forward.simulated:
             # the server stops the run on this client's evaluation sent with this request; not trained
@@ -170,7 +181,7 @@ def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest
     result = train_prompt(request.prompt, task, data.train, forward, backward, settings.local,
                           stream=f"round{request.server_round}:client{node.partition_id}",
                           format_instruction=settings.format_instruction, judge=judge)
-    leaks = check_leakage(result.prompt, data.train, settings)
+    leaks = check_leakage(visible_only(result.prompt), data.train, settings)
     val = val_usage = None
     if settings.client_val_eval and data.val:
         val = evaluate_prompt(forward, task, leaks.prompt, data.val, settings.local.parser)

@@ -31,11 +31,12 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from fedtextgrad_core.fingerprint import code_fingerprint, code_location
 from fedtextgrad_core.llm.engine import ChatEngine
+from fedtextgrad_core.run.claims import SHOWN_CHARS, Bounds, cleaned, eval_problem, shown, train_problem
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.recorder import FinalScore, Recorder, examples_of, usage_of, weighted_accuracy
 from fedtextgrad_core.run.records import ClientEvaluation, ClientId, Failure, RoundRecord, RunSummary
@@ -142,6 +143,7 @@ class Federation:
         self.merger = merger
         self.scorer = scorer
         self.labels = ClientLabels(recorder.echo)
+        self.bounds = Bounds.of(settings)
         self._code_warned: set[int] = set()
         self._tests_ahead: _Sent | None = None  # the last evaluation, and the final tests sent with it
 
@@ -215,7 +217,8 @@ class Federation:
         failures = self.failures(replies, Phase.TRAIN)
         require_enough("training", server_round, len(uploads), failures,
                        required_clients(self.settings, len(uploads) + len(failures)))
-        outcome = merge_round(server_round, uploads, failures, self.settings, self.merger, self.scorer)
+        outcome = merge_round(server_round, uploads, failures, self.settings, self.merger, self.scorer,
+                              previous_prompt=self.state.global_prompt, secret=self.state.secret)
         client_uploads = self.recorder.uploads(outcome)
         # the merged prompt is scored, and is the next round's starting prompt whatever it scores;
         # after the last round, the final tests whose prompts are known already go with it
@@ -321,8 +324,18 @@ class Federation:
         return RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt,
                             simulated_only=phase is Phase.TRAIN and self.settings.server_sim_by_default)
 
-    def received(self, replies: Replies) -> Replies:
-        """Replies as the loop uses them: clients labelled, checked, in partition order."""
+    def received(self, replies: Replies, phase: Phase) -> Replies:
+        """Replies as the loop uses them: checked as claims (claims.py; a reply that cannot be true is that
+        client's failure), their text made safe to show, clients labelled, in partition order."""
+        answers, failures = [], [(client, shown(reason, SHOWN_CHARS["error"])) for client, reason in replies.failures]
+        for client, reply in replies.answers:
+            problem = (train_problem(reply, self.bounds, self.settings.max_prompt_chars) if isinstance(reply, TrainReply)
+                       else eval_problem(reply, self.bounds.split(phase.data_split)))
+            if problem is None:
+                answers.append((client, cleaned(reply)))
+            else:  # nothing it claimed counts, not even the partition it named
+                failures.append((replace(client, partition_id=None), f"reply refused: {problem}"))
+        replies = Replies(answers, failures)
         for client, _ in [*replies.answers, *replies.failures]:
             self.labels.see(client)
         self.check_server_llm(replies)
@@ -387,7 +400,7 @@ class _Sent:
             else:
                 request, node_ids = self.requests[index]
                 replies = self.federation.pool.ask(request, node_ids)
-            self.done[index] = self.federation.received(replies)
+            self.done[index] = self.federation.received(replies, self.requests[index][0].kind)
         return self.done[index]
 
 

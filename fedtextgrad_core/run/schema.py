@@ -56,6 +56,16 @@ RUN = "run"
 ENDPOINT = "endpoint"
 ROLES = ("llm", "backward", "judge", "server")
 
+# Who sets a setting (``Setting.who``). The run config sets every setting, and a SuperNode's node config
+# may override the NODE ones for its own client. The SITE ones decide where a site's data, prompts and
+# keys go and how its private data is guarded: in a deployment they come from the node config (or the
+# default) only, and a run config that sets one otherwise is refused, unless the site allows it by name
+# (allow-run-config). In Flower's simulation every client is the run submitter's own, so the run config
+# may set them too.
+BY_RUN = "run"
+NODE = "node"
+SITE = "site"
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -68,7 +78,7 @@ class Setting:
     low: float | None = None
     high: float | None = None
     choices: Callable[[], tuple[str, ...]] | None = None  # a function: some lists are only known at run time
-    node: bool = False  # a SuperNode's node config may override the run's value
+    who: str = BY_RUN  # BY_RUN, NODE or SITE (see above)
     section: str = "federation"
     record: str = RUN  # RUN, ENDPOINT or a role of ROLES (see above)
     field: str = ""  # the record's field it fills; empty: the key in snake case
@@ -77,6 +87,16 @@ class Setting:
     @property
     def attribute(self) -> str:
         return self.field or self.key.replace("-", "_")
+
+    @property
+    def node(self) -> bool:
+        """A SuperNode's node config may set it (for its own client)."""
+        return self.who in (NODE, SITE)
+
+    @property
+    def pinned(self) -> bool:
+        """In a deployment, only the site sets it (see SITE)."""
+        return self.who == SITE
 
     def accepted(self) -> tuple[str, ...]:
         return self.choices() if self.choices else ()
@@ -207,6 +227,12 @@ def _url(setting: Setting, value: object) -> str:
         parts.port  # noqa: B018 - raises ValueError on a port out of range or not a number
     except ValueError:
         raise ConfigError(setting.key, text, accepted) from None
+    if parts.username is not None or parts.password is not None:
+        # a key in a URL would be written wherever the settings are (config.json, MLflow, a client's line)
+        hidden = parts._replace(netloc=f"***@{parts.netloc.rsplit('@', 1)[1]}").geturl()
+        role = setting.key.removesuffix("-base-url")
+        raise ConfigError(setting.key, hidden, f"a URL without a user name or password in it: give the key in the "
+                                               f"environment variable that {role}-api-key-env names")
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in text):
         raise ConfigError(setting.key, text, accepted)
     return text
@@ -233,7 +259,7 @@ def _tasks() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
-def _endpoint(role: str, what: str, node: bool, backend_default: str, model_default: str,
+def _endpoint(role: str, what: str, who: str, backend_default: str, model_default: str,
               when_empty: str = "") -> list[Setting]:
     """The four settings of one endpoint role (``{role}-backend``, ``-base-url``, ``-model``, ``-api-key-env``)."""
     section = "endpoints"
@@ -241,13 +267,13 @@ def _endpoint(role: str, what: str, node: bool, backend_default: str, model_defa
         Setting(f"{role}-backend", "choice", backend_default,
                 f"{what}: `sim` (the simulated LLM, a test double) or `openai` (any OpenAI-compatible server)"
                 + (f"; empty: {when_empty}" if when_empty else ""),
-                choices=backend_names, node=node, section=section, record=role, field="backend"),
+                choices=backend_names, who=who, section=section, record=role, field="backend"),
         Setting(f"{role}-base-url", "url", "", f"{what}: the server's URL, e.g. `http://127.0.0.1:8000/v1`",
-                node=node, section=section, record=role, field="base_url"),
-        Setting(f"{role}-model", "text", model_default, f"{what}: the model name the server knows", node=node,
+                who=who, section=section, record=role, field="base_url"),
+        Setting(f"{role}-model", "text", model_default, f"{what}: the model name the server knows", who=who,
                 section=section, record=role, field="model"),
         Setting(f"{role}-api-key-env", "env-name", "",
-                f"{what}: the NAME of the environment variable holding the API key (never the key)", node=node,
+                f"{what}: the NAME of the environment variable holding the API key (never the key)", who=who,
                 section=section, record=role, field="api_key_env"),
     ]
 
@@ -275,7 +301,7 @@ SETTINGS: tuple[Setting, ...] = (
             "300, test 1319) or `fedtextgrad` (the FedTextGrad code's: train 50, val 100, test 100 of the same "
             "shuffles, questions prefixed 'Question: ')", choices=lambda: GSM8K_SPLITS, section="data"),
     Setting("data-source", "text", "synthetic",
-            "`synthetic` (seeded generator, no files), `hub` (online), or a local file or folder", node=True,
+            "`synthetic` (seeded generator, no files), `hub` (online), or a local file or folder", who=SITE,
             section="data"),
     Setting("synthetic-size", "int", 250, "examples generated per task (split 20/40/40 % train/val/test)",
             low=1, high=MAX_SYNTHETIC_SIZE, section="data"),
@@ -304,7 +330,7 @@ SETTINGS: tuple[Setting, ...] = (
             choices=lambda: ("best", "last", "initial"), section="local"),
     Setting("constrained-updates", "choice", "auto", "auto: the optimizer's reply is constrained by the server "
             "(llama.cpp grammar, vLLM/SGLang regex, Ollama/OpenAI JSON schema) to a well-formed "
-            "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), node=True,
+            "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), who=NODE,
             section="local"),
     # --- merging on the server ---
     Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
@@ -325,52 +351,56 @@ SETTINGS: tuple[Setting, ...] = (
             "an upload scoring more than this below the median upload is left out (robust-merge)", section="safety"),
     Setting("leakage-guard", "choice", "redact",
             "what a client does when its prompt quotes its own training examples", choices=lambda: LEAKAGE_GUARDS,
-            node=True, section="safety"),
+            who=SITE, section="safety"),
     Setting("leakage-ngram", "int", 8, "that many words in a row shared with a training example count as a quote",
-            low=1, high=10_000, node=True, section="safety"),
+            low=1, high=10_000, who=SITE, section="safety"),
+    Setting("allow-run-config", "list", "", "the site settings this site lets a run config set in a deployment "
+            "(its SuperNode's node config only; e.g. judge-model); the others come from the node config or their "
+            "default", choices=lambda: tuple(s.key for s in SETTINGS if s.pinned and s.key != "allow-run-config"),
+            who=SITE, section="safety"),
     # --- LLM endpoints ---
-    *_endpoint("llm", "the model being prompted on each client (forward)", True, "sim", "sim"),
-    *_endpoint("backward", "the model that writes feedback and rewrites prompts", True, "", "",
+    *_endpoint("llm", "the model being prompted on each client (forward)", SITE, "sim", "sim"),
+    *_endpoint("backward", "the model that writes feedback and rewrites prompts", SITE, "", "",
                when_empty="the forward model's"),
-    *_endpoint("judge", "the LLM judge of loss = judge", True, "", "", when_empty="the backward model's"),
-    *_endpoint("server", "the ServerApp's own model, for the summarize merges and robust-merge scoring", False, "", "",
+    *_endpoint("judge", "the LLM judge of loss = judge", SITE, "", "", when_empty="the backward model's"),
+    *_endpoint("server", "the ServerApp's own model, for the summarize merges and robust-merge scoring", BY_RUN, "", "",
                when_empty="the run's `llm-*` endpoint when it is a real one, else the simulator; a run whose clients "
                           "report real LLMs then stops at once, naming this setting"),
-    Setting("llm-temperature", "number", 0.0, "sampling temperature of every endpoint", high=100, node=True,
+    Setting("llm-temperature", "number", 0.0, "sampling temperature of every endpoint", high=100, who=NODE,
             section="endpoints", record=ENDPOINT,
             field="temperature"),
-    Setting("llm-max-tokens", "int", 512, "most tokens per reply", low=1, high=MAX_TOKENS, node=True,
+    Setting("llm-max-tokens", "int", 512, "most tokens per reply", low=1, high=MAX_TOKENS, who=NODE,
             section="endpoints", record=ENDPOINT,
             field="max_tokens"),
     Setting("llm-timeout", "number", 0.0, "seconds per LLM call; 0: by the kind of server (llama.cpp and Ollama "
-            "900, vLLM and SGLang 300, OpenAI 120, others 600)", high=MAX_TIMEOUT_SECONDS, node=True,
+            "900, vLLM and SGLang 300, OpenAI 120, others 600)", high=MAX_TIMEOUT_SECONDS, who=NODE,
             section="endpoints", record=ENDPOINT,
             field="timeout"),
     Setting("llm-startup-wait", "number", 60.0, "seconds a process waits for an LLM server that is not answering "
-            "yet (still loading) before it gives up", high=MAX_TIMEOUT_SECONDS, node=True, section="endpoints", record=ENDPOINT,
+            "yet (still loading) before it gives up", high=MAX_TIMEOUT_SECONDS, who=NODE, section="endpoints", record=ENDPOINT,
             field="startup_wait"),
     Setting("llm-server-kind", "choice", "auto", "the kind of server at llm-base-url, for its constrained-output "
             "field and timeout; auto: detected from GET /v1/models (owned_by) and the server's own endpoints",
-            choices=lambda: ("auto", *SERVER_KINDS), node=True, section="endpoints", record="llm",
+            choices=lambda: ("auto", *SERVER_KINDS), who=NODE, section="endpoints", record="llm",
             field="server_kind"),
     Setting("backward-server-kind", "choice", "", "the same for backward-base-url; empty: llm-server-kind when "
             "the backward model is the forward one's server, else auto", choices=lambda: ("auto", *SERVER_KINDS),
-            node=True, section="endpoints", record="backward",
+            who=NODE, section="endpoints", record="backward",
             field="server_kind"),
     Setting("llm-concurrency", "int", 8, "requests in flight per endpoint (batch answers, evaluation)",
-            low=1, high=MAX_CONCURRENCY, node=True, section="endpoints", record=ENDPOINT,
+            low=1, high=MAX_CONCURRENCY, who=NODE, section="endpoints", record=ENDPOINT,
             field="concurrency"),
     Setting("llm-max-retries", "int", 3, "retries on connection errors, timeouts, 429 and 5xx (never on other 4xx)",
-            high=MAX_RETRIES, node=True, section="endpoints", record=ENDPOINT,
+            high=MAX_RETRIES, who=NODE, section="endpoints", record=ENDPOINT,
             field="max_retries"),
     Setting("llm-retry-backoff", "number", 0.5, "seconds before the first retry; doubles each time (with jitter), at most 8",
-            high=3600, node=True, section="endpoints", record=ENDPOINT,
+            high=3600, who=NODE, section="endpoints", record=ENDPOINT,
             field="retry_backoff"),
     Setting("llm-cache-path", "text", "", "a SQLite file to cache replies in (off when empty); hits are counted",
-            node=True, section="endpoints", record=ENDPOINT,
+            who=SITE, section="endpoints", record=ENDPOINT,
             field="cache_path"),
     Setting("sim-latency-ms", "number", 0.0, "added delay per simulated LLM call (benchmarks)",
-            high=MAX_SIM_LATENCY_MS, node=True, section="endpoints", record=ENDPOINT,
+            high=MAX_SIM_LATENCY_MS, who=NODE, section="endpoints", record=ENDPOINT,
             field="sim_latency_ms"),
     # --- results ---
     Setting("results-dir", "text", "results",
@@ -418,7 +448,7 @@ def check_known(config: Config, where: str = "run config") -> None:
 def node_overrides(node_config: Config) -> dict[str, object]:
     """The settings a SuperNode's own config sets for its client, checked to be ones it may set.
 
-    A site decides where its data and LLM servers are and what leaves it (``node=True`` keys);
+    A site decides where its data and LLM servers are and what leaves it (``who=NODE`` keys);
     settings that shape the federation (the task, the merge, the rounds) are the run's alone.
     """
     overrides: dict[str, object] = {}
@@ -435,6 +465,7 @@ def node_overrides(node_config: Config) -> dict[str, object]:
     return overrides
 
 
+WHO_SHOWN = {BY_RUN: "run", NODE: "run, or a node for itself", SITE: "**site** (run only in simulation)"}
 SECTION_TITLES = {
     "federation": "the federation", "data": "the task and its data", "local": "local TextGrad steps on each client",
     "merge": "merging on the server", "safety": "untrusted uploads and private data",
@@ -449,12 +480,12 @@ def by_section() -> list[tuple[str, list[Setting]]]:
 
 def markdown_table() -> str:
     """The settings reference table, written from ``SETTINGS`` (``fedtextgrad settings --format markdown``)."""
-    lines = ["| key | default | accepted | node may set | what |", "|---|---|---|---|---|"]
+    lines = ["| key | default | accepted | set by | what |", "|---|---|---|---|---|"]
     for title, settings in by_section():
         lines.append(f"| **{title}** | | | | |")
         for setting in settings:
             lines.append(f"| `{setting.key}` | {setting.shown_default()} | {setting.shown_accepted()} | "
-                         f"{'yes' if setting.node else ''} | {setting.doc} |")
+                         f"{WHO_SHOWN[setting.who]} | {setting.doc} |")
     return "\n".join(lines)
 
 

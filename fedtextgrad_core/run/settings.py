@@ -100,6 +100,7 @@ class RunSettings:
     robust_margin: float
     leakage_guard: str
     leakage_ngram: int
+    allow_run_config: tuple[str, ...]
     # results
     results_dir: str
     run_name: str
@@ -143,8 +144,8 @@ class RunSettings:
 
     @property
     def robust(self) -> RobustSettings:
-        return RobustSettings(tasks=self.tasks, seed=self.seed, holdout_size=self.robust_holdout_size,
-                              margin=self.robust_margin, format_instruction=self.format_instruction)
+        return RobustSettings(tasks=self.tasks, holdout_size=self.robust_holdout_size, margin=self.robust_margin,
+                              format_instruction=self.format_instruction)
 
     @property
     def server_llm_used(self) -> bool:
@@ -215,16 +216,50 @@ def default_endpoint(**changes: object) -> EndpointSettings:
     return replace(defaults().forward, **changes)  # type: ignore[arg-type]
 
 
-def client_config(run_config: Config, node_config: Config) -> dict[str, object]:
-    """The config a client runs under: the run's, with the keys its SuperNode may set taken from
-    the node config (``schema.node_overrides`` refuses any other key)."""
-    return {**run_config, **schema.node_overrides(node_config)}
+def client_config(run_config: Config, node_config: Config, pinned: bool = True) -> dict[str, object]:
+    """The config a client runs under: the run's, with the keys its SuperNode may set taken from the node
+    config (``schema.node_overrides`` refuses any other key).
+
+    ``pinned`` (a deployment): the site settings (schema.SITE) come from the node config or their default.
+    A run config that gives one another value is refused with one line, unless the node config's
+    allow-run-config names it (then the run's value is used, and the node's is the default); a run
+    config that leaves it at the app's default has not set it.
+    Without ``pinned`` (Flower's simulation, where every client is the submitter's), the run config may
+    set them, and the node config still wins.
+    """
+    node = schema.node_overrides(node_config)
+    config = {**run_config, **node}
+    if not pinned:
+        return config
+    allowed = set(schema.BY_KEY["allow-run-config"].read(node))
+    for setting in (s for s in schema.SETTINGS if s.pinned):
+        key = setting.key
+        site_value = node.get(key, setting.default)
+        config[key] = site_value
+        if key not in run_config:
+            continue
+        asked = setting.read(run_config)  # a value the run may not set at all is refused here
+        if asked == setting.read({}):
+            continue  # the app's default: the run did not set it
+        if key in allowed:
+            config[key] = run_config[key]
+        elif asked != setting.read({key: site_value}):
+            raise ConfigError(key, run_config[key], pinned_by_site(key))
+    return config
+
+
+def pinned_by_site(key: str) -> str:
+    """What a site accepts for a setting it pins: the line that refuses a run config's value."""
+    return (f"the value this site set in its SuperNode's node config, or the default: '{key}' decides where a site's "
+            "data, prompts or keys go or how they are guarded, so in a deployment the site sets it, not the run "
+            f"config (a site may let runs set it with --node-config \"allow-run-config='{key}'\")")
 
 
 @lru_cache(maxsize=64)
-def _client_settings(run_items: tuple[tuple[str, str, object], ...], node_items: tuple[tuple[str, str, object], ...]
-                     ) -> RunSettings:
-    return RunSettings.from_config(client_config({k: v for k, _, v in run_items}, {k: v for k, _, v in node_items}))
+def _client_settings(run_items: tuple[tuple[str, str, object], ...], node_items: tuple[tuple[str, str, object], ...],
+                     pinned: bool) -> RunSettings:
+    return RunSettings.from_config(client_config({k: v for k, _, v in run_items}, {k: v for k, _, v in node_items},
+                                                  pinned))
 
 
 def _typed_items(config: Config) -> tuple[tuple[str, str, object], ...]:
@@ -232,13 +267,13 @@ def _typed_items(config: Config) -> tuple[tuple[str, str, object], ...]:
     return tuple(sorted((key, type(value).__name__, value) for key, value in config.items()))
 
 
-def client_settings(run_config: Config, node_config: Config) -> RunSettings:
-    """A client's settings, parsed once per process for a given run and node config.
+def client_settings(run_config: Config, node_config: Config, pinned: bool = True) -> RunSettings:
+    """A client's settings (``client_config``), parsed once per process for a given run and node config.
 
     Flower hands every message the same run and node config; a simulated client process
     answers many messages, so it parses them once instead of once per message.
     """
     try:
-        return _client_settings(_typed_items(run_config), _typed_items(node_config))
+        return _client_settings(_typed_items(run_config), _typed_items(node_config), pinned)
     except TypeError:  # an unhashable value (not something Flower produces): parse without the cache
-        return RunSettings.from_config(client_config(run_config, node_config))
+        return RunSettings.from_config(client_config(run_config, node_config, pinned))

@@ -8,6 +8,7 @@ uninterrupted one would be, and nothing else. It writes itself to ``checkpoint.j
 from __future__ import annotations
 
 import random
+import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ class FederationState:
     initial_usage: Usage = field(default_factory=Usage)  # what the start prompt's evaluation cost
     finished_round: int = 0  # 0 = the initial evaluation is done (or not yet)
     resumed_after: list[int] = field(default_factory=list)
+    # the server's own secret, never sent to a client: it draws the robust-merge held-out set and the
+    # merge request's block markers, so no client can predict either (saved with the checkpoint)
+    secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @classmethod
     def start(cls, start_prompt: str, seed: int, run_config: Mapping[str, object]) -> FederationState:
@@ -51,7 +55,7 @@ class FederationState:
             round=self.finished_round, global_prompt=self.global_prompt, best_prompt=self.best_prompt,
             best_accuracy=self.best_accuracy, best_round=self.best_round, initial_accuracy=self.initial_accuracy,
             rng_state=rng_state(self.rng), run_config=dict(self.run_config), resumed_after=list(self.resumed_after),
-            initial_usage=asdict(self.initial_usage), version=CHECKPOINT_VERSION,
+            initial_usage=asdict(self.initial_usage), secret=self.secret, version=CHECKPOINT_VERSION,
         ))
 
     @classmethod
@@ -65,7 +69,8 @@ class FederationState:
                    run_config=dict(checkpoint.run_config), best_accuracy=checkpoint.best_accuracy,
                    best_round=checkpoint.best_round, initial_accuracy=checkpoint.initial_accuracy,
                    initial_usage=usage, finished_round=checkpoint.round,
-                   resumed_after=[*checkpoint.resumed_after, checkpoint.round])
+                   resumed_after=[*checkpoint.resumed_after, checkpoint.round],
+                   **({"secret": checkpoint.secret} if checkpoint.secret else {}))
 
     def check_history(self, history: list[RoundRecord]) -> list[RoundRecord]:
         """The rounds on disk that the checkpoint covers (a round written after it is redone)."""

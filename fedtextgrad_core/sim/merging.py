@@ -6,9 +6,7 @@ merge keeps one sentence per distinct instruction (the paper's qualitative findi
 
 from __future__ import annotations
 
-import re
-
-from fedtextgrad_core.method.merging import MERGE_OPENING, UID_NAME
+from fedtextgrad_core.method.merging import MERGE_OPENING, UID_NAME, listed_prompts
 from fedtextgrad_core.sim.catalogue import CATALOGUE, has_instruction, is_format_sentence
 from fedtextgrad_core.text import split_sentences
 
@@ -29,7 +27,7 @@ def _sentence_key(sentence: str) -> str:
 
 
 def merge_reply(user: str) -> str:
-    prompts = [p.strip() for p in re.findall(r"<PROMPT>(.*?)</PROMPT>", user, re.DOTALL) if p.strip()]
+    prompts = [p for p in listed_prompts(user) if p]
     if not prompts:
         return ""
     split = [split_sentences(p) for p in prompts]

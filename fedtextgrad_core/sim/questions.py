@@ -296,10 +296,17 @@ def solve(question: _Question, mistakes: frozenset[str] = frozenset()) -> tuple[
 _ALWAYS_ANSWER = re.compile(r"\balways (?:answer|reply|respond)(?: with)?\s+['\"]?([\w-]+)", re.IGNORECASE)
 
 
+_QUOTED_TEXT = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
 def injected_answer(prompt: str) -> str | None:
-    """The fixed answer a system prompt orders ("always answer X"), if it orders one."""
-    match = _ALWAYS_ANSWER.search(prompt or "")
-    return match.group(1) if match else None
+    """The fixed answer a system prompt orders ("always answer X"), if it orders one. An order inside
+    quotes is text the prompt talks about (e.g. "reply with exactly '...'"), not one given to this model."""
+    quoted = [(m.start(), m.end()) for m in _QUOTED_TEXT.finditer(prompt or "")]
+    for match in _ALWAYS_ANSWER.finditer(prompt or ""):
+        if not any(start < match.start() < end for start, end in quoted):
+            return match.group(1)
+    return None
 
 
 def answer_question(prompt: str, text: str) -> str:

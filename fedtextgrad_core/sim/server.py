@@ -198,15 +198,16 @@ class _SimHTTPServer(ThreadingHTTPServer):
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
-                call_log: str | Path | None = None) -> ThreadingHTTPServer:
+                call_log: str | Path | None = None, model: SimLLM | None = None) -> ThreadingHTTPServer:
     """A ready, not yet serving, sim server; port 0 picks a free port.
 
     The bound port is ``server.server_address[1]``. Call ``serve_forever()`` (e.g.
     in a thread), then ``shutdown()`` and ``server_close()`` when done. ``call_log``
     names a file to append one JSON line per chat call to (see :class:`CallLog`).
+    ``model``: another simulated model to serve (a test's variant of SimLLM).
     """
     log = CallLog(call_log) if call_log else None
-    handler = type("SimHandler", (_Handler,), {"sim": SimLLM(latency_ms=latency_ms), "call_log": log})
+    handler = type("SimHandler", (_Handler,), {"sim": model or SimLLM(latency_ms=latency_ms), "call_log": log})
     return _SimHTTPServer((host, port), handler)
 
 

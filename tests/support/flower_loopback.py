@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.client_app import app as client_app
+from client_app.client_app import reply as client_reply
 from fedtextgrad_core.run.messages import REPLY_RECORD
 from fedtextgrad_core.run.server_setup import open_run
 from server_app.strategy import PromptStrategy
@@ -34,12 +34,16 @@ def default_run_config(**overrides: object) -> dict[str, object]:
 
 
 class LoopbackGrid:
-    """Delivers each message to the ClientApp of its destination node, in this process."""
+    """Delivers each message to the ClientApp of its destination node, in this process.
+
+    ``simulation`` (default): the nodes are clients of Flower's simulation, as `flwr run . local` runs
+    them (the run config may set site settings); False: they are the sites of a deployment."""
 
     def __init__(self, run_config: dict[str, object], num_nodes: int = 3, failing: Iterable[int] = (),
                  node_overrides: dict[int, dict[str, object]] | None = None, silent: Iterable[int] = (),
-                 parallel: bool = False, uploads: dict[int, object] | None = None):
+                 parallel: bool = False, uploads: dict[int, object] | None = None, simulation: bool = True):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # the ServerApp's identity
+        self.simulation = simulation
         self.run_config = run_config
         self.nodes = {
             100 + i: {"partition-id": i, "num-partitions": num_nodes, **(node_overrides or {}).get(i, {})}
@@ -73,7 +77,7 @@ class LoopbackGrid:
         try:
             if node_id in self.failing:
                 raise RuntimeError(f"LLM endpoint of node {node_id} refused the connection")
-            reply = client_app(message, context)
+            reply = client_reply(message, context, pinned=not self.simulation)
         except Exception as exc:  # what Flower does with a ClientApp that raises
             return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
         answered = reply.content[REPLY_RECORD] if not reply.has_error() else {}

@@ -143,9 +143,10 @@ def test_many_threads_share_one_cache_safely(server: FaultyLLMServer, tmp_path: 
 
 
 def evaluate(run_config: dict, node_config: dict) -> EvalReply:
-    """A client's answer to a validation request, as the ClientApp calls it."""
+    """A client's answer to a validation request, as the ClientApp calls it in Flower's simulation (where
+    the run config may name the cache; a deployed site names its own)."""
     reply = answer(run_config, node_config,
-                   RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=TASK.start_prompt))
+                   RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=TASK.start_prompt), pinned=False)
     assert isinstance(reply, EvalReply)
     return reply
 

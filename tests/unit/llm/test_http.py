@@ -167,14 +167,14 @@ def test_an_unreachable_server_is_passing_not_a_timeout() -> None:
 
 def test_a_server_slower_than_the_timeout_is_a_timeout(site: Site) -> None:
     def slow(s: Site, r: Seen) -> tuple[int, dict[str, str], bytes]:
-        time.sleep(1.0)
+        time.sleep(4.0)
         return json_answer(200, {})
 
     site.routes["/completion"] = slow
     started = time.perf_counter()
     with pytest.raises(LLMTimeout, match=r"^POST /completion at x did not answer within 0.3 s$"):
         post_json(site.url + "/completion", {}, timeout=0.3, where="POST /completion at x")
-    assert time.perf_counter() - started < 0.9
+    assert time.perf_counter() - started < 3.0  # gave up, rather than waiting for the answer (not a speed test)
 
 
 def test_unusable_answers_and_urls_are_final(site: Site) -> None:

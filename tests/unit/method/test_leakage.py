@@ -12,6 +12,7 @@ from fedtextgrad_core.method.leakage import (
     LEAK_MARKER,
     LeakCounts,
     find_leaks,
+    folded,
     guard_prompt,
     training_ngrams,
 )
@@ -83,6 +84,28 @@ def test_redact_removes_the_quote_and_keeps_the_rest():
     assert guard_prompt(report.prompt, TRAIN, 8, "redact").passages == 0  # nothing left to find
 
 
+LOOK_ALIKE = str.maketrans({"o": "о", "e": "е", "a": "а", "c": "с", "p": "р"})  # Latin -> Cyrillic
+
+
+@pytest.mark.parametrize("disguise", [
+    pytest.param(lambda text: text.translate(LOOK_ALIKE), id="cyrillic-look-alikes"),
+    pytest.param(lambda text: "\u200b".join(text), id="zero-width-spaces-inside-words"),
+    pytest.param(lambda text: "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text), id="fullwidth"),
+    pytest.param(lambda text: "".join(c + "\u0301" if c.isalpha() else c for c in text), id="combining-accents"),
+    pytest.param(lambda text: "\u00ad".join(text), id="soft-hyphens-inside-words"),
+])
+def test_a_quote_disguised_to_look_different_is_still_found_and_redacted(disguise):
+    """Attack: a client's optimizer (steered by hidden text in the shared prompt) copies a training
+    question with look-alike letters or invisible characters, so an exact match would miss it."""
+    prompt = f"{BEFORE} For example: {disguise(QUESTION)} {AFTER}"
+    assert prompt != _quoting(QUESTION)
+    report = guard_prompt(prompt, TRAIN, 8, "redact")
+    assert report.passages == 1 and report.redactions == 1, prompt
+    assert report.prompt.startswith(BEFORE) and report.prompt.endswith(AFTER)
+    folded_rest, _ = folded(report.prompt)
+    assert "piano" not in folded_rest and "musical" not in folded_rest
+
+
 def test_two_separate_quotes_are_two_redactions():
     prompt = _quoting(QUESTION) + " Also: " + "apple kite lemon mango oak river stone zebra."
     report = guard_prompt(prompt, TRAIN, 8, "redact")
@@ -125,7 +148,9 @@ def _quoting_prompt(question: str) -> str:
 
 
 def _train(run_config: dict, node_config: dict, prompt: str) -> TrainReply:
-    reply = answer(run_config, node_config, RoundRequest(phase=Phase.TRAIN.value, server_round=1, prompt=prompt))
+    """A client's training reply as the ClientApp gives it in Flower's simulation (the run config may set the guard)."""
+    reply = answer(run_config, node_config, RoundRequest(phase=Phase.TRAIN.value, server_round=1, prompt=prompt),
+                   pinned=False)
     assert isinstance(reply, TrainReply)
     return reply
 

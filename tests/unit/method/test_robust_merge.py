@@ -17,11 +17,13 @@ from fedtextgrad_core.method.leakage import LeakCounts
 from fedtextgrad_core.method.local_training import LocalMetrics
 from fedtextgrad_core.method.robust_merge import (
     check_holdout_available,
+    check_merged,
     holdout_set,
     outliers,
     score_upload,
     select_uploads,
 )
+from fedtextgrad_core.run import state as state_module
 from fedtextgrad_core.run.messages import TrainReply
 from fedtextgrad_core.run.recorder import Recorder
 from fedtextgrad_core.run.records import ClientId, RoundRecord
@@ -29,6 +31,7 @@ from fedtextgrad_core.run.round_step import Upload, merge_round
 from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.server_setup import open_run
 from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.run.state import FederationState
 from fedtextgrad_core.sim import full_prompt, respond
 from tests.support.flower_loopback import LoopbackGrid, default_run_config
 from tests.support.resume_helpers import run_server
@@ -53,19 +56,29 @@ def test_only_uploads_more_than_the_margin_below_the_median_are_left_out():
 
 # --- the server's held-out set ------------------------------------------------------------
 
+SECRET = "0123456789abcdef0123456789abcdef"  # a FederationState's secret (the server's own)
+
+
 def test_holdout_is_reproducible_sized_and_shared_over_the_runs_tasks():
-    single = holdout_set(_settings().robust)
+    single = holdout_set(_settings().robust, SECRET)
     assert {task: len(examples) for task, examples in single.items()} == {"object_counting": 12}
-    assert holdout_set(_settings().robust) == single
-    assert holdout_set(_settings(seed=1).robust) != single
-    mixed = holdout_set(_settings(partitioning="heterogeneous", **{"robust-holdout-size": 13}).robust)
+    assert holdout_set(_settings().robust, SECRET) == single
+    mixed = holdout_set(_settings(partitioning="heterogeneous", **{"robust-holdout-size": 13}).robust, SECRET)
     assert [len(examples) for examples in mixed.values()] == [5, 4, 4]
+
+
+def test_the_holdout_draw_cannot_be_predicted_from_what_clients_receive():
+    """Attack: a client rebuilds the server's held-out set from the run config (its seed) and tunes a
+    poisoned upload to pass it. The draw comes from the server's secret alone."""
+    assert holdout_set(_settings(seed=1).robust, SECRET) == holdout_set(_settings(seed=0).robust, SECRET)
+    assert holdout_set(_settings().robust, SECRET) != holdout_set(_settings().robust, "another secret")
+    assert FederationState.start("prompt", 0, {}).secret != FederationState.start("prompt", 0, {}).secret
 
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_holdout_uses_none_of_the_clients_examples(seed):
     """Clients draw from the generator with the run's seed; the server never gets those questions."""
-    for task, examples in holdout_set(_settings(seed=seed, partitioning="heterogeneous").robust).items():
+    for task, examples in holdout_set(_settings(seed=seed, partitioning="heterogeneous").robust, SECRET).items():
         splits = load_splits(task, "synthetic", seed, 250)
         client_questions = {e.question for e in splits.train + splits.val + splits.test}
         assert not client_questions & {e.question for e in examples}
@@ -97,7 +110,7 @@ def test_the_sim_obeys_the_injected_instruction():
 
 def test_held_out_scores_tell_a_poisoned_prompt_from_an_honest_one():
     engine = make_engine(_settings().server)
-    holdout = holdout_set(_settings().robust)
+    holdout = holdout_set(_settings().robust, SECRET)
     fmt = OBJECTS.format_instruction
     assert score_upload(engine, POISON, holdout, fmt) == 0.0  # no object count is 0
     start = score_upload(engine, OBJECTS.start_prompt, holdout, fmt)
@@ -139,8 +152,27 @@ def test_concat_merge_scores_with_an_engine_of_its_own_and_records_the_cost(tmp_
 
 def test_select_uploads_keeps_everyone_when_nobody_is_far_below():
     decision = select_uploads(make_engine(_settings().server), _settings().robust,
-                              {"100": full_prompt("object_counting"), "101": full_prompt("object_counting")})
+                              {"100": full_prompt("object_counting"), "101": full_prompt("object_counting")}, SECRET)
     assert decision.left_out == [] and decision.holdout_examples == 12 and decision.median == 1.0
+
+
+def test_a_merged_prompt_that_scores_far_below_is_refused_and_the_previous_prompt_kept(tmp_path):
+    """Attack: an upload that scores normally alone but steers the summariser (text aimed at the merge);
+    the merged prompt is then scored like an upload and refused (here: a scripted merge that went wrong)."""
+    run = open_run(default_run_config(merge="concat", **{"robust-merge": True, "results-dir": str(tmp_path),
+                                                         "run-name": "run"}), echo=lambda line: None)
+    engine = run.scorer()
+    honest = full_prompt("object_counting")
+    decision = select_uploads(engine, run.settings.robust, {"100": honest, "101": honest}, SECRET)
+    fine = check_merged(engine, run.settings.robust, decision, SECRET, honest, OBJECTS.start_prompt)
+    assert fine.merged_refused == "" and fine.merged_score == 1.0
+    bad = check_merged(engine, run.settings.robust, decision, SECRET, POISON, OBJECTS.start_prompt)
+    assert bad.merged_score == 0.0 and "below the median upload (1.00) and the previous global prompt" in bad.merged_refused
+    uploads = [_upload(0, honest), _upload(1, honest)]
+    outcome = merge_round(1, uploads, [], run.settings, run.merger, run.scorer, previous_prompt=OBJECTS.start_prompt,
+                          secret=SECRET)
+    assert outcome.robust.merged_refused == "" and outcome.merged_prompt != OBJECTS.start_prompt
+    assert outcome.robust_usage.calls == 4 * 12  # two uploads, then the merged and the previous prompt
 
 
 # --- three clients through Flower, one of them poisoned -------------------------------------
@@ -157,6 +189,12 @@ def _run(tmp_path, name: str, uploads: dict[int, object], robust: bool) -> Round
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, RoundRecord]:
     tmp = tmp_path_factory.mktemp("robust")
+    with pytest.MonkeyPatch.context() as patch:  # one held-out draw for the three runs, as one run's
+        patch.setattr(state_module.secrets, "token_hex", lambda nbytes: SECRET)
+        return _runs(tmp)
+
+
+def _runs(tmp) -> dict[str, RoundRecord]:
     return {
         # honest-only: node 2's upload is empty, which the upload check rejects, so exactly the two
         # honest clients' prompts are merged and the merged prompt is scored on all three val shares
@@ -174,11 +212,12 @@ def test_with_robust_merge_a_poisoned_client_costs_at_most_five_points(runs):
     assert "always answer" not in runs["robust"].merged_prompt.lower()
     record = runs["robust"].robust_merge
     assert record["left_out"] == ["102"] and record["holdout_examples"] == 12
-    assert record["scores"]["102"] == 0.0 and min(record["scores"]["100"], record["scores"]["101"]) > 0.5
-    assert record["llm"]["calls"] == 3 * 12
+    assert record["scores"]["102"] == 0.0 and min(record["scores"]["100"], record["scores"]["101"]) >= 0.5
+    assert record["merged_refused"] == "" and record["merged_score"] >= record["previous_score"]
+    assert record["llm"]["calls"] == 5 * 12  # three uploads, then the merged and the previous prompt
     assert {u.label: u.left_out for u in runs["robust"].uploads} == {"0": False, "1": False, "2": True}
     assert {u.label: u.holdout_accuracy for u in runs["robust"].uploads}["2"] == 0.0
-    assert runs["robust"].server_llm.calls == 1 + 3 * 12  # one merge, three uploads scored
+    assert runs["robust"].server_llm.calls == 1 + 5 * 12  # one merge, five prompts scored
 
 
 def test_without_robust_merge_the_poisoned_prompt_is_merged_and_does_damage(runs):

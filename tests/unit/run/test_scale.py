@@ -23,13 +23,13 @@ import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedtextgrad_core.data.partitioning import client_data
-from fedtextgrad_core.method.upload_checks import _BIDI_CONTROLS, ALLOWED_CONTROLS, upload_problem
+from fedtextgrad_core.method.upload_checks import ALLOWED_CONTROLS, upload_problem
 from fedtextgrad_core.run import figures, report
 from fedtextgrad_core.run.client_round import NodeIdentity, load_client_data
 from fedtextgrad_core.run.federation import ClientLabels
 from fedtextgrad_core.run.messages import REPLY_RECORD, Phase, RoundRequest
 from fedtextgrad_core.run.records import ClientId
-from fedtextgrad_core.run.round_step import _REFUSED, _problem
+from fedtextgrad_core.run.round_step import _problem, _refused
 from fedtextgrad_core.run.run_folder import RunFolder
 from fedtextgrad_core.run.settings import RunSettings
 from server_app import inmemory_index
@@ -142,11 +142,13 @@ def test_figures_draw_a_band_beyond_the_line_limit(tmp_path: Path, monkeypatch):
 
 def test_the_fast_upload_check_agrees_with_upload_problem_everywhere():
     # every code point the fast check lets through, upload_problem lets through too, and the other way
-    # round (the characters upload_problem refuses are those of categories Cc and Cs, and the bidi controls)
-    refused = {code for code in range(0x110000) if _REFUSED.match(chr(code))}
-    refused_by_upload_problem = {code for code in range(0x110000) if chr(code) not in ALLOWED_CONTROLS and (
-        unicodedata.category(chr(code)) in ("Cc", "Cs") or chr(code) in _BIDI_CONTROLS)}
+    # round (the characters upload_problem refuses are those of categories Cc, Cs and Cf: controls,
+    # surrogates and every invisible format character, the bidi controls and tag characters among them)
+    refused = {code for code in range(0x110000) if _refused().match(chr(code))}
+    refused_by_upload_problem = {code for code in range(0x110000) if chr(code) not in ALLOWED_CONTROLS and
+                                 unicodedata.category(chr(code)) in ("Cc", "Cs", "Cf")}
     assert refused == refused_by_upload_problem
+    assert {0x202A, 0x200B, 0xE0041, 0xFEFF} <= refused
     for code in sorted(refused)[::97] + [0x0A, 0x09, 0x41, 0x202A, 0xFEFF]:  # and the messages are upload_problem's
         text = f"Count the items {chr(code)} one by one."
         assert _problem(text, 8000) == upload_problem(text, 8000), hex(code)

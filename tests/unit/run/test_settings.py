@@ -21,14 +21,16 @@ from tests import ROOT
 from tests.support.settings_helpers import endpoint
 
 
-def evaluate(run_config: dict, node_config: dict, prompt: str = "prompt") -> EvalReply:
-    """What a client answers to a validation request, as the ClientApp would call it."""
-    return answer(run_config, node_config, RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=prompt))
+def evaluate(run_config: dict, node_config: dict, prompt: str = "prompt", pinned: bool = False) -> EvalReply:
+    """What a client answers to a validation request, as the ClientApp would call it (in Flower's simulation
+    unless ``pinned``: a deployed site)."""
+    request = RoundRequest(phase=Phase.EVALUATE.value, server_round=1, prompt=prompt)
+    return answer(run_config, node_config, request, pinned)
 
 
-def train(run_config: dict, node_config: dict, prompt: str = "prompt"):
-    """What a client answers to a training request, as the ClientApp would call it."""
-    return answer(run_config, node_config, RoundRequest(phase=Phase.TRAIN.value, server_round=1, prompt=prompt))
+def train(run_config: dict, node_config: dict, prompt: str = "prompt", pinned: bool = False):
+    """What a client answers to a training request, as the ClientApp would call it (in simulation unless ``pinned``)."""
+    return answer(run_config, node_config, RoundRequest(phase=Phase.TRAIN.value, server_round=1, prompt=prompt), pinned)
 
 
 def rejected(config: dict, setting: str, value: object) -> str:
@@ -181,7 +183,7 @@ def test_backward_keys_override_only_the_backward_endpoint() -> None:
     run = {"llm-backend": "openai", "llm-base-url": "http://127.0.0.1:8000/v1", "llm-model": "small",
            "llm-api-key-env": "SMALL_KEY"}
     node = {"backward-model": "large", "backward-base-url": "http://127.0.0.1:8001/v1"}
-    settings = client_settings(run, node)
+    settings = client_settings(run, node, pinned=False)  # in simulation the run config may name the endpoints
     forward, backward = settings.forward, settings.backward
     assert (forward.model, forward.base_url) == ("small", "http://127.0.0.1:8000/v1")
     assert (backward.backend, backward.model, backward.base_url) == ("openai", "large", "http://127.0.0.1:8001/v1")

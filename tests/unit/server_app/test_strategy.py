@@ -342,10 +342,10 @@ def test_one_failed_request_of_several_is_a_failure_of_that_request_only(tmp_pat
 
     answer = client_module.answer
 
-    def training_fails(run_config, node_config, request):
+    def training_fails(run_config, node_config, request, pinned=True):
         if request.kind is Phase.TRAIN:
             raise ConfigError("batch-size", 99, "at most 5, the training examples this client holds")
-        return answer(run_config, node_config, request)
+        return answer(run_config, node_config, request, pinned)
 
     monkeypatch.setattr(client_module, "answer", training_fails)
     strategy, run_config, _, _ = make_strategy(tmp_path)

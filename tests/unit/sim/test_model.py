@@ -330,7 +330,7 @@ def test_textgrad_step_learns_a_catalogue_sentence() -> None:
 
 def _merge_request(prompts: list[str], uid: bool) -> str:
     """The simulator's reply to the server's own merge request (method/merging.py's wording)."""
-    request = merge_request(prompts, "summarize-uid" if uid else "summarize")
+    request = merge_request(prompts, "summarize-uid" if uid else "summarize", "0" * 16)
     return SIM.complete([{"role": "user", "content": request}])
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtextgrad_core.data.checks import check_json_file, check_jsonl_file
-from fedtextgrad_core.data.examples import Example, Splits
+from fedtextgrad_core.data.examples import Example, Splits, numbered
 from fedtextgrad_core.data.synthetic import generate
 from fedtextgrad_core.data.tasks import TASKS, get_task
 from fedtextgrad_core.errors import ConfigError, DataError
@@ -101,10 +101,12 @@ def load_splits(
             start, end = FEDTEXTGRAD_GSM8K[part]
             return [Example(QUESTION_PREFIX + e.question, e.answer) for e in examples[start:end]]
 
-        return Splits(task=task, train=cut(train, "train"), val=cut(val, "val"), test=cut(test, "test"))
+        return Splits(task=task, train=numbered(task, "train", cut(train, "train")),
+                      val=numbered(task, "val", cut(val, "val")), test=numbered(task, "test", cut(test, "test")))
     if gsm8k_split not in GSM8K_SPLITS:
         raise ConfigError("gsm8k-split", gsm8k_split, ", ".join(GSM8K_SPLITS))
-    return Splits(task=task, train=list(train), val=list(val), test=list(test))
+    return Splits(task=task, train=numbered(task, "train", train), val=numbered(task, "val", val),
+                  test=numbered(task, "test", test))
 
 
 def largest_split(task: str, split: str, synthetic_size: int, gsm8k_split: str) -> int:

@@ -22,10 +22,19 @@ class Scores:
     malformed: int  # replies with no usable answer (no answer line; no digit for last-number)
     seconds: float
     parser_disagreements: int = 0  # replies the other answer parser would score the other way (numeric tasks)
+    # per example, in the order scored: its id (data/examples.py), right or not, unreadable or not. Only ids
+    # and booleans: what a paired comparison needs, and nothing of an example or a reply
+    example_ids: tuple[str, ...] = ()
+    example_correct: tuple[bool, ...] = ()
+    example_malformed: tuple[bool, ...] = ()
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    def outcomes(self) -> dict[str, bool]:
+        """Example id -> scored right (empty for scores recorded before per-example outcomes)."""
+        return dict(zip(self.example_ids, self.example_correct))
 
 
 def answer_all(engine: ChatEngine, prompt: str, questions: Sequence[str]) -> list[str]:
@@ -59,4 +68,7 @@ def evaluate_prompt(engine: ChatEngine, task: Task, prompt: str, examples: Seque
         malformed=sum(malformed for _, malformed in results),
         seconds=time.perf_counter() - start,
         parser_disagreements=disagreements(task, replies, examples),
+        example_ids=tuple(example.id for example in examples),
+        example_correct=tuple(correct for correct, _ in results),
+        example_malformed=tuple(malformed for _, malformed in results),
     )

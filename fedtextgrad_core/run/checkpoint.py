@@ -49,6 +49,7 @@ class Checkpoint:
     resumed_after: list[int] = field(default_factory=list)  # rounds after which earlier resumes happened
     initial_usage: dict[str, float] = field(default_factory=dict)  # what the start prompt's evaluation cost
     secret: str = ""  # the server's own (FederationState.secret); empty in checkpoints written before it
+    best_outcomes: dict[str, bool] = field(default_factory=dict)  # the best prompt's validation outcomes
     version: int = 1  # 1: written before the settings table (its run config is migrated when compared)
 
     def random(self) -> random.Random:

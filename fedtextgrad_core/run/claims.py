@@ -96,6 +96,25 @@ def _first(*problems: str | None) -> str | None:
     return next((problem for problem in problems if problem), None)
 
 
+_EXAMPLE_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,100}")
+
+
+def _outcomes_problem(scores: Scores, where: str) -> str | None:
+    """Per-example outcomes that do not add up to the counts (or name no example properly), or None."""
+    given = (scores.example_ids, scores.example_correct, scores.example_malformed)
+    if not any(given):
+        return None  # a client that sends none: no paired comparison with it
+    if any(len(each) != scores.total for each in given):
+        return f"{where} per-example outcomes are not one per example ({len(scores.example_ids)} for {scores.total})"
+    if sum(scores.example_correct) != scores.correct or sum(scores.example_malformed) != scores.malformed:
+        return f"{where} per-example outcomes do not add up to its counts"
+    if len(set(scores.example_ids)) != len(scores.example_ids):
+        return f"{where} names an example twice"
+    if not all(_EXAMPLE_ID.fullmatch(each) for each in scores.example_ids):
+        return f"{where} names an example with an id that is not one (letters, digits and _.:/- only)"
+    return None
+
+
 def scores_problem(scores: Scores, most: int, where: str) -> str | None:
     """Why ``scores`` cannot be true of a split of at most ``most`` examples, or None."""
     return _first(
@@ -104,6 +123,7 @@ def scores_problem(scores: Scores, most: int, where: str) -> str | None:
         _count(f"{where} malformed", scores.malformed, scores.total),
         _count(f"{where} parser disagreements", scores.parser_disagreements, scores.total),
         _count(f"{where} seconds", scores.seconds, MAX_SECONDS),
+        _outcomes_problem(scores, where),
     )
 
 

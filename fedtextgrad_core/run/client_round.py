@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from fedtextgrad_core.data.examples import Example
@@ -165,6 +165,8 @@ def answer(run_config: Config, node_config: Config, request: RoundRequest, pinne
             # the server stops the run on this client's evaluation sent with this request; not trained
             raise real_clients_need_a_server_llm(f"this client uses {settings.forward.describe()}, so it did not train")
         return local_round(settings, node, request)
+    if request.uncached:
+        settings = replace(settings, forward=replace(settings.forward, cache_path=""))
     return evaluate_split(settings, node, request.prompt, request.kind.data_split)
 
 

@@ -38,7 +38,15 @@ from fedtextgrad_core.fingerprint import code_fingerprint, code_location
 from fedtextgrad_core.llm.engine import ChatEngine
 from fedtextgrad_core.run.claims import SHOWN_CHARS, Bounds, cleaned, eval_problem, shown, train_problem
 from fedtextgrad_core.run.messages import EvalReply, Phase, RoundRequest, TrainReply
-from fedtextgrad_core.run.recorder import FinalScore, Recorder, examples_of, usage_of, weighted_accuracy
+from fedtextgrad_core.run.recorder import (
+    FinalScore,
+    Recorder,
+    examples_of,
+    interval_of,
+    outcomes_of,
+    usage_of,
+    weighted_accuracy,
+)
 from fedtextgrad_core.run.records import ClientEvaluation, ClientId, Failure, RoundRecord, RunSummary
 from fedtextgrad_core.run.round_step import RoundOutcome, Upload, merge_round, require_enough, required_clients
 from fedtextgrad_core.run.settings import RunSettings, real_clients_need_a_server_llm
@@ -159,14 +167,18 @@ class Federation:
         rounds = range(state.finished_round + 1, settings.num_rounds + 1)
         ahead: Ahead | None = None
         if not state.resumed_after:
-            # the start prompt's evaluation, and round 1's training on the same prompt, in one message
+            # the start prompt's evaluation (start-eval-repeats times, by the same clients: the server's own
+            # noise), and round 1's training on the same prompt, in one message per client
             clock = (time.perf_counter(), time.time())
-            sent = self.send([(Phase.EVALUATE, 0, state.global_prompt)],
-                             ahead=[(Phase.TRAIN, rounds[0], state.global_prompt)] if rounds else [], together=True)
-            evaluations, failures = self.evaluations(Phase.EVALUATE, 0, sent.replies(0))
-            state.record_initial(weighted_accuracy(evaluations), usage_of(evaluations))
-            self.recorder.initial(state, evaluations, failures)
-            ahead = Ahead(sent, 1, *clock) if sent.replay is not None else None
+            repeats = settings.start_eval_repeats
+            sent = self.send([(Phase.EVALUATE, 0, state.global_prompt, index > 0) for index in range(repeats)],
+                             ahead=[(Phase.TRAIN, rounds[0], state.global_prompt)] if rounds else [], together=True,
+                             clients=self.sample())
+            scored = [self.evaluations(Phase.EVALUATE, 0, sent.replies(index)) for index in range(repeats)]
+            evaluations, failures = scored[0]
+            state.record_initial(weighted_accuracy(evaluations), usage_of(evaluations), outcomes_of(evaluations))
+            self.recorder.initial(state, evaluations, failures, [again for again, _ in scored[1:]])
+            ahead = Ahead(sent, repeats, *clock) if sent.replay is not None else None
         for server_round in rounds:
             ahead = self.round(server_round, ahead)
         return self.recorder.finished(state, self.final_tests())
@@ -196,7 +208,7 @@ class Federation:
             sent, index = sources[prompt]
             evaluations, failures = self.evaluations(Phase.TEST, self.state.finished_round, sent.replies(index))
             scored[prompt] = FinalScore(weighted_accuracy(evaluations), examples_of(evaluations),
-                                        usage_of(evaluations), tuple(failures))
+                                        usage_of(evaluations), tuple(failures), tuple(evaluations))
             self.recorder.remember_llms(evaluations)
         return {name: scored[prompts[name]] for name in self.settings.test_prompts}
 
@@ -231,12 +243,14 @@ class Federation:
             self._tests_ahead = sent
         evaluations, eval_failures = self.evaluations(Phase.EVALUATE, server_round, sent.replies(0))
         accuracy = weighted_accuracy(evaluations)
-        self.state.adopt(outcome.merged_prompt, accuracy, server_round)
+        against_best = self.state.adopt(outcome.merged_prompt, accuracy, server_round, outcomes_of(evaluations),
+                                        self.settings.best_rule)
         record = RoundRecord(
             round=server_round, uploads=client_uploads, failures=(*outcome.failures, *eval_failures),
             merge=outcome.merge_record, merged_prompt=outcome.merged_prompt,
             merged_prompt_metrics=self.recorder.prompt_metrics(outcome.merged_prompt, with_surprisal=True),
             evaluations=tuple(evaluations), val_accuracy=accuracy, val_examples=examples_of(evaluations),
+            val_interval=interval_of(evaluations), best_comparison=against_best,
             best_val_accuracy=self.state.best_accuracy, best_round=self.state.best_round,
             server_llm=outcome.server_usage if self._server_llm_used(outcome) else None,
             robust_merge=self._robust_record(outcome), seconds=time.perf_counter() - started,
@@ -292,7 +306,8 @@ class Federation:
     def ask(self, phase: Phase, server_round: int, prompt: str) -> Replies:
         return self.send([(phase, server_round, prompt)]).replies(0)
 
-    def send(self, asks: Sequence[tuple[Phase, int, str]], ahead: Sequence[tuple[Phase, int, str]] = (),
+    def send(self, asks: Sequence[tuple[Phase, int, str] | tuple[Phase, int, str, bool]],
+             ahead: Sequence[tuple[Phase, int, str]] = (),
              together: bool = False, clients: list[int] | None = None) -> _Sent:
         """Sample the clients of each request, in order (or send each to ``clients``), and send them
         all (one at a time to a pool that cannot send several). ``together``: a client asked several
@@ -317,11 +332,12 @@ class Federation:
         return _Sent(self, requests, send(requests, together) if send is not None and len(requests) > 1 else None,
                      replay)
 
-    def request(self, phase: Phase, server_round: int, prompt: str) -> RoundRequest:
+    def request(self, phase: Phase, server_round: int, prompt: str, uncached: bool = False) -> RoundRequest:
         """A request as it goes out. A training request is for simulated clients only when the server
         would merge with the simulator by default: a client with a real LLM then refuses it at once
-        instead of training for a run that stops on its evaluation (``check_server_llm``)."""
-        return RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt,
+        instead of training for a run that stops on its evaluation (``check_server_llm``). ``uncached``:
+        a repeated evaluation, scored without the client's reply cache."""
+        return RoundRequest(phase=phase.value, server_round=server_round, prompt=prompt, uncached=uncached,
                             simulated_only=phase is Phase.TRAIN and self.settings.server_sim_by_default)
 
     def received(self, replies: Replies, phase: Phase) -> Replies:

@@ -81,6 +81,9 @@ class RoundRequest(_Codec):
     # the simulator (server-backend left unset) and stops the run when a client's LLM is real, so such
     # a client must not spend its LLM on training (RunSettings.server_sim_by_default)
     simulated_only: bool = False
+    # score without the client's reply cache: a repeat of an evaluation, to measure the LLM server's own
+    # noise (start-eval-repeats), which cached replies would hide
+    uncached: bool = False
 
     @property
     def kind(self) -> Phase:

@@ -27,6 +27,7 @@ from fedtextgrad_core.run.run_folder import RunFolder, default_run_name
 from fedtextgrad_core.run.settings import RunSettings
 from fedtextgrad_core.run.state import FederationState
 from fedtextgrad_core.run.tracking import NoTracker, Tracker, make_tracker
+from fedtextgrad_core.stats import Interval, paired, wilson
 
 log = logging.getLogger(__name__)
 # figures while a run goes: redrawn after a round at most this often, always after the last round
@@ -43,6 +44,7 @@ class FinalScore:
     examples: int
     usage: Usage
     failures: tuple[Failure, ...] = ()
+    evaluations: tuple[ClientEvaluation, ...] = ()  # per client, with per-example outcomes
 
 
 def weighted_accuracy(evaluations: Sequence[ClientEvaluation]) -> float | None:
@@ -52,6 +54,41 @@ def weighted_accuracy(evaluations: Sequence[ClientEvaluation]) -> float | None:
 
 def examples_of(evaluations: Sequence[ClientEvaluation]) -> int:
     return sum(e.reply.scores.total for e in evaluations)
+
+
+def changed(first: Sequence[ClientEvaluation], repeats: Sequence[Sequence[ClientEvaluation]]) -> int:
+    """How many examples of ``first`` were scored otherwise in any of the ``repeats``."""
+    base = outcomes_of(first)
+    others = [outcomes_of(again) for again in repeats]
+    return sum(1 for example, right in base.items() if any(o.get(example, right) != right for o in others))
+
+
+def interval_of(evaluations: Sequence[ClientEvaluation]) -> Interval:
+    """The clients' pooled accuracy with its n and 95% Wilson interval."""
+    return wilson(sum(e.reply.scores.correct for e in evaluations), examples_of(evaluations))
+
+
+def outcomes_of(evaluations: Sequence[ClientEvaluation]) -> dict[str, bool]:
+    """Example id -> right, over every client. Clients hold different examples; an id two clients both
+    claim is dropped (a paired comparison must not pair one example with another)."""
+    seen: dict[str, bool] = {}
+    clashing: set[str] = set()
+    for evaluation in evaluations:
+        for example, right in evaluation.reply.scores.outcomes().items():
+            if example in seen:
+                clashing.add(example)
+            seen[example] = right
+    return {example: right for example, right in seen.items() if example not in clashing}
+
+
+def by_task(evaluations: Sequence[ClientEvaluation]) -> dict[str, Interval]:
+    """The pooled accuracy of each task (an example id starts with its task), for runs with several."""
+    counts: dict[str, list[int]] = {}
+    for example, right in outcomes_of(evaluations).items():
+        tally = counts.setdefault(example.split("/", 1)[0], [0, 0])
+        tally[0] += right
+        tally[1] += 1
+    return {task: wilson(correct, n) for task, (correct, n) in sorted(counts.items())}
 
 
 def usage_of(evaluations: Sequence[ClientEvaluation]) -> Usage:
@@ -85,6 +122,9 @@ class Recorder:
         self.client_simulated: dict[str, bool] = {
             u.label: u.reply.simulated for record in self.history for u in record.uploads}
         self.tests: dict[str, FinalScore] = {}
+        self.initial_interval: Interval | None = None  # the start prompt's validation (initial)
+        self.initial_repeats: tuple[Interval, ...] = ()
+        self.initial_changed: int | None = None
         self.opened = time.monotonic()
         self.seconds_before = 0.0  # wall time of the run before a resume
         self._drawing: threading.Thread | None = None
@@ -119,9 +159,13 @@ class Recorder:
         tracker.start(settings, run_config, folder.path)
         if resume is not None:
             try:
-                recorder.seconds_before = folder.read_summary().seconds
+                before = folder.read_summary()
             except (OSError, ValueError, TypeError, MalformedRecord):
-                recorder.seconds_before = 0.0
+                before = None
+            if before is not None:  # what the summary said of the start prompt stays said
+                recorder.seconds_before = before.seconds
+                recorder.initial_interval = before.initial_val_interval
+                recorder.initial_repeats, recorder.initial_changed = before.initial_val_repeats, before.initial_val_changed
         if resume is None:
             folder.save_prompt("round-000-initial", state.global_prompt)
         else:
@@ -132,11 +176,19 @@ class Recorder:
 
     # --- what happens -----------------------------------------------------------------------------
     def initial(self, state: FederationState, evaluations: Sequence[ClientEvaluation],
-                failures: Sequence[Failure]) -> None:
+                failures: Sequence[Failure], repeats: Sequence[Sequence[ClientEvaluation]] = ()) -> None:
+        """The start prompt's validation, and ``repeats``: the same scored again by the same clients."""
         self.remember_llms(evaluations)
         self._failure_rows(0, [(f.label, f"(evaluation) {f.reason}") for f in failures])
-        self.echo(f"initial prompt: validation accuracy {report.percent(state.initial_accuracy)} "
-                  f"on {examples_of(evaluations)} examples")
+        self.initial_interval = interval_of(evaluations)
+        self.initial_repeats = tuple(interval_of(again) for again in repeats)
+        self.initial_changed = changed(evaluations, repeats) if repeats else None
+        self.echo(f"initial prompt: validation accuracy {self.initial_interval.shown()}")
+        if repeats:
+            scores = ", ".join(i.shown() for i in (self.initial_interval, *self.initial_repeats))
+            self.echo(f"initial prompt scored {len(repeats) + 1} times by the same clients: {scores}; "
+                      f"{self.initial_changed} of {self.initial_interval.n} examples were scored differently "
+                      "(the LLM server's own noise; a reply cache makes repeats identical)")
         self.echo(report.header())
         self.write_summary(state, finished=False)
         state.save(self.path)
@@ -205,7 +257,8 @@ class Recorder:
                                           if f.stage == "evaluate"])
         self.remember_llms(record.evaluations)
         self.echo(report.merged_row(record.round, record.merge.method, record.val_accuracy, record.val_examples,
-                                    state.best_accuracy, record.merged_prompt, record.seconds))
+                                    state.best_accuracy, record.merged_prompt, record.seconds)
+                  + report.merged_note(record, self.settings.best_rule))
         self.folder.append_round(record)
         self.history.append(record)
         self.write_summary(state, finished=False)
@@ -227,9 +280,11 @@ class Recorder:
         summary = self.write_summary(state, finished=True)
         self._figures_done()
         sim = " (simulated LLM)" if self.simulated else ""
-        shown = ", ".join(f"{name} prompt {report.percent(result.accuracy)}" for name, result in tests.items())
+        shown = "; ".join(f"{name} prompt {summary.test_intervals[name].shown()}" for name in tests)
         self.echo(f"best prompt (round {state.best_round}): validation {report.percent(state.best_accuracy)}; "
                   f"test: {shown}{sim}")
+        for name, comparison in summary.comparisons.items():
+            self.echo(f"test, {name}: {comparison.shown()}{sim}")
         self.echo(f"results: {self.path}")
         self.tracker.finish(summary, self.path)
         return summary
@@ -269,10 +324,26 @@ class Recorder:
             test_examples=best.examples if best else 0, test_failures=self.test_failures,
             resumed_after_rounds=tuple(state.resumed_after), cost=self._cost(state, test_usage),
             client_llms=dict(sorted(self.client_llms.items())), server_llm=s.server_llm, simulated=self.simulated,
-            seconds=self.seconds_before + (time.monotonic() - self.opened),
+            seconds=self.seconds_before + (time.monotonic() - self.opened), best_rule=s.best_rule,
+            initial_val_interval=self.initial_interval, initial_val_repeats=self.initial_repeats,
+            initial_val_changed=self.initial_changed, best_val_interval=self._best_interval(state),
+            test_intervals={name: interval_of(result.evaluations) for name, result in tests.items()},
+            test_by_task={name: by_task(result.evaluations) for name, result in tests.items()
+                          if len(s.tasks) > 1},
+            comparisons={f"{name} vs initial": paired(outcomes_of(tests[name].evaluations),
+                                                      outcomes_of(tests["initial"].evaluations))
+                         for name in ("best", "last") if name in tests and "initial" in tests},
+            test_outcomes={name: outcomes_of(result.evaluations) for name, result in tests.items()},
         )
         self.folder.write_summary(summary)
         return summary
+
+    def _best_interval(self, state: FederationState) -> Interval | None:
+        """The best prompt's validation accuracy with its interval (the round it was chosen in)."""
+        if state.best_round == 0:
+            return self.initial_interval
+        chosen = [r.val_interval for r in self.history if r.round == state.best_round]
+        return chosen[0] if chosen else None
 
     def _cost(self, state: FederationState, test_usage: Usage | None) -> dict[str, dict[str, int]]:
         """LLM calls and tokens of the finished rounds, by where they were spent."""

@@ -18,6 +18,7 @@ from fedtextgrad_core.method.leakage import LeakCounts
 from fedtextgrad_core.method.local_training import LocalMetrics
 from fedtextgrad_core.run.codec import from_plain, to_plain
 from fedtextgrad_core.run.messages import EvalReply, TrainReply
+from fedtextgrad_core.stats import Interval, PairedComparison
 
 ROUND_RECORD_VERSION = 2
 
@@ -99,6 +100,10 @@ class RoundRecord:
     best_val_accuracy: float | None
     best_round: int
     server_llm: Usage | None = None  # what the server's own LLM spent: merging and robust scoring
+    val_interval: Interval | None = None  # the validation accuracy with its n and 95% interval
+    # the merged prompt against the best prompt before this round, on the validation examples both were
+    # scored on (under best-rule = paired, what decided whether it became the best)
+    best_comparison: PairedComparison | None = None
     robust_merge: dict[str, Any] | None = None  # scores, median, margin, left out, and what scoring cost
     seconds: float = 0.0  # training, merging and evaluation
     started_at: float = 0.0
@@ -146,6 +151,17 @@ class RunSummary:
     server_llm: str = ""  # the ServerApp's own LLM, or why it has none
     simulated: bool = False  # some number of this run comes from the simulated LLM
     seconds: float = 0.0  # wall time of the run so far, across resumes
+    best_rule: str = "reference"
+    initial_val_interval: Interval | None = None
+    # the start prompt's validation scored again (start-eval-repeats), and how many of its examples changed
+    initial_val_repeats: tuple[Interval, ...] = ()
+    initial_val_changed: int | None = None
+    best_val_interval: Interval | None = None
+    test_intervals: dict[str, Interval] = field(default_factory=dict)  # tested prompt -> its test accuracy
+    test_by_task: dict[str, dict[str, Interval]] = field(default_factory=dict)  # tested prompt -> task -> ...
+    # "best vs initial", "last vs initial": paired on the test examples both were scored on
+    comparisons: dict[str, PairedComparison] = field(default_factory=dict)
+    test_outcomes: dict[str, dict[str, bool]] = field(default_factory=dict)  # tested prompt -> example id -> right
 
     def to_json(self) -> dict[str, Any]:
         plain: dict[str, Any] = to_plain(self)

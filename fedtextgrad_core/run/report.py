@@ -18,6 +18,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from fedtextgrad_core.run.messages import TrainReply
+from fedtextgrad_core.run.records import RoundRecord
 
 MAX_CLIENT_ROWS = 20  # more uploads in a round than this: min/median/max rows instead of one row per client
 MAX_FAILURE_ROWS = 20  # failures printed per stage of a round; the rest are counted (all are in rounds.jsonl)
@@ -75,6 +76,18 @@ def merged_row(server_round: int, method: str, val_accuracy: float | None, examp
         server_round, f"merged ({method})", "", accuracy_of(val_accuracy, examples), f"best {percent(best)}",
         "", "", "", secs(seconds), len(prompt),
     ])
+
+
+def merged_note(record: RoundRecord, best_rule: str) -> str:
+    """After the merged prompt's row: its validation accuracy with the interval, and how it compares with
+    the best prompt before it on the same examples (what decided under best-rule = paired)."""
+    note = f"  val {record.val_interval.shown()}" if record.val_interval is not None else ""
+    comparison = record.best_comparison
+    if comparison is not None and comparison.n:
+        decided = " (decides: best-rule paired)" if best_rule == "paired" else ""
+        note += f"; against the best before: {comparison.verdict}, {100 * comparison.difference:+.1f} points " \
+                f"[{100 * comparison.low:+.1f}, {100 * comparison.high:+.1f}], p = {comparison.p_value:.3g}{decided}"
+    return note
 
 
 def client_rows(server_round: int, uploads: Sequence[tuple[str, TrainReply]], clients: int | None = None) -> list[str]:

@@ -335,6 +335,13 @@ SETTINGS: tuple[Setting, ...] = (
     # --- merging on the server ---
     Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
             choices=lambda: MERGE_METHODS, section="merge"),
+    Setting("best-rule", "choice", "reference", "how the server picks the best prompt by validation: `reference` "
+            "takes any increase (the reference code's); `paired` only a merged prompt that beats the best so far "
+            "on the same validation examples by a paired difference whose 95% interval excludes zero (McNemar)",
+            choices=lambda: ("reference", "paired"), section="merge"),
+    Setting("start-eval-repeats", "int", 1, "times the start prompt's validation is scored at the start of a run "
+            "(2 or more: the header says how far the scores differed, the server's own noise)", low=1, high=10,
+            section="merge"),
     Setting("merge-token-budget", "int", 3000,
             "most tokens one summariser call reads (larger merges go in groups); the merged prompt never exceeds it",
             low=1, high=MAX_TOKENS, section="merge"),

@@ -92,6 +92,8 @@ class RunSettings:
     constrained_updates: str
     # merging
     merge: str
+    best_rule: str
+    start_eval_repeats: int
     merge_token_budget: int
     # untrusted uploads and private data
     max_prompt_chars: int

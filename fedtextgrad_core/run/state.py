@@ -16,6 +16,7 @@ from pathlib import Path
 from fedtextgrad_core.llm.engine import Usage
 from fedtextgrad_core.run.checkpoint import CHECKPOINT_VERSION, Checkpoint, rng_state, save_checkpoint
 from fedtextgrad_core.run.records import RoundRecord
+from fedtextgrad_core.stats import BETTER, PairedComparison, paired
 
 
 @dataclass
@@ -33,29 +34,44 @@ class FederationState:
     # the server's own secret, never sent to a client: it draws the robust-merge held-out set and the
     # merge request's block markers, so no client can predict either (saved with the checkpoint)
     secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    # the best prompt's validation outcomes (example id -> right), for best-rule = paired
+    best_outcomes: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def start(cls, start_prompt: str, seed: int, run_config: Mapping[str, object]) -> FederationState:
         return cls(global_prompt=start_prompt, best_prompt=start_prompt, rng=random.Random(seed),
                    run_config=dict(run_config))
 
-    def record_initial(self, accuracy: float | None, usage: Usage) -> None:
+    def record_initial(self, accuracy: float | None, usage: Usage, outcomes: Mapping[str, bool]) -> None:
         self.initial_accuracy = self.best_accuracy = accuracy
         self.initial_usage = usage
+        self.best_outcomes = dict(outcomes)
 
-    def adopt(self, merged_prompt: str, accuracy: float | None, server_round: int) -> None:
-        """The round's merged prompt becomes the global prompt, and the best one if it scored higher."""
+    def adopt(self, merged_prompt: str, accuracy: float | None, server_round: int, outcomes: Mapping[str, bool],
+              best_rule: str = "reference") -> PairedComparison:
+        """The round's merged prompt becomes the global prompt, and the best one when it beat the best so
+        far: by any increase (``reference``, as the reference code), or (``paired``) by a paired difference
+        on the validation examples both were scored on whose 95% interval excludes zero. Returns that
+        paired comparison either way."""
         self.global_prompt = merged_prompt
-        if accuracy is not None and (self.best_accuracy is None or accuracy > self.best_accuracy):
+        comparison = paired(outcomes, self.best_outcomes)
+        if best_rule == "paired":
+            better = accuracy is not None and comparison.verdict == BETTER
+        else:
+            better = accuracy is not None and (self.best_accuracy is None or accuracy > self.best_accuracy)
+        if better:
             self.best_accuracy, self.best_prompt, self.best_round = accuracy, merged_prompt, server_round
+            self.best_outcomes = dict(outcomes)
         self.finished_round = server_round
+        return comparison
 
     def save(self, folder: Path) -> None:
         save_checkpoint(folder, Checkpoint(
             round=self.finished_round, global_prompt=self.global_prompt, best_prompt=self.best_prompt,
             best_accuracy=self.best_accuracy, best_round=self.best_round, initial_accuracy=self.initial_accuracy,
             rng_state=rng_state(self.rng), run_config=dict(self.run_config), resumed_after=list(self.resumed_after),
-            initial_usage=asdict(self.initial_usage), secret=self.secret, version=CHECKPOINT_VERSION,
+            initial_usage=asdict(self.initial_usage), secret=self.secret, best_outcomes=dict(self.best_outcomes),
+            version=CHECKPOINT_VERSION,
         ))
 
     @classmethod
@@ -69,7 +85,7 @@ class FederationState:
                    run_config=dict(checkpoint.run_config), best_accuracy=checkpoint.best_accuracy,
                    best_round=checkpoint.best_round, initial_accuracy=checkpoint.initial_accuracy,
                    initial_usage=usage, finished_round=checkpoint.round,
-                   resumed_after=[*checkpoint.resumed_after, checkpoint.round],
+                   resumed_after=[*checkpoint.resumed_after, checkpoint.round], best_outcomes=dict(checkpoint.best_outcomes),
                    **({"secret": checkpoint.secret} if checkpoint.secret else {}))
 
     def check_history(self, history: list[RoundRecord]) -> list[RoundRecord]:

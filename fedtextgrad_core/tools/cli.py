@@ -1,6 +1,6 @@
 """The ``fedtextgrad`` command: what users do around a federated run.
 
-    fedtextgrad eval --task object_counting --prompt-file best.txt --split test [--backend openai ...]
+    fedtextgrad eval --task object_counting --prompt-file best.txt --split test [--repeats 2] [--backend openai ...]
     fedtextgrad sim-server --port 8765 [--latency-ms 200]
     fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
     fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedtextgrad_core.data.tasks import TASKS
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
+from fedtextgrad_core.method.evaluation import Scores
+from fedtextgrad_core.stats import paired, wilson
 from fedtextgrad_core.tools.endpoint_bench import DEFAULT_PROMPT
 
 
@@ -33,6 +38,8 @@ def _eval(args: argparse.Namespace) -> int:
     task = get_task(args.task)
     if args.limit < 0:
         raise ConfigError("--limit", args.limit, "0 (score every example) or a positive number")
+    if not 1 <= args.repeats <= 100:
+        raise ConfigError("--repeats", args.repeats, "a whole number from 1 to 100")
     prompt = read_text_file(args.prompt_file, "--prompt-file").strip()
     config = {
         "llm-backend": args.backend, "llm-base-url": args.base_url, "llm-model": args.model,
@@ -46,15 +53,50 @@ def _eval(args: argparse.Namespace) -> int:
     if args.limit:
         examples = examples[: args.limit]
     engine = make_engine(settings)
-    print(f"scoring {len(examples)} {args.split} examples of {task.name} with {settings.describe()} ...", flush=True)
-    scores = evaluate_prompt(engine, task, prompt, examples, args.answer_parser)
-    usage = engine.take_usage()
     sim = " (simulated LLM)" if settings.simulated else ""
-    print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}){sim}, "
-          f"malformed replies {scores.malformed}, scored otherwise by the other answer parser "
-          f"{scores.parser_disagreements}, LLM calls {usage.calls}, "
-          f"tokens {usage.prompt_tokens + usage.completion_tokens}, {scores.seconds:.1f}s")
+    runs: list[Scores] = []
+    for repeat in range(args.repeats):
+        again = f" (repeat {repeat + 1} of {args.repeats})" if args.repeats > 1 else ""
+        print(f"scoring {len(examples)} {args.split} examples of {task.name} with {settings.describe()}{again} ...",
+              flush=True)
+        scores = evaluate_prompt(engine, task, prompt, examples, args.answer_parser)
+        usage = engine.take_usage()
+        runs.append(scores)
+        interval = wilson(scores.correct, scores.total)
+        print(f"accuracy {100 * scores.accuracy:.1f}% ({scores.correct}/{scores.total}, 95% interval "
+              f"{100 * interval.low:.1f}-{100 * interval.high:.1f}%){sim}, "
+              f"malformed replies {scores.malformed}, scored otherwise by the other answer parser "
+              f"{scores.parser_disagreements}, LLM calls {usage.calls}, "
+              f"tokens {usage.prompt_tokens + usage.completion_tokens}, {scores.seconds:.1f}s", flush=True)
+    if len(runs) > 1:
+        print(noise_line(runs) + sim)
+    if args.outcomes:
+        write_outcomes(Path(args.outcomes), runs)
+        print(f"per-example outcomes: {args.outcomes}")
     return 0
+
+
+def noise_line(runs: Sequence[Scores]) -> str:
+    """How far repeated scorings of one prompt differed: the range of the accuracies, and the examples
+    whose outcome changed, with the pairwise comparison of the first and the last."""
+    accuracies = [100 * scores.accuracy for scores in runs]
+    first = runs[0].outcomes()
+    changed = sum(1 for example, right in first.items() if any(s.outcomes().get(example, right) != right for s in runs))
+    spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+    return (f"spread over {len(runs)} scorings: accuracy {min(accuracies):.1f}% to {max(accuracies):.1f}% "
+            f"(sd {spread:.1f} points); {changed} of {len(first)} examples scored differently at least once; "
+            f"last against first: {paired(runs[-1].outcomes(), first).shown()}")
+
+
+def write_outcomes(path: Path, runs: Sequence[Scores]) -> None:
+    """One JSON line per example: its id, and right / unreadable in each scoring."""
+    try:
+        with path.open("w", encoding="utf-8") as out:
+            for position, example in enumerate(runs[0].example_ids):
+                out.write(json.dumps({"id": example, "correct": [s.example_correct[position] for s in runs],
+                                      "malformed": [s.example_malformed[position] for s in runs]}) + "\n")
+    except OSError as exc:
+        raise FedTextGradError(f"--outcomes '{path}' cannot be written: {exc.strerror or exc}") from None
 
 
 def read_text_file(name: str, option: str = "") -> str:
@@ -175,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--timeout", type=float, default=0.0, help="seconds per call; 0: by the kind of server")
     ev.add_argument("--limit", type=int, default=0, help="score only the first N examples (0: all)")
     ev.add_argument("--seed", type=int, default=0, help="the seed of the synthetic data")
+    ev.add_argument("--repeats", type=int, default=1,
+                    help="score the prompt this many times and report the spread: the LLM server's own noise "
+                         "(a server that batches requests does not answer the same way twice, even at temperature 0)")
+    ev.add_argument("--outcomes", default="", help="write each example's id and outcome(s) to this JSON-lines file")
     ev.set_defaults(run=_eval)
 
     sim = commands.add_parser("sim-server", help="serve the simulated LLM as an OpenAI-compatible endpoint")

@@ -99,3 +99,12 @@ def make_federation(tmp_path: Path, pool: ScriptedPool, merge: str = "concat", r
     recorder, state = Recorder.open(settings, run_config, echo=echo)
     merger = make_engine(settings.server, "server-api-key-env") if merge != "concat" else None
     return Federation(settings, pool, recorder, state, merger)
+
+
+def eval_outcomes(partition: int, right: Sequence[bool], split: str = "val") -> EvalReply:
+    """An evaluation reply with per-example outcomes: example i of this partition right or not."""
+    ids = tuple(f"object_counting/{split}/{10 * partition + i}" for i in range(len(right)))
+    scores = Scores(correct=sum(right), total=len(right), malformed=0, seconds=0.0, example_ids=ids,
+                    example_correct=tuple(right), example_malformed=(False,) * len(right))
+    return EvalReply(partition_id=partition, llm="sim (test)", simulated=True, scores=scores,
+                     usage=Usage(calls=len(right), prompt_tokens=10 * len(right), completion_tokens=len(right)))

@@ -20,7 +20,8 @@ CORE = "fedtextgrad_core"
 ADAPTERS = ("server_app", "client_app")
 # Lower layers never import higher ones. sim/ and tools/ stand beside the stack:
 # they may use it, it never uses them.
-LAYERS = {"errors": 0, "text": 0, "fingerprint": 0, "data": 1, "llm": 2, "method": 3, "run": 4, "sim": 5, "tools": 6}
+LAYERS = {"errors": 0, "text": 0, "fingerprint": 0, "stats": 0, "data": 1, "llm": 2, "method": 3, "run": 4, "sim": 5,
+          "tools": 6}
 BESIDE = {"sim", "tools"}
 # what an adapter may import of the core: the run layer (and the errors it catches)
 ADAPTER_MAY_IMPORT = ("run", "errors")

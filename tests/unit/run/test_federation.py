@@ -127,7 +127,7 @@ def test_a_run_keeps_the_best_prompt_and_leaves_its_folder(tmp_path: Path) -> No
                              for key in ("llm_calls", "tokens")}
     assert (folder / "prompts" / "best.txt").read_text() == merged1 + "\n"
     assert (folder / "accuracy.png").read_bytes().startswith(PNG_MAGIC)
-    assert "initial prompt: validation accuracy 50.0% on 20 examples" in lines
+    assert "initial prompt: validation accuracy 50.0% [29.9-70.1] (n=20)" in lines
     assert any("client 1" in line and "FAILED" in line and "LLMError: timeout" in line for line in lines)
     assert any("client 1" in line and "FAILED" in line and "(evaluation) LLMError: evaluation timeout" in line
                for line in lines)

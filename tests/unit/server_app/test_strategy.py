@@ -39,7 +39,7 @@ def test_prompt_travels_as_text_in_a_config_record(tmp_path):
         config = message.content[REQUEST_RECORD]
         assert isinstance(config, ConfigRecord)
         assert config["prompt"] == start and config["phase"] == "train" and config["server_round"] == 1
-        assert set(config.keys()) == {"phase", "server_round", "prompt", "simulated_only"}  # no round settings
+        assert set(config.keys()) == {"phase", "server_round", "prompt", "simulated_only", "uncached"}  # no round settings
         assert RoundRequest.decode(config) == request
         assert message.metadata.message_type == MessageType.TRAIN
     assert not replies.failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -18,7 +19,8 @@ from fedtextgrad_core.tools.cli import main
 from tests import SHARED_DATA
 from tests.support.settings_helpers import endpoint
 
-ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+)\)(?: \(simulated LLM\))?, malformed replies (\d+), "
+ACCURACY = re.compile(r"accuracy (\d+\.\d)% \((\d+)/(\d+), 95% interval [\d.]+-[\d.]+%\)(?: \(simulated LLM\))?, "
+                      r"malformed replies (\d+), "
                       r"scored otherwise by the other answer parser \d+, LLM calls (\d+)")
 
 
@@ -181,3 +183,19 @@ def test_settings_refuses_an_unknown_format(capsys: pytest.CaptureFixture) -> No
     with pytest.raises(SystemExit) as exited:
         main(["settings", "--format", "html"])
     assert exited.value.code == 2 and "invalid choice: 'html'" in capsys.readouterr().err
+
+
+def test_eval_repeats_reports_the_spread_and_writes_every_outcome(prompt_file: Path, tmp_path: Path, capsys) -> None:
+    """Scripted noise-free double: the simulated LLM answers alike every time, so the spread is zero and the
+    repeats agree example by example; the real servers' spread is measured in tests/integration."""
+    outcomes = tmp_path / "outcomes.jsonl"
+    assert main(["eval", "--task", "object_counting", "--prompt-file", str(prompt_file), "--split", "val",
+                 "--limit", "12", "--repeats", "3", "--outcomes", str(outcomes)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(repeat ") == 3
+    assert "spread over 3 scorings: accuracy" in out and "0 of 12 examples scored differently" in out
+    lines = [json.loads(line) for line in outcomes.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"object_counting/val/{i}" for i in range(12)]
+    assert all(len(line["correct"]) == 3 and len(set(line["correct"])) == 1 for line in lines)
+    assert main(["eval", "--task", "object_counting", "--prompt-file", str(prompt_file), "--repeats", "0"]) == 2
+    assert "setting '--repeats' = 0 is not accepted" in capsys.readouterr().err

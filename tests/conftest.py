@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.machine_share import lock_folder, machine
 from tests.support.sim_http import serving_sim
 from tests.support.simulation_helpers import stop_superlinks
 
@@ -23,6 +24,17 @@ def flwr_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("flwr-home")
     yield home
     stop_superlinks(home)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def machine_share(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Integration modules share the machine; one marked ``alone`` (a real vLLM) has it to itself."""
+    alone = request.node.get_closest_marker("alone") is not None
+    if not alone and "integration" not in request.node.path.parts:
+        yield
+        return
+    with machine(lock_folder(tmp_path_factory.getbasetemp()), alone):
+        yield
 
 
 # The longest modules first. Under `pytest -n N --dist loadscope` (the README's test line) xdist

@@ -124,15 +124,20 @@ def backward_engine(settings: RunSettings, forward: ChatEngine) -> ChatEngine:
     return make_engine(settings.backward, "backward-api-key-env")
 
 
-def failed(error: BaseException, node_config: Config) -> ErrorReply:
-    """The reply of a client that could not answer: its error in one line, as it may leave the site
-    (``FedTextGradError.shareable``: no quoted data, no server's answer), with the partition it holds
-    when the node config says (the server has no other name for a node that never answered). The
-    whole message goes to this site's own log."""
-    print(f"fedtextgrad: this client could not answer a request of the server: {error}", file=sys.stderr, flush=True)
+def failed(error: BaseException, node_config: Config, site: bool = True) -> ErrorReply:
+    """The reply of a client that could not answer: its error in one line, with the partition it holds
+    when the node config says (the server has no other name for a node that never answered). At a
+    ``site`` of a deployment the line is the one that may leave it (``FedTextGradError.shareable``: no
+    quoted data, no server's answer) and the whole message goes to the site's own log; in a
+    simulation every client is the submitter's own and its terminal the only log, so the whole
+    message is the reply."""
+    line = str(error)
+    if site:
+        print(f"fedtextgrad: this client could not answer a request of the server: {error}", file=sys.stderr,
+              flush=True)
+        line = error.shareable() if isinstance(error, FedTextGradError) else line
     partition = node_config.get("partition-id")
     known = partition if isinstance(partition, int) and not isinstance(partition, bool) else None
-    line = error.shareable() if isinstance(error, FedTextGradError) else str(error)
     return ErrorReply(error=" ".join(line.split()), partition_id=known)
 
 
@@ -141,13 +146,14 @@ def answer_each(run_config: Config, node_config: Config, requests: Sequence[obje
     """This node's replies to the requests of one message, in order. A request this project's code
     cannot answer (a setting, a data file, an unreachable LLM server) gets an ``ErrorReply`` with the
     one line saying why; the others are still answered. ``pinned``: this node is a site of a deployment,
-    whose site settings the run config may not move (``settings.client_config``)."""
+    whose site settings the run config may not move (``settings.client_config``) and whose errors
+    leave it only as ``shareable`` lines."""
     replies: list[TrainReply | EvalReply | ErrorReply] = []
     for raw in requests:
         try:
             replies.append(answer(run_config, node_config, RoundRequest.decode(raw), pinned))
         except FedTextGradError as exc:
-            replies.append(failed(exc, node_config))
+            replies.append(failed(exc, node_config, site=pinned))
     return replies
 
 

@@ -157,12 +157,16 @@ def test_a_clients_error_line_and_model_name_reach_the_operator_as_one_safe_line
 def test_an_instruction_to_the_summariser_inside_an_upload_is_caught_by_robust_merge(tmp_path, gullible) -> None:
     """Attack: no tags at all: the upload speaks to whoever merges ("Note to the merging assistant: ...
     reply with exactly ..."). A summariser may obey text inside a block; with robust-merge the merged
-    prompt is scored on the server's held-out set and, far below, the previous global prompt is kept."""
+    prompt is scored on the server's held-out set and, far below, the previous global prompt is kept.
+    The held-out set is drawn from the server's secret, new each run: at the default 12 examples the
+    simulated LLM's gap between the steered and the start prompt fell within the margin in 8 of 40
+    draws, at 200 in none of 40 (their smallest gap 0.245)."""
     url, model = gullible
     before = len(model.obeyed)
     app, home = hostile_app(tmp_path, {"2": {"train": {"1": {"prompt": SUMMARISER_DIRECTED}}}}), tmp_path / "home"
     try:
-        output = run_app(app, home, f"{SETTINGS} num-server-rounds=2 robust-merge=true server-backend='openai' "
+        output = run_app(app, home, f"{SETTINGS} num-server-rounds=2 robust-merge=true robust-holdout-size=200 "
+                                    f"server-backend='openai' "
                                     f"server-base-url='{url}' results-dir='{tmp_path}' run-name='run'")
     finally:
         stop_superlinks(home)

@@ -50,7 +50,7 @@ from tests.support.vllm_server import (
     start_vllm_server,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.real_llm]
+pytestmark = [pytest.mark.slow, pytest.mark.real_llm, pytest.mark.alone]
 
 PAGE = ROOT / "docs" / "vllm.md"
 PAGE_MARKER = "<!-- run by tests/integration/test_vllm.py -->"

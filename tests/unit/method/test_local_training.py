@@ -143,8 +143,9 @@ def test_same_seed_and_stream_reproduce_the_round() -> None:
     _, other_questions = run("round1:client1")
     assert again.prompt == first.prompt
     assert metrics_without_time(again) == metrics_without_time(first)
-    assert again_questions == first_questions
-    assert other_questions != first_questions  # another stream samples other batches
+    # the same examples asked (a batch is answered concurrently: the order of the calls may differ)
+    assert sorted(again_questions) == sorted(first_questions)
+    assert sorted(other_questions) != sorted(first_questions)  # another stream samples other batches
 
 
 def test_no_training_data_is_an_error() -> None:

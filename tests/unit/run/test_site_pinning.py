@@ -86,3 +86,16 @@ def test_a_run_config_cannot_widen_what_the_site_allows() -> None:
     assert info.value.setting in {"allow-run-config", "judge-base-url"}
     with pytest.raises(ConfigError, match="allow-run-config"):  # and a site cannot allow allow-run-config
         client_settings({}, {**NODE, "allow-run-config": "allow-run-config"}, pinned=True)
+
+
+def test_a_sites_error_leaves_it_without_its_data_and_a_simulations_whole(capsys) -> None:
+    from fedtextgrad_core.errors import DataError
+    from fedtextgrad_core.run.client_round import failed
+
+    error = DataError("record 3 has the target 'secret-value'", shared="record 3 has a target it cannot score")
+    at_site = failed(error, {"partition-id": 1}, site=True)
+    assert at_site.error == "record 3 has a target it cannot score" and at_site.partition_id == 1
+    assert "secret-value" in capsys.readouterr().err  # the site's own log has it whole
+    simulated = failed(error, {}, site=False)
+    assert simulated.error == "record 3 has the target 'secret-value'" and simulated.partition_id is None
+    assert capsys.readouterr().err == ""  # the server's line already shows it on the same terminal

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
@@ -132,6 +132,31 @@ class ChatEngine(EngineLM):
             for future in futures:
                 future.cancel()
             wait(futures)
+
+    def cascade(self, work: Callable[[Item], Iterable[Item]], ready: Iterable[Item]) -> None:
+        """``work`` on every ready item and on every item a ``work`` call hands back, up to the
+        endpoint's concurrency at once, until none are left: a graph whose node may run only after
+        others (TextGrad's backward pass) runs its independent branches side by side, each node
+        handed back by the call that made it ready. Failures are handled as in ``map``."""
+        pending = list(ready)
+        if getattr(_in_pool, "active", False):
+            while pending:  # inside a worker: one after another, in the order they became ready
+                pending.extend(work(pending.pop(0)))
+            return
+
+        def run(item: Item) -> list[Item]:
+            return list(work(item))
+
+        running = {self._pool.submit(run, item) for item in pending}
+        try:
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    running |= {self._pool.submit(run, item) for item in future.result()}
+        finally:
+            for future in running:
+                future.cancel()
+            wait(running)
 
     def last_reply(self) -> str:
         """The last reply this thread got: how callers inspect what a library call received."""

@@ -1,8 +1,10 @@
 """What a client does in a round: a few TextGrad steps on the system prompt.
 
 Each step answers a batch (concurrently), scores it (exact match in code, or the reference's
-LLM judge), backpropagates textual feedback through TextGrad, asks the optimizer for a
-rewritten prompt and re-scores the same batch with it. The keep-or-revert rule then decides:
+LLM judge), backpropagates textual feedback through TextGrad (its backward functions and
+prompts, the examples' branches side by side instead of one call after another:
+``backpropagate``), asks the optimizer for a rewritten prompt and re-scores the same batch
+with it. The keep-or-revert rule then decides:
 
 - ``reference`` (the reference code with ``--proximal_update``, which all its scripts pass):
   keep the rewrite only if the batch scores strictly better, or perfectly;
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +54,9 @@ class LocalSettings:
     constrained_updates: bool  # ask the server to constrain the optimizer's reply to a well-formed rewrite
     max_prompt_chars: int  # the longest rewrite asked for (the server refuses longer uploads)
     parser: str = "answer-line"  # how a reply's answer is read (data/tasks.py)
+    # TextGrad's own backward pass, one feedback call after another: the path before the feedback
+    # calls overlapped, kept for the equivalence test and tests/benchmarks/bench_real_round.py
+    sequential_feedback: bool = False
 
 
 KEEP_RULES = ("reference", "not-worse", "always")
@@ -119,6 +125,99 @@ def _score(task: Task, replies: Sequence[str], examples: Sequence[Example], sett
     return verdicts
 
 
+def backpropagate(loss: Any, engine: ChatEngine, sequential: bool = False) -> None:
+    """TextGrad's backward pass from ``loss``: each node's own backward function, run once every
+    node that uses it is done.
+
+    TextGrad's ``Variable.backward`` (``sequential``) runs them one after another in reverse
+    topological order, so a batch's feedback calls wait for each other although every example is
+    a branch of its own: its loss (feedback on the reply), then its reply (feedback on the prompt
+    from that). Here a node runs as soon as the nodes using it are done, the branches side by side
+    up to the endpoint's ``llm-concurrency``; a worker follows a branch while it leads to one node
+    only. The functions, their prompts and what they attach are TextGrad's own: only the waiting
+    differs (tests/unit/method/test_concurrent_feedback.py compares both paths call by call).
+    """
+    if sequential:
+        loss.backward(engine)
+        return
+    users: dict[Any, int] = {}  # node -> nodes using it not yet done (nodes needing no gradient left out)
+    stack, seen = [loss], {loss}
+    while stack:
+        for node in stack.pop().predecessors:
+            if node.requires_grad:
+                users[node] = users.get(node, 0) + 1
+                if node not in seen:
+                    seen.add(node)
+                    stack.append(node)
+    lock = threading.Lock()
+
+    def done(node: Any) -> list[Any]:
+        """``node``'s step of TextGrad's loop (variable.py ``backward``); the nodes that became ready."""
+        if node.requires_grad:
+            node.gradients = tg.variable._check_and_reduce_gradients(node, engine)
+            if node.get_grad_fn() is not None:
+                node.grad_fn(backward_engine=engine)
+        with lock:
+            ready = [p for p in node.predecessors if p in users and _use(users, p)]
+        return ready
+
+    def branch(node: Any) -> list[Any]:
+        ready = done(node)
+        while len(ready) == 1:
+            ready = done(ready[0])
+        return ready
+
+    loss.gradients = set()  # as TextGrad starts
+    engine.cascade(branch, [loss])
+
+
+def _use(users: dict[Any, int], node: Any) -> bool:
+    """One user of ``node`` is done; True when it was the last."""
+    users[node] -= 1
+    return users[node] == 0
+
+
+class _InOrder(set[Any]):
+    """A set that iterates in a given order: the optimizer reads a variable's feedback by iterating
+    the set TextGrad keeps it in."""
+
+    def __init__(self, ordered: Sequence[Any]):
+        super().__init__(ordered)
+        self._order = list(dict.fromkeys(ordered))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._order)
+
+    def add(self, item: Any) -> None:
+        if item not in self:
+            self._order.append(item)
+        super().add(item)
+
+
+def _feedback_in_batch_order(variable: Any, questions: Sequence[str], responses: Sequence[Any]) -> None:
+    """List the prompt's feedback for the optimizer in the batch's order, whichever path made it.
+
+    TextGrad keeps a variable's feedback in a set of objects hashed by identity, so its optimizer
+    prompt listed a batch's feedback in memory-address order: different from step to step and
+    from run to run, so even a replayed run (temperature 0, the reply cache) could send the
+    optimizer another prompt. Each feedback's context is TextGrad's record of the conversation
+    it is about, which names its example; the same question answered the same way twice is
+    ordered by feedback text.
+    """
+    template = tg.autograd.llm_backward_prompts.CONVERSATION_TEMPLATE
+    rank: dict[str, int] = {}
+    for index, (question, response) in enumerate(zip(questions, responses)):
+        conversation = template.format(system_prompt=variable.value, prompt=question, response_value=response.value)
+        rank.setdefault(conversation, index)
+
+    def position(feedback: Any) -> tuple[int, str]:
+        context = variable.gradients_context.get(feedback)
+        about = context.get("context") if isinstance(context, dict) else None
+        return rank.get(about, len(rank)) if isinstance(about, str) else len(rank), str(feedback.value)
+
+    variable.gradients = _InOrder(sorted(variable.gradients, key=position))
+
+
 def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatEngine,
             backward: ChatEngine, format_instruction: str, metrics: LocalMetrics,
             settings: LocalSettings, judge: Judge | None) -> tuple[str, float]:
@@ -143,7 +242,8 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
     for response, example in zip(responses, examples):
         target = tg.Variable(example.answer, requires_grad=False, role_description="correct answer for the query")
         losses.append(scorer(inputs={"prediction": response, "ground_truth_answer": target}))
-    tg.sum(losses).backward(backward)
+    backpropagate(tg.sum(losses), backward, sequential=settings.sequential_feedback)
+    _feedback_in_batch_order(variable, [e.question for e in examples], responses)
     # the optimizer's reply is asked, where the server supports it, to be exactly a tagged rewrite
     rewriter = constrained(backward, prompt, settings.max_prompt_chars) if settings.constrained_updates else backward
     optimizer = tg.TextualGradientDescent(

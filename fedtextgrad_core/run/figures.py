@@ -7,11 +7,13 @@ same series.
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtextgrad_core.errors import FedTextGradError
 from fedtextgrad_core.run.records import RoundRecord
 
 SIM_NOTE = "simulated LLM: these numbers show the machinery works, not how a real model does"
@@ -21,8 +23,29 @@ NO_SURPRISAL = "no surprisal recorded\n(needs an endpoint that returns\nprompt t
 MAX_CLIENT_LINES = 20
 
 
+# matplotlib is the `figures` extra: a site's install (`pip install fedtextgrad`) leaves it out
+NO_MATPLOTLIB = 'matplotlib is not installed (a site\'s install leaves it out): pip install "fedtextgrad[figures]" to draw them'
+# what a run says, once, when it cannot draw its figures; it goes on without them
+SKIPPED = f"figures skipped (accuracy.png, prompt_metrics.png): {NO_MATPLOTLIB}"
+
+
+class FiguresUnavailable(FedTextGradError):
+    """matplotlib cannot be imported: the figures need the ``figures`` extra."""
+
+
+def available() -> bool:
+    """Whether matplotlib is installed, found without importing it (its import costs a good part of a second)."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
 def pyplot() -> Any:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise FiguresUnavailable(NO_MATPLOTLIB) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

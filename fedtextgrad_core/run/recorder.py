@@ -130,6 +130,7 @@ class Recorder:
         self._drawing: threading.Thread | None = None
         self._drawn_at = self.opened  # when the figures were last drawn (or the run opened)
         self._figures_stale = False  # a round finished since the figures were last drawn
+        self._figures_skipped = False  # said once that matplotlib is missing (a server installed as a site is)
         self.initial_metrics = self.prompt_metrics(settings.start_prompt, with_surprisal=True)
 
     @property
@@ -401,6 +402,11 @@ class Recorder:
         seconds, and drawing holds Python's lock that clients served in the same process need."""
         self._figures_done()
         self._drawn_at, self._figures_stale = time.monotonic(), False
+        if not figures.available():  # one line, once; the run goes on without its figures
+            if not self._figures_skipped:
+                self._figures_skipped = True
+                self.echo(figures.SKIPPED)
+            return
         rounds, initial = list(self.history), state.initial_accuracy
         self._drawing = threading.Thread(target=self._draw, args=(rounds, initial), name="figures", daemon=True)
         self._drawing.start()

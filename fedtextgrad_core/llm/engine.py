@@ -172,6 +172,12 @@ class ChatEngine(EngineLM):
         """The kind of server behind this engine ('sim' for the simulator), as its start-up check found it."""
         return str(getattr(self._chat, "kind", self.settings.backend))
 
+    @property
+    def server_version(self) -> str | None:
+        """The server's own version where it matters to a request (vLLM's), as the start-up check read it."""
+        version = getattr(self._chat, "server_version", None)
+        return version if isinstance(version, str) else None
+
     def _call_with_retries(self, messages: list[dict[str, str]], constraint: Constraint | None
                            ) -> tuple[str, int, int]:
         attempt = 0
@@ -269,7 +275,8 @@ def constrained(engine: ChatEngine, prompt: str, max_chars: int) -> ChatEngine |
     if engine.server_kind not in SERVER_KINDS:  # the simulator writes the tags on its own
         return engine
     body_chars = max(1, min(max_chars, max(1000, 2 * len(prompt))))
-    constraint = constraint_for(engine.server_kind, body_chars, ascii_only=prompt.isascii())
+    constraint = constraint_for(engine.server_kind, body_chars, ascii_only=prompt.isascii(),
+                                server_version=engine.server_version)
     return engine if constraint is None else ConstrainedEngine(engine, constraint)
 
 

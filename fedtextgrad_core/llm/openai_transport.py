@@ -29,7 +29,7 @@ from fedtextgrad_core.errors import ConfigError, LLMError, LLMTimeout, Transient
 from fedtextgrad_core.llm.constraints import Constraint
 from fedtextgrad_core.llm.endpoint import EndpointSettings, shown_url
 from fedtextgrad_core.llm.http import retry_after
-from fedtextgrad_core.llm.server_kind import detect_kind, probe_kind
+from fedtextgrad_core.llm.server_kind import detect_kind, probe_kind, probe_vllm_version
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class EndpointFacts:
 
     kind: str  # a server_kind.KINDS value
     served: list[str]
+    version: str | None = None  # vLLM's own (GET /version): its constraint field changed at 0.11
 
 
 _facts: dict[tuple[str, str], EndpointFacts] = {}
@@ -185,6 +186,7 @@ class OpenAIChat:
         self.configured_timeout = timeout  # 0: chosen by the server kind once it is known
         self.configured_kind = kind
         self.kind = kind if kind != "auto" else "unknown"
+        self.server_version: str | None = None  # vLLM's, once checked
         self.client = shared_client(base_url, api_key)
         _build_response_models()
 
@@ -272,7 +274,9 @@ class OpenAIChat:
             if kind == "unknown":
                 kind = probe_kind(self.base_url, str(self.client.api_key))
         self.kind = kind
-        return EndpointFacts(kind=kind, served=served)
+        version = probe_vllm_version(self.base_url, str(self.client.api_key)) if kind == "vllm" else None
+        self.server_version = version
+        return EndpointFacts(kind=kind, served=served, version=version)
 
 
 def _say(line: str) -> None:
@@ -306,6 +310,7 @@ def check_once(chat: OpenAIChat, setting_name: str, startup_wait: float = 0.0) -
             _down.pop(key, None)
     if chat.configured_kind == "auto":
         chat.kind = facts.kind
+    chat.server_version = facts.version
     return facts
 
 

@@ -449,6 +449,23 @@ def test_old_vllm_gets_guided_regex_on_the_wire():
         assert "structured_outputs" not in sent
 
 
+@pytest.mark.parametrize(("version", "field"), [("0.10.1.1", "guided_regex"), ("0.11.0", "structured_outputs")])
+def test_a_runs_optimizer_sends_the_field_its_vllm_version_reads(version, field):
+    """Through the run's own path (make_engine's start-up check, then ``constrained``): the version
+    vLLM reports decides the field; before, the run path always sent the new one, which vLLM < 0.11
+    accepts with HTTP 200 and ignores."""
+    from fedtextgrad_core.llm.engine import constrained, make_engine
+    from tests.support.settings_helpers import endpoint
+
+    with RecordingServer(models_payload=VLLM_MODELS, routes={"/version": {"version": version}}) as server:
+        engine = make_engine(endpoint(backend="openai", base_url=server.base_url, model="m", max_retries=0))
+        assert engine.server_kind == "vllm" and engine.server_version == version
+        constrained(engine, "Count the items.", 1000).generate("improve it", system_prompt="optimizer")
+        sent = server.chat_bodies[-1]
+        other = {"guided_regex", "structured_outputs"} - {field}
+        assert field in sent and not other & set(sent)
+
+
 # --------------------------------------------------------------------------------------------
 # The real thing: llama.cpp (xllamacpp) with SmolLM2-135M, served by `fedtextgrad serve` in a child process
 # --------------------------------------------------------------------------------------------

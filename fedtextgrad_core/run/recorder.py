@@ -420,7 +420,8 @@ class Recorder:
     def _draw(self, rounds: list[RoundRecord], initial_accuracy: float | None) -> None:
         title, sim = self.path.name, self.simulated
         try:
-            figures.plot_accuracy(rounds, self.path / "accuracy.png", initial_accuracy, title, sim)
+            figures.plot_accuracy(rounds, self.path / "accuracy.png", initial_accuracy, title, sim,
+                                  self.initial_interval)
         except Exception as exc:  # a figure must never cost the run its results
             log.warning("could not draw accuracy.png: %s", exc)
         try:

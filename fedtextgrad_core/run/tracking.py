@@ -1,48 +1,13 @@
 """Optional experiment tracking: each federation as one MLflow run, beside the run folder.
 
-The run folder stays the record of a run; a tracker only copies it, as it is written, to
-a place where many runs can be compared (the MLflow UI). So tracking is never allowed to
-cost a federation anything but a few milliseconds a round:
-
-* ``tracker = none`` (the default) is ``NoTracker``, which does nothing and never imports
-  MLflow (importing it takes over a second, and it is an optional dependency);
-* ``MlflowTracker`` wraps every call: on its first failure it says so in one line through
-  ``echo`` and switches itself off; it never raises into the federation;
-* every MLflow call is bounded in time (see ``HTTP_TIMEOUT_SECONDS`` below), so an
-  unreachable tracking server cannot hang a run.
-
-The tracker talks to MLflow through ``MlflowClient`` with explicit run ids, never through
-the fluent ``mlflow.start_run`` state, which is one global per process: several trackers
-in one process (tests, the experiment-grid runner) then cannot log into each other's run.
-
-What is logged (names as they appear in MLflow):
-
-* the run: one per federation, named after the run folder; a child of
-  ``tracking-parent-run`` when one is given (tag ``mlflow.parentRunId``);
-* params: every key of the run config as given (values longer than MLflow's 6000
-  characters are cut, with a marker saying so);
-* tags: ``task``, ``partitioning``, ``merge``, ``client_llm``, ``server_llm``,
-  ``simulated`` (``true``/``false``), ``results_folder``; at the end ``client_llms``
-  (as the clients reported them), and ``error`` for a run that stopped;
-* metrics with ``step`` = the round (the start prompt is step 0): ``val_accuracy``,
-  ``best_val_accuracy``, ``val_examples``, ``tokens`` (client training + client evaluation +
-  server, that round), ``llm_calls``, ``rewrites_accepted``, ``steps``, ``clients``,
-  ``clients_left_out``, ``failures``, ``merged_prompt_chars``, ``round_seconds``;
-* metrics at the end (step = rounds done): ``test_accuracy``, ``test_examples``,
-  ``best_val_accuracy``, ``best_round``, ``initial_val_accuracy``, ``rounds``, and the cost
-  of the run, ``cost_<part>_tokens`` and ``cost_<part>_llm_calls`` for each part of
-  ``summary.json``'s ``cost`` (``client_training``, ``client_evaluation``,
-  ``server_merge``, ``total``);
-* artifacts: ``prompts/round-NNN-merged.txt`` as each round ends, ``prompts/best.txt``
-  at the end, and the whole run folder (config, rounds, summary, prompts, figures) at
-  the end or when the run stops; the status is then ``FINISHED`` or ``FAILED``.
-
-A resumed federation (``resume-from``) continues its own MLflow run, as MLflow's
-``start_run(run_id=...)`` convention has it: the run's id is kept in the run folder
-(``RUN_ID_FILE``), and a resume into the same store and experiment sets that run back to
-``RUNNING`` and logs the remaining rounds into it, so a federation stays one MLflow run
-however often it was interrupted. A grid keeps its parent run the same way, in its output
-folder. (A process killed outright cannot end its run: it shows ``RUNNING`` until resumed.)
+The run folder stays the record of a run; a tracker only copies it, as it is written, to where many
+runs can be compared (the MLflow UI). So tracking never costs a federation more than a few
+milliseconds a round: ``tracker = none`` (the default) never imports MLflow; ``MlflowTracker``
+says its first failure in one line and switches itself off, never raising into the federation;
+every MLflow call is bounded in time (``HTTP_TIMEOUT_SECONDS``). It talks to MLflow through
+``MlflowClient`` with explicit run ids, never the fluent ``mlflow.start_run`` state, which is one
+global per process. What is logged, under which names, and how a resumed federation continues its
+own run (its id in ``RUN_ID_FILE``): docs/experiments.md, "Experiment tracking (MLflow)".
 """
 
 from __future__ import annotations
@@ -62,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
+from fedtextgrad_core.stats import Interval
 
 if TYPE_CHECKING:
     from fedtextgrad_core.run.records import RoundRecord, RunSummary
@@ -438,7 +404,28 @@ def round_metrics(record: RoundRecord) -> dict[str, float | None]:
         "failures": len(record.failures),
         "merged_prompt_chars": len(record.merged_prompt),
         "round_seconds": record.seconds,
+        **interval_metrics("val_accuracy", record.val_interval),
     }
+
+
+def interval_metrics(name: str, interval: Interval | None) -> dict[str, float | None]:
+    """``<name>_low`` and ``<name>_high``: the 95% Wilson interval beside an accuracy (none unrecorded)."""
+    if interval is None or not interval.n:
+        return {}
+    return {f"{name}_low": interval.low, f"{name}_high": interval.high}
+
+
+def comparison_metrics(summary: RunSummary) -> tuple[dict[str, float | None], dict[str, object]]:
+    """Each paired comparison of the summary (``best vs initial``, ...) as metrics ``<name>_difference``,
+    ``_low``, ``_high``, ``_p_value`` and a tag with its verdict (better / worse / no detectable difference)."""
+    metrics: dict[str, float | None] = {}
+    tags: dict[str, object] = {}
+    for label, comparison in sorted(summary.comparisons.items()):
+        name = "_".join(label.split())
+        metrics.update({f"{name}_difference": comparison.difference, f"{name}_low": comparison.low,
+                        f"{name}_high": comparison.high, f"{name}_p_value": comparison.p_value})
+        tags[name] = comparison.verdict
+    return metrics, tags
 
 
 def summary_metrics(summary: RunSummary) -> dict[str, float | None]:
@@ -450,6 +437,10 @@ def summary_metrics(summary: RunSummary) -> dict[str, float | None]:
         "best_round": summary.best_round,
         "initial_val_accuracy": summary.initial_val_accuracy,
         "rounds": summary.rounds,
+        **interval_metrics("test_accuracy", summary.test_intervals.get("best")),
+        **interval_metrics("best_val_accuracy", summary.best_val_interval),
+        **interval_metrics("initial_val_accuracy", summary.initial_val_interval),
+        **comparison_metrics(summary)[0],
     }
     for part, spent in sorted(summary.cost.items()):
         for what, amount in sorted(spent.items()):
@@ -580,6 +571,7 @@ class MlflowTracker:
                                    "simulated": summary.simulated}  # as the clients reported their LLMs
         if summary.error:
             tags["error"] = summary.error
+        tags.update(comparison_metrics(summary)[1])
         self.store.log(self.run_id, summary_metrics(summary), step=summary.rounds, tags=tags)
         self.store.client.log_text(self.run_id, summary.best_prompt, "prompts/best.txt")
         self.store.log_folder(self.run_id, run_folder)

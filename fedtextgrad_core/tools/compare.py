@@ -26,6 +26,7 @@ from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.figures import NO_SURPRISAL, merged_series, no_data, points, pyplot, style
 from fedtextgrad_core.run.records import RoundRecord, RunSummary
 from fedtextgrad_core.run.run_folder import CONFIG_FILE, ROUNDS_FILE, SUMMARY_FILE, RunFolder
+from fedtextgrad_core.stats import Interval, paired
 
 SIMULATED = " (simulated LLM)"
 
@@ -98,7 +99,10 @@ def compare_runs(run_dirs: Sequence[str | Path | LoadedRun]) -> list[dict[str, A
     ``initial_prompt_chars``, ``final_prompt_chars``, ``final_prompt_tokens`` and
     ``tokenizer`` (counted the same way for every run: :func:`text_metrics`),
     ``uniformity`` (surprisal variance in bits² of the last merged prompt; ``None`` when
-    not recorded), ``final_surprisal_mean``, ``llm_calls`` and ``llm_tokens`` (``cost["total"]``).
+    not recorded), ``final_surprisal_mean``, ``llm_calls`` and ``llm_tokens`` (``cost["total"]``);
+    ``initial_val_interval``, ``best_val_interval``, ``test_interval`` (each accuracy with its n and
+    95% interval, ``None`` in folders written before they were recorded) and ``test_outcomes`` (the
+    best prompt's per-example test outcomes, for :func:`paired_lines`).
     """
     runs = [run if isinstance(run, LoadedRun) else load_run(run) for run in run_dirs]
     names = [run.name for run in runs]
@@ -134,12 +138,43 @@ def compare_runs(run_dirs: Sequence[str | Path | LoadedRun]) -> list[dict[str, A
             "initial_surprisal_variance": (summary.initial_prompt_metrics or {}).get("surprisal_variance"),
             "llm_calls": total.get("llm_calls"),
             "llm_tokens": total.get("tokens"),
+            "initial_val_interval": summary.initial_val_interval,
+            "best_val_interval": summary.best_val_interval,
+            "test_interval": summary.test_intervals.get("best"),
+            "test_outcomes": summary.test_outcomes.get("best", {}),
         })
     return rows
 
 
+def paired_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each run's best prompt against the first run's, paired on the test examples both scored
+    (McNemar's exact test, ``stats.paired``): what a table of accuracies alone cannot say."""
+    if len(rows) < 2:
+        return []
+    base = rows[0]
+    lines = [f"paired on test examples, best prompt against {base['run']}'s:"]
+    for row in rows[1:]:
+        if not base.get("test_outcomes") or not row.get("test_outcomes"):
+            lines.append(f"  {row['run']}: no per-example test outcomes recorded (a run before they were)")
+            continue
+        lines.append(f"  {row['run']}: {paired(row['test_outcomes'], base['test_outcomes']).shown()}")
+    return lines
+
+
 def _percent(value: object) -> str:
     return "-" if value is None else f"{100 * float(value):.1f}%"  # type: ignore[arg-type]
+
+
+INTERVALS = {"initial_val_accuracy": "initial_val_interval", "best_val_accuracy": "best_val_interval",
+             "test_accuracy": "test_interval"}
+
+
+def _accuracy(row: Mapping[str, Any], key: str) -> str:
+    """'41.7% [24-61] n=24' where the interval is recorded, else the bare percentage."""
+    interval = row.get(INTERVALS.get(key, ""))
+    if isinstance(interval, Interval) and interval.n:
+        return f"{_percent(row.get(key))} [{100 * interval.low:.0f}-{100 * interval.high:.0f}] n={interval.n}"
+    return _percent(row.get(key))
 
 
 def _plain(value: object, digits: int = 2) -> str:
@@ -166,7 +201,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
         for _, key in TABLE_COLUMNS:
             value = row.get(key)
             if key.endswith("accuracy"):
-                text = _percent(value)
+                text = _accuracy(row, key)
             elif key == "rounds":
                 text = f"{_plain(value)}{'' if row.get('finished') else '*'}"
             elif key == "run":
@@ -184,7 +219,8 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, "-" * len(head), *(render(line) for line in cells)]
     tokenizers = sorted({str(row.get("tokenizer")) for row in rows if row.get("tokenizer")})
     notes = [
-        "accuracies: validation of the initial and of the best merged prompt, test of the best prompt",
+        ("accuracies: validation of the initial and of the best merged prompt, test of the best prompt; "
+         "[low-high] n: the 95% Wilson interval on n examples"),
         f"prompt chars/tokens: the final merged prompt (tokens counted by {', '.join(tokenizers) or '-'})",
         ("uniformity: variance of per-token surprisal (bits^2) of the final merged prompt; lower = more uniform; "
          "'-' = not recorded"),
@@ -194,7 +230,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if any(row.get("simulated") for row in rows):
         notes.append("(simulated LLM): numbers from the simulated LLM, a test double; they show that the machinery "
                      "works, not how a real model does")
-    return "\n".join(lines + notes)
+    return "\n".join(lines + notes + paired_lines(rows))
 
 
 # --- the plot ---------------------------------------------------------------------------------

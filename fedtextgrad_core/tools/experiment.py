@@ -1,41 +1,13 @@
 """``fedtextgrad experiment GRID.toml --out DIR``: a grid of federations, one real ``flwr run`` per cell.
 
-A researcher compares centralised, homogeneous and heterogeneous training across merge
-methods (and seeds, tasks, models). The grid file names the shared run settings and the
-axes; every combination of axis values is a cell, run as ``flwr run`` of this app (in
-Flower's simulation, or on a named SuperLink connection), its run folder under
-``DIR/runs/``. Run the command again and finished cells are skipped while an interrupted
-cell continues from its checkpoint (``resume-from``). At the end ``DIR/table.md``,
-``DIR/table.csv`` and ``DIR/figure.png`` hold the results in the paper's layout.
-
-``--data-source hub|synthetic|PATH`` replaces the grid's ``data-source`` (the experiment files say
-``hub``): where this machine keeps its copy of the data is no part of the experiment, so it is
-given on the command line (a relative path from the current folder), e.g. ``--data-source
-../shared/data`` offline. It is the only setting the command line changes: every other one is part
-of the experiment and stays in the grid file, so a grid run again resumes the same experiment.
-
-The grid file (see experiments/cpu.toml)::
-
-    description = "..."
-    [settings]            # run settings shared by every cell (keys of the settings table)
-    task = "object_counting"
-    [axes]                # each a list; the cells are every combination
-    partitioning = ["centralized", "homogeneous"]
-    merge = ["concat", "summarize-uid"]
-    seed = [0]
-    [federation]          # where the cells run
-    connection = "local"  # Flower's simulation here; or a SuperLink connection of flwr-home's config.toml
-    num-supernodes = 3    # simulation only, like any other --federation-config key in options
-    options = "client-resources-num-cpus=1"
-    flwr-home = ""        # the FLWR_HOME holding a named connection (default: $FLWR_HOME)
-    cell-timeout = 21600  # seconds one cell may take
-    [serve]               # optional: a local model server the runner starts and stops (fedtextgrad serve)
-    model = "/path/model.gguf"
-    port = 8080
-    [table]               # what the table's rows and columns are: each a key or a list of keys
-    rows = ["partitioning", "merge"]   # an axis, a setting, or "model" (the LLM the clients reported)
-    columns = "task"      # a heterogeneous run counts once per task: its clients' own numbers
-                          # the axes named nowhere here (seeds) are pooled: mean ± sd in each cell
+A researcher compares centralised, homogeneous and heterogeneous training across merge methods
+(and seeds, tasks, models). The grid file names the shared settings and the axes; every
+combination of axis values is a cell, run as ``flwr run`` of this app with its run folder under
+``DIR/runs/``, so running the command again skips finished cells and resumes an interrupted one
+from its checkpoint. ``--data-source`` is the only setting the command line changes (where this
+machine keeps the data is no part of the experiment). At the end ``DIR/table.md``, ``table.csv``
+and ``figure.png`` hold the results with their intervals and paired comparisons. The grid file's
+sections and the table's layout: docs/experiments.md, "Grid files"; an example: experiments/cpu.toml.
 """
 
 from __future__ import annotations
@@ -70,6 +42,7 @@ from fedtextgrad_core.run.records import RoundRecord, RunSummary
 from fedtextgrad_core.run.run_folder import SUMMARY_FILE, RunFolder
 from fedtextgrad_core.run.schema import BY_KEY, defaults, has_control
 from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.stats import Interval, paired, wilson
 
 Echo = Callable[[str], None]
 SECTIONS = {"description", "settings", "axes", "federation", "serve", "table"}
@@ -550,6 +523,10 @@ class Entry:
     last: float | None  # the last merged prompt
     start: float | None  # the start prompt
     split: str = TEST  # what was scored: TEST, or VALIDATION for one task of a heterogeneous run (task_entries)
+    interval: Interval | None = None  # the best prompt's test accuracy with its n (runs since it was recorded)
+    # the best prompt's test outcome per example, keyed by the run's pooled-axis values and the example id,
+    # so two cells pair the same seed's same examples
+    outcomes: Mapping[str, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -567,6 +544,16 @@ class CellResult:
         """``best``, ``last`` or ``start`` of every entry that has it."""
         found = [getattr(entry, name) for entry in self.entries]
         return [float(v) for v in found if v is not None]
+
+    def interval(self) -> Interval | None:
+        """The best prompt's test accuracy over every example of every run in the cell (Wilson, 95%),
+        or None when no run recorded its n. Seeds pooled with their examples: the interval says how
+        many scored answers the mean stands on, which a mean ± sd over 2 or 3 seeds cannot."""
+        known = [entry.interval for entry in self.entries if entry.interval is not None and entry.interval.n]
+        return wilson(sum(i.correct for i in known), sum(i.n for i in known)) if known else None
+
+    def outcomes(self) -> dict[str, bool]:
+        return {key: right for entry in self.entries for key, right in entry.outcomes.items()}
 
 
 def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -625,7 +612,11 @@ def collect(grid: Grid, runs: Path) -> list[CellResult]:
         if not summary.finished:
             continue
         config = {**defaults(), **grid.settings, **cell.values}
-        whole = Entry(summary, summary.test_accuracy, summary.last_test_accuracy, summary.initial_test_accuracy)
+        pooled_values = "|".join(f"{key}={_shown(cell.values.get(key, ''))}" for key in sorted(pooled_axes(grid)))
+        whole = Entry(summary, summary.test_accuracy, summary.last_test_accuracy, summary.initial_test_accuracy,
+                      interval=summary.test_intervals.get("best"),
+                      outcomes={f"{pooled_values}#{example}": right
+                                for example, right in summary.test_outcomes.get("best", {}).items()})
         entries: list[tuple[str | None, Entry]] = [(None, whole)]
         if TASK_KEY in keys and config.get("partitioning") == "heterogeneous":
             try:
@@ -670,8 +661,33 @@ def _cell_text(result: CellResult) -> str:
     minutes = statistics.mean(_minutes(s) for s in result.summaries)
     best, start, last = (_mean_sd(result.values(name)) for name in ("best", "start", "last"))
     split = "validation; " if result.split == VALIDATION else ""
-    return (f"**{best}** ({split}start {start}; last {last}; n={len(result.entries)}; "
+    interval = result.interval() if result.split == TEST else None
+    sure = f" [{100 * interval.low:.1f}-{100 * interval.high:.1f}, {interval.n} answers]" if interval else ""
+    return (f"**{best}**{sure} ({split}start {start}; last {last}; runs={len(result.entries)}; "
             f"{tokens / 1000:.1f}k tokens; {minutes:.0f} min)")
+
+
+def paired_cells(by_key: Mapping[tuple[tuple[str, ...], tuple[str, ...]], Sequence[CellResult]],
+                 rows: Sequence[tuple[str, ...]], columns: Sequence[tuple[str, ...]]) -> list[str]:
+    """Each cell against the first of its row, and against the first of its column: the best prompts'
+    test outcomes paired on the same seed's same examples (McNemar's exact test, ``stats.paired``).
+    A table's means cannot say whether two cells differ; this can, where they share examples."""
+
+    def test_cell(row: tuple[str, ...], column: tuple[str, ...]) -> CellResult | None:
+        return next((r for r in by_key.get((row, column), []) if r.split == TEST and r.outcomes()), None)
+
+    lines = []
+    pairs = [((row, column), (row, columns[0])) for row in rows for column in columns[1:]]
+    pairs += [((row, column), (rows[0], column)) for column in columns for row in rows[1:]]
+    for (a_key, b_key) in pairs:
+        a, b = test_cell(*a_key), test_cell(*b_key)
+        if a is None or b is None:
+            continue
+        comparison = paired(a.outcomes(), b.outcomes())
+        if comparison.n:
+            lines.append(f"- {_label(a_key[0])} / {_label(a_key[1])} against {_label(b_key[0])} / "
+                         f"{_label(b_key[1])}: {comparison.shown()}")
+    return lines
 
 
 def pooled_axes(grid: Grid) -> dict[str, list[Any]]:
@@ -699,9 +715,10 @@ def write_results(grid: Grid, runs: Path, out: Path, echo: Echo = print) -> list
         cells = ["<br>".join(_cell_text(r) for r in by_key.get((row, column), [])) or "-" for column in columns]
         lines.append(f"| {_label(row)} | " + " | ".join(cells) + " |")
     models = sorted({_model_of(r.summaries) for r in results})
-    lines += ["", "Cells: test accuracy of the best prompt (by validation), mean ± sd over the runs in the cell "
-                  "(n); start = the start prompt's test accuracy; last = the last merged prompt's; tokens and "
-                  "minutes per run."]
+    lines += ["", "Cells: test accuracy of the best prompt (by validation), mean ± sd over the runs in the cell; "
+                  "[low-high, N answers]: its 95% Wilson interval over every test answer of those runs; start = "
+                  "the start prompt's test accuracy; last = the last merged prompt's; runs, tokens and minutes "
+                  "per run."]
     pooled = pooled_axes(grid)
     if pooled:
         lines.append("Pooled in each cell: " + "; ".join(f"{key} = {', '.join(_shown(v) for v in values)}"
@@ -713,6 +730,11 @@ def write_results(grid: Grid, runs: Path, out: Path, echo: Echo = print) -> list
                      "validation accuracy of the best prompt (chosen on every client's validation; '-' when the "
                      "start prompt stayed best) and of the last merged prompt. Tokens and minutes are the whole run's.")
     lines.append(f"Model(s): {'; '.join(models)}.")
+    comparisons = paired_cells(by_key, rows, columns)
+    if comparisons:
+        lines += ["", "Paired comparisons (the best prompts' test answers on the same seed's same examples, "
+                      "McNemar's exact test; 'better' or 'worse' only where the 95% interval of the difference "
+                      "excludes zero):", "", *comparisons, ""]
     if any(s.simulated for r in results for s in r.summaries):
         lines.append("These numbers come from the simulated LLM, a test double: they show that the machinery works, "
                      "not how a real model does.")
@@ -721,14 +743,18 @@ def write_results(grid: Grid, runs: Path, out: Path, echo: Echo = print) -> list
         writer = csv.writer(handle)
         named = MODEL_KEY in (*grid.rows, *grid.columns)  # the model is a key's column already
         writer.writerow([*grid.rows, *grid.columns, "split", "runs", "test_best_mean", "test_best_sd",
+                         "test_best_answers", "test_best_low", "test_best_high",
                          "test_last_mean", "test_start_mean", "val_best_mean", "val_last_mean", "tokens_mean",
                          "minutes_mean", *([] if named else [MODEL_KEY]), "simulated"])
         for r in results:
             best = r.values("best")
             validation = r.split == VALIDATION  # the numbers are validation accuracies: not in test_* columns
+            interval = None if validation else r.interval()
             writer.writerow([*r.row, *r.column, r.split, len(r.entries),
                              "" if validation else _num(_mean(best)),
                              "" if validation or len(best) < 2 else _num(statistics.stdev(best)),
+                             interval.n if interval else "", _num(interval.low) if interval else "",
+                             _num(interval.high) if interval else "",
                              "" if validation else _num(_mean(r.values("last"))),
                              "" if validation else _num(_mean(r.values("start"))),
                              _num(_mean(best)) if validation else

@@ -10,6 +10,8 @@ is not installed.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,8 +138,48 @@ def test_one_federated_round_through_the_real_model(llama: LlamaServer, tmp_path
     for name in ("config.json", "checkpoint.json", "accuracy.png", "prompt_metrics.png"):
         assert (recorder.path / name).exists(), name
 
+    # per-example outcomes: each client's validation and the test, ids and booleans only
+    for evaluation in record.evaluations:
+        scores = evaluation.reply.scores
+        assert len(scores.example_ids) == len(scores.example_correct) == scores.total > 0
+        assert all(re.fullmatch(r"object_counting/val/\d+", i) for i in scores.example_ids), scores.example_ids
+        assert sum(scores.example_correct) == scores.correct
+    best = summary.test_outcomes["best"]
+    assert len(best) == summary.test_intervals["best"].n == summary.test_examples > 0
+    assert sum(best.values()) == summary.test_intervals["best"].correct
+    assert summary.comparisons["best vs initial"].n == len(best)
+
     # every request was answered (no context overflow) and every one was counted
     assert all(outcome == "ok" for outcome in outcomes), outcomes
     assert len(outcomes) == cost["total"]["llm_calls"] + sum(u.reply.local.llm_retries for u in record.uploads)
     print(f"federated round on the real model: {len(outcomes)} LLM calls in {seconds:.1f} s; rewrites "
           f"well-formed {well_formed}/{rewrites}; merged prompt: {merged!r}")
+
+
+def test_eval_repeats_on_the_real_model_report_the_servers_spread(llama: LlamaServer, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`fedtextgrad eval --repeats 2` against the real server, 4 requests in flight: both scorings, the
+    spread line, and every example's id with its outcome in each scoring. Whether the two scorings
+    differ is the server's business (llama.cpp batches slots); the line must say how far they did."""
+    from fedtextgrad_core.tools.cli import main
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(get_task("object_counting").start_prompt)
+    outcomes = tmp_path / "outcomes.jsonl"
+    assert main(["eval", "--task", "object_counting", "--prompt-file", str(prompt), "--split", "test",
+                 "--limit", "8", "--repeats", "2", "--backend", "openai", "--base-url", llama.base_url,
+                 "--model", llama.alias, "--concurrency", "4", "--max-tokens", str(MAX_TOKENS),
+                 "--timeout", str(TIMEOUT), "--outcomes", str(outcomes)]) == 0
+    out = capsys.readouterr().out
+    scored = re.findall(r"accuracy (\d+\.\d)% \((\d+)/8, 95% interval (\d+\.\d)-(\d+\.\d)%\)", out)
+    assert len(scored) == 2, out
+    spread = re.search(r"spread over 2 scorings: accuracy (\d+\.\d)% to (\d+\.\d)% \(sd (\d+\.\d) points\); "
+                       r"(\d+) of 8 examples scored differently at least once; last against first: ", out)
+    assert spread, out
+    lines = [json.loads(line) for line in outcomes.read_text().splitlines()]
+    assert [line["id"] for line in lines] == [f"object_counting/test/{i}" for i in range(8)]
+    assert all(len(line["correct"]) == len(line["malformed"]) == 2 for line in lines)
+    assert all(set(line) == {"id", "correct", "malformed"} for line in lines)  # ids and booleans, nothing else
+    changed = sum(1 for line in lines if len(set(line["correct"])) > 1)
+    assert int(spread.group(4)) == changed
+    assert [int(c) for _, c, _, _ in scored] == [sum(line["correct"][k] for line in lines) for k in (0, 1)]

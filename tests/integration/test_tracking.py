@@ -236,6 +236,17 @@ def test_folder_store_holds_the_whole_run(federation, tmp_path, monkeypatch):
     assert metrics["best_round"] == summary.best_round
     assert metrics["cost_total_tokens"] == summary.cost["total"]["tokens"]
     assert metrics["cost_total_llm_calls"] == summary.cost["total"]["llm_calls"]
+    # uncertainty beside each accuracy, and the paired comparisons with their verdicts as tags
+    best_test = summary.test_intervals["best"]
+    assert (metrics["test_accuracy_low"], metrics["test_accuracy_high"]) == pytest.approx((best_test.low, best_test.high))
+    assert metrics["test_accuracy_low"] <= metrics["test_accuracy"] <= metrics["test_accuracy_high"]
+    assert history(client, tracker.run_id, "val_accuracy_low") == pytest.approx(
+        {r.round: r.val_interval.low for r in rounds if r.val_interval is not None})
+    assert summary.comparisons, "the run compares its best and last prompts with the start prompt"
+    for label, comparison in summary.comparisons.items():
+        name = "_".join(label.split())
+        assert metrics[f"{name}_p_value"] == pytest.approx(comparison.p_value)
+        assert run.data.tags[name] == comparison.verdict
 
     # artifacts: the run folder, the merged prompt of each round, the best prompt
     assert {"config.json", "rounds.jsonl", "summary.json", "prompts", "accuracy.png"} <= artifacts(client, tracker.run_id)

@@ -164,6 +164,21 @@ def test_accuracy_plot_is_a_png(tmp_path: Path) -> None:
     assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
+def test_the_accuracy_figure_bands_each_known_accuracy_with_its_wilson_interval(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fedtextgrad_core.stats import wilson
+
+    rounds = [replace(round_record(1, 0.6), val_interval=wilson(12, 20)), round_record(2, None)]
+    band = figures.merged_interval_band(rounds, initial=wilson(8, 20))
+    assert band["round"] == [0, 1] and band["n"] == [20, 20]  # round 2 recorded no interval: no band there
+    assert band["low"][1] < 0.6 < band["high"][1] and (band["low"][1], band["high"][1]) == (wilson(12, 20).low,
+                                                                                          wilson(12, 20).high)
+    target = figures.plot_accuracy(rounds, tmp_path / "accuracy.png", initial_accuracy=0.4, title="run",
+                                   simulated=True, initial_interval=wilson(8, 20))
+    assert target.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_default_run_name_names_the_experiment() -> None:
     name = default_run_name("object_counting", "homogeneous", "summarize-uid")
     assert name.startswith("object_counting-homogeneous-summarize-uid-")

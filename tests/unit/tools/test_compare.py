@@ -193,3 +193,30 @@ def test_a_folder_of_the_older_format_still_compares(tmp_path) -> None:
     assert "old-run (simulated LLM)" in format_table([row])
     png = plot_comparison([row], {row["run"]: run.rounds}, tmp_path / "old.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_shows_intervals_and_pairs_two_runs_on_their_shared_test_examples(runs) -> None:
+    """Real (sim) runs of the same split: the same example ids, so the best prompts pair up; the
+    table shows each accuracy with its Wilson interval and n. Numbers from the simulated LLM."""
+    rows = compare_runs([runs[m] for m in MERGES])
+    for row in rows:
+        interval = row["test_interval"]
+        assert interval is not None and interval.n > 0 and interval.low <= row["test_accuracy"] <= interval.high
+        assert set(row["test_outcomes"]) and all(isinstance(v, bool) for v in row["test_outcomes"].values())
+    table = format_table(rows)
+    low, high = rows[0]["test_interval"].low, rows[0]["test_interval"].high
+    assert f"[{100 * low:.0f}-{100 * high:.0f}] n={rows[0]['test_interval'].n}" in table
+    paired_line = next(line for line in table.splitlines() if line.startswith("  summarize-uid/run: "))
+    assert re.search(r"(better|worse|no detectable difference) \([+-]\d+\.\d points", paired_line)
+    assert f"n = {len(set(rows[0]['test_outcomes']) & set(rows[1]['test_outcomes']))})" in paired_line
+
+
+def test_compare_pairs_by_example_id_and_says_when_outcomes_are_missing() -> None:
+    from fedtextgrad_core.tools.compare import paired_lines
+
+    base = {"run": "a", "test_outcomes": {f"t/test/{i}": i < 5 for i in range(20)}}
+    better = {"run": "b", "test_outcomes": {f"t/test/{i}": i < 17 for i in range(20)}}  # 12 more right, none lost
+    old = {"run": "c", "test_outcomes": {}}
+    lines = paired_lines([base, better, old])
+    assert lines[1].startswith("  b: better (+60.0 points") and "n = 20" in lines[1]
+    assert lines[2] == "  c: no per-example test outcomes recorded (a run before they were)"

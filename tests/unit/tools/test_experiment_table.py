@@ -97,8 +97,8 @@ def test_heterogeneous_runs_fill_one_column_per_task_with_their_clients_own_numb
     assert rows[("heterogeneous", "summarize-uid", "object_counting")]["val_best_mean"] == ""
     table = (out / "table.md").read_text()
     assert "| partitioning / merge \\ task | object_counting | multistep_arithmetic_two |" in table
-    assert "| homogeneous / concat | **75.0** (start 25.0; last 50.0; n=1;" in table
-    assert "| heterogeneous / concat | **60.0 ± 14.1** (validation; start -; last 70.0 ± 28.3; n=2;" in table
+    assert "| homogeneous / concat | **75.0** (start 25.0; last 50.0; runs=1;" in table
+    assert "| heterogeneous / concat | **60.0 ± 14.1** (validation; start -; last 70.0 ± 28.3; runs=2;" in table
     assert "Pooled in each cell: seed = 0, 1." in table and "Cells marked validation" in table
     assert "simulated LLM, a test double" in table
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +115,7 @@ def test_a_task_column_keeps_test_and_validation_apart_when_partitionings_share_
     cell = [(r.split, len(r.entries)) for r in results if r.column == ("object_counting",)]
     assert cell == [("test", 1), ("validation", 1)]  # one cell, two parts: never one mean of both
     write_results(grid, runs, out, echo=lambda _: None)
-    assert "| concat | **75.0** (start 25.0; last 50.0; n=1; 2.0k tokens; 1 min)<br>**70.0** (validation;" in (
+    assert "| concat | **75.0** (start 25.0; last 50.0; runs=1; 2.0k tokens; 1 min)<br>**70.0** (validation;" in (
         out / "table.md").read_text()
     assert "Pooled in each cell: partitioning = homogeneous, heterogeneous; seed = 0, 1." in (out / "table.md").read_text()
 
@@ -139,3 +139,49 @@ def test_model_rows_name_each_runs_llm_and_say_which_is_simulated(tmp_path):
     assert "| model \\ partitioning / merge | heterogeneous / concat |" in table
     assert "| sim (simulated LLM, in-process) | **90.0**" in table
     assert "| qwen1.5b at http://127.0.0.1:8181/v1 | **30.0**" in table
+
+
+def _with_outcomes(runs: Path, name: str, right: int, of: int = 40) -> None:
+    """Give a run folder's best prompt per-example test outcomes: the first ``right`` of ``of`` ids right."""
+    from fedtextgrad_core.stats import wilson
+
+    path = runs / name / "summary.json"
+    summary = RunSummary.from_json(json.loads(path.read_text()))
+    outcomes = {f"object_counting/test/{i}": i < right for i in range(of)}
+    summary = summary.with_changes(test_accuracy=right / of, test_intervals={"best": wilson(right, of)},
+                                   test_outcomes={"best": outcomes})
+    path.write_text(json.dumps(summary.to_json()))
+
+
+def test_cells_carry_the_interval_of_their_answers_and_pair_on_the_same_seeds_examples(tmp_path):
+    """Scripted outcomes: summarize-uid gets 36 of the same 40 examples right where concat gets 12 (seed 0),
+    a clear paired difference; on seed 1 both get 20, with no difference. The interval pools every answer."""
+    grid = load_grid(_grid(tmp_path, "rows = 'merge'\ncolumns = 'partitioning'\n"))
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    for merge, seed, right in (("concat", 0, 12), ("summarize-uid", 0, 36), ("concat", 1, 20), ("summarize-uid", 1, 20)):
+        name = f"partitioning-homogeneous__merge-{merge}__seed-{seed}"
+        _run(runs, name, best_round=1, rounds=[(4, 4)], test=(0.5, 0.5, 0.25), partitioning="homogeneous")
+        _with_outcomes(runs, name, right)
+    write_results(grid, runs, out, echo=lambda _: None)
+    table = (out / "table.md").read_text()
+    assert "**40.0 ± 14.1** [30.0-51.0, 80 answers]" in table  # concat: 30% and 50%, 32 of 80 right
+    assert "**70.0 ± 28.3** [59.2-78.9, 80 answers]" in table  # summarize-uid: 90% and 50%, 56 of 80
+    pairs = [line for line in table.splitlines() if line.startswith("- summarize-uid / homogeneous against concat")]
+    assert len(pairs) == 1 and pairs[0].endswith("McNemar p = 1.19e-07, n = 80)")  # 2 / 2**24: 24 pairs, one way
+    assert "better (+30.0 points" in pairs[0]
+    row = {r["merge"]: r for r in _rows(out)}["concat"]
+    assert row["test_best_answers"] == "80" and row["test_best_low"] == "0.2996"
+
+
+def test_two_cells_with_as_many_answers_right_but_different_ones_show_no_detectable_difference(tmp_path):
+    grid = load_grid(_grid(tmp_path, "rows = 'merge'\ncolumns = 'partitioning'\n"))
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    out.mkdir()
+    for merge, right in (("concat", 20), ("summarize-uid", 23)):
+        name = f"partitioning-homogeneous__merge-{merge}__seed-0"
+        _run(runs, name, best_round=1, rounds=[(4, 4)], test=(0.5, 0.5, 0.25), partitioning="homogeneous")
+        _with_outcomes(runs, name, right)
+    write_results(grid, runs, out, echo=lambda _: None)
+    table = (out / "table.md").read_text()
+    assert "summarize-uid / homogeneous against concat / homogeneous: no detectable difference (+7.5 points" in table

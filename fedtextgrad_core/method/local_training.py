@@ -98,9 +98,27 @@ class LocalMetrics:
 
 
 @dataclass(frozen=True)
+class LocalStep:
+    """One local step as the client saw it. Never sent: its feedback quotes the client's examples."""
+
+    step: int  # from 1
+    batch: int  # examples in the batch
+    before: float  # the batch's accuracy with the prompt the step started from
+    after: float | None  # the rewrite's accuracy on the same batch; None: no rewrite was scored
+    decision: str  # one of STEP_DECISIONS
+    feedback: tuple[str, ...] = ()  # TextGrad's feedback on the prompt, in batch order
+    candidate: str = ""  # the rewrite scored ('' when none was)
+
+
+STEP_DECISIONS = ("kept", "reverted", "no rewrite: the batch was all right", "malformed rewrite: prompt kept",
+                  "rewrite unchanged")
+
+
+@dataclass(frozen=True)
 class LocalResult:
     prompt: str
     metrics: LocalMetrics
+    steps: tuple[LocalStep, ...] = ()  # what each step did, for the client's own log
 
 
 def _forward(model: Any, questions: Sequence[str], engine: ChatEngine) -> list[Any]:
@@ -220,8 +238,9 @@ def _feedback_in_batch_order(variable: Any, questions: Sequence[str], responses:
 
 def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatEngine,
             backward: ChatEngine, format_instruction: str, metrics: LocalMetrics,
-            settings: LocalSettings, judge: Judge | None) -> tuple[str, float]:
-    """One TextGrad step; returns the candidate prompt and the batch accuracy before it."""
+            settings: LocalSettings, judge: Judge | None, feedback: list[str] | None = None) -> tuple[str, float]:
+    """One TextGrad step; returns the candidate prompt and the batch accuracy before it (``feedback``
+    receives the feedback texts on the prompt)."""
     variable = tg.Variable(prompt, requires_grad=True, role_description=PROMPT_ROLE)
     model = tg.BlackboxLLM(forward, variable)
     responses = _forward(model, [e.question for e in examples], forward)
@@ -244,6 +263,8 @@ def _update(prompt: str, task: Task, examples: Sequence[Example], forward: ChatE
         losses.append(scorer(inputs={"prediction": response, "ground_truth_answer": target}))
     backpropagate(tg.sum(losses), backward, sequential=settings.sequential_feedback)
     _feedback_in_batch_order(variable, [e.question for e in examples], responses)
+    if feedback is not None:
+        feedback.extend(str(gradient.value) for gradient in variable.gradients)
     # the optimizer's reply is asked, where the server supports it, to be exactly a tagged rewrite
     rewriter = constrained(backward, prompt, settings.max_prompt_chars) if settings.constrained_updates else backward
     optimizer = tg.TextualGradientDescent(
@@ -298,28 +319,38 @@ def train_prompt(prompt: str, task: Task, train: Sequence[Example], forward: Cha
     drawn = batches(train, settings.batch_size, random.Random(f"{settings.seed}:{stream}"))
     metrics = LocalMetrics()
     before_sum = after_sum = 0.0
+    steps: list[LocalStep] = []
     for _ in range(settings.steps):
         batch = next(drawn)
+        feedback: list[str] = []
+        rewrites, malformed = metrics.rewrites, metrics.malformed_updates
         candidate, before = _update(prompt, task, batch, forward, backward,
-                                    format_instruction or task.format_instruction, metrics, settings, judge)
+                                    format_instruction or task.format_instruction, metrics, settings, judge, feedback)
         after = before
+        scored: float | None = None
+        decision = STEP_DECISIONS[2] if metrics.rewrites == rewrites else \
+            STEP_DECISIONS[3] if metrics.malformed_updates > malformed else STEP_DECISIONS[4]
         if candidate != prompt:
             replies = answer_all(forward, candidate, [e.question for e in batch])
             verdicts = _score(task, replies, batch, settings, judge, metrics)
-            new_score = sum(verdicts) / len(verdicts)
+            new_score = scored = sum(verdicts) / len(verdicts)
             if keeps(settings.keep_rule, before, new_score):
                 prompt, after = candidate, new_score
                 metrics.steps_accepted += 1
+                decision = STEP_DECISIONS[0]
             else:
                 metrics.steps_reverted += 1
+                decision = STEP_DECISIONS[1]
         metrics.steps += 1
+        steps.append(LocalStep(step=metrics.steps, batch=len(batch), before=before, after=scored, decision=decision,
+                               feedback=tuple(feedback), candidate=candidate if scored is not None else ""))
         before_sum += before
         after_sum += after
     metrics.batch_accuracy_before = before_sum / metrics.steps
     metrics.batch_accuracy_after = after_sum / metrics.steps
     _add_usage(metrics, forward, backward, *([judge.engine] if judge else []))
     metrics.seconds = time.perf_counter() - start
-    return LocalResult(prompt=prompt, metrics=metrics)
+    return LocalResult(prompt=prompt, metrics=metrics, steps=tuple(steps))
 
 
 def _add_usage(metrics: LocalMetrics, *engines: ChatEngine) -> None:

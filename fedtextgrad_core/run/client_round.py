@@ -23,7 +23,7 @@ from fedtextgrad_core.method.judge import Judge
 from fedtextgrad_core.method.leakage import LeakReport, guard_prompt
 from fedtextgrad_core.method.local_training import train_prompt
 from fedtextgrad_core.method.upload_checks import hidden_text_problem, visible_only
-from fedtextgrad_core.run import schema
+from fedtextgrad_core.run import schema, site_steps
 from fedtextgrad_core.run.messages import ErrorReply, EvalReply, Phase, RoundRequest, TrainReply
 from fedtextgrad_core.run.settings import RunSettings, client_settings, real_clients_need_a_server_llm
 
@@ -170,14 +170,17 @@ def answer(run_config: Config, node_config: Config, request: RoundRequest, pinne
         if request.simulated_only and not settings.forward.simulated:
             # the server stops the run on this client's evaluation sent with this request; not trained
             raise real_clients_need_a_server_llm(f"this client uses {settings.forward.describe()}, so it did not train")
-        return local_round(settings, node, request)
+        # in Flower's simulation (not pinned) the client is the submitter's own: it keeps its steps in the run folder
+        return local_round(settings, node, request, log_steps_of=None if pinned else run_config)
     if request.uncached:
         settings = replace(settings, forward=replace(settings.forward, cache_path=""))
     return evaluate_split(settings, node, request.prompt, request.kind.data_split)
 
 
-def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest) -> TrainReply:
-    """Improve the request's prompt on this node's training data."""
+def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest,
+                log_steps_of: Config | None = None) -> TrainReply:
+    """Improve the request's prompt on this node's training data; ``log_steps_of``: the run config of a
+    simulation, whose run folder gets this client's steps with their feedback (site_steps.py)."""
     data = load_client_data(settings, node)
     task = get_task(data.task)
     if settings.local.batch_size > len(data.train):
@@ -189,6 +192,8 @@ def local_round(settings: RunSettings, node: NodeIdentity, request: RoundRequest
     result = train_prompt(request.prompt, task, data.train, forward, backward, settings.local,
                           stream=f"round{request.server_round}:client{node.partition_id}",
                           format_instruction=settings.format_instruction, judge=judge)
+    if log_steps_of is not None:
+        site_steps.record(log_steps_of, node.partition_id, request.server_round, result.steps)
     leaks = check_leakage(visible_only(result.prompt), data.train, settings)
     val = val_usage = None
     if settings.client_val_eval and data.val:

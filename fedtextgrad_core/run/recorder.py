@@ -18,7 +18,7 @@ from typing import Any
 from fedtextgrad_core.llm.engine import Usage
 from fedtextgrad_core.llm.surprisal import SurprisalClient
 from fedtextgrad_core.method.prompt_metrics import analyze
-from fedtextgrad_core.run import figures, report
+from fedtextgrad_core.run import figures, html_report, report, site_steps
 from fedtextgrad_core.run.checkpoint import Checkpoint
 from fedtextgrad_core.run.codec import MalformedRecord
 from fedtextgrad_core.run.records import ClientEvaluation, ClientUpload, Failure, RoundRecord, RunSummary
@@ -154,6 +154,7 @@ class Recorder:
             state = FederationState.resume(resume[1])
             history = state.check_history(folder.read_rounds())
         echo(f"results folder: {folder.path}")
+        site_steps.announce(run_config, folder.path)  # where simulated clients keep their step logs
         tracker = make_tracker(settings.tracker, settings.tracking_uri, settings.tracking_experiment,
                                settings.tracking_parent_run, echo)
         recorder = cls(folder, settings, echo, surprisal, history, tracker)
@@ -287,6 +288,7 @@ class Recorder:
         for name, comparison in summary.comparisons.items():
             self.echo(f"test, {name}: {comparison.shown()}{sim}")
         self.echo(f"results: {self.path}")
+        self.write_report(summary)
         self.tracker.finish(summary, self.path)
         return summary
 
@@ -300,7 +302,17 @@ class Recorder:
         self._figures_done()
         self.echo(f"fedtextgrad: the run stopped: {error}")
         self.echo(f"results so far: {self.path}")
+        self.write_report()
         self.tracker.fail(self.error, self.path)
+
+    def write_report(self, summary: RunSummary | None = None) -> None:
+        """report.html beside summary.json (html_report.py; ``summary``: as written); never fails the run."""
+        try:
+            path = html_report.write(self.path, summary or self.folder.read_summary(), self.history)
+        except Exception as exc:
+            log.warning("could not write %s: %s: %s", html_report.REPORT_FILE, type(exc).__name__, exc)
+            return
+        self.echo(f"report: {path}")
 
     def _failure_rows(self, server_round: int, failures: Sequence[tuple[str, str]]) -> None:
         for row in report.failure_rows(server_round, failures):

@@ -4,6 +4,7 @@
     fedtextgrad sim-server --port 8765 [--latency-ms 200]
     fedtextgrad analyze PROMPT_FILE... [--base-url URL --model M]   information-density metrics
     fedtextgrad compare RUN_DIR... [--out comparison.png]            runs side by side
+    fedtextgrad report RUN_DIR [--out FILE]                          one run as a self-contained HTML page
     fedtextgrad bench endpoint --base-url URL --model M --concurrency 1,4,16,64   load-test your LLM server
     fedtextgrad serve --model smollm2|PATH.gguf [--port 8080 --parallel 4]       a local llama.cpp server
     fedtextgrad experiment GRID.toml --out DIR [--data-source PATH]  a grid of federations, resumable
@@ -152,6 +153,23 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedtextgrad_core.run import html_report
+    from fedtextgrad_core.tools.compare import load_run
+
+    run = load_run(args.run_dir)
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise FedTextGradError(f"--out '{out}': the folder '{out.parent}' does not exist")
+    try:
+        path = html_report.write(Path(run.path), run.summary, run.rounds, out)
+    except OSError as exc:
+        where = out if out is not None else Path(run.path) / html_report.REPORT_FILE
+        raise FedTextGradError(f"'{where}' cannot be written: {exc.strerror or exc}") from None
+    print(f"report: {path}")
+    return 0
+
+
 def _sim_server(args: argparse.Namespace) -> int:
     from fedtextgrad_core.sim.server import serve_forever
 
@@ -246,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="comparison.png", help="where to write the PNG ('' for none)")
     cmp_.set_defaults(run=_compare)
 
+    rep = commands.add_parser("report", help="write one run folder as a self-contained HTML page (report.html)")
+    rep.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding summary.json)")
+    rep.add_argument("--out", default="", help="where to write the page ('': RUN_DIR/report.html)")
+    rep.set_defaults(run=_report)
+
     from fedtextgrad_core.tools import experiment, serve
 
     sv = commands.add_parser("serve", help="serve a GGUF model with llama.cpp's OpenAI-compatible server (no GPU)")
@@ -257,9 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_arguments(ex)
     ex.set_defaults(run=experiment.run)
 
-    st = commands.add_parser("settings", help="print every run setting: the README table or pyproject's block")
+    st = commands.add_parser("settings", help="print every run setting: the configuration reference or pyproject's block")
     st.add_argument("--format", default="markdown", choices=["markdown", "pyproject"],
-                    help="markdown: the README's settings table (default); pyproject: [tool.flwr.app.config]")
+                    help="markdown: the tables of docs/settings.md (default); pyproject: [tool.flwr.app.config]")
     st.set_defaults(run=_settings)
 
     bench = commands.add_parser("bench", help="measure an LLM server")

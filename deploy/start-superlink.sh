@@ -11,7 +11,7 @@ Starts flower-superlink in the background (TLS and SuperNode authentication on b
 and prints its PID, log and state folder. Flower 1.42 serves everything on one port: the
 SuperNodes (Fleet API), 'flwr run' / 'flwr supernode register' (Control API) and the
 ServerApp runner (Runtime API). Open only that port, and only to the sites and operators
-that need it (see deploy/README.md).
+that need it (see docs/deploy.md).
 
 Options:
   --certs DIR         folder with ca.crt, server.pem, server.key (from gen-certs.sh)

@@ -2,7 +2,8 @@
 
 Runs in simulation (``flwr run . local``) and in a deployment (SuperLink) alike. A run this
 project stops on purpose (a refused setting, too few clients) ends with one line saying why;
-Flower then reports the failed run in its own words (see README, "What Flower prints").
+Flower then reports the failed run in its own words (docs/troubleshooting.md, "What Flower prints
+that this project cannot change").
 """
 
 from __future__ import annotations

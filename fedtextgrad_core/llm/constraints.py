@@ -1,31 +1,11 @@
 """Constrain the optimizer's reply to ``<IMPROVED_VARIABLE>BODY</IMPROVED_VARIABLE>``, per server kind.
 
-Why: TextGrad's optimizer takes the new prompt from between these tags and small local models
-(SmolLM2-135M) almost never write them; every such reply is a wasted step. A server that decodes
-under a grammar, regex or JSON schema can only produce replies of the allowed shape.
-
-What is guaranteed, and how:
-
-- BODY is non-empty: its first character is visible (not whitespace), so TextGrad's ``.strip()``
-  never leaves an empty prompt.
-- BODY contains no ``<``: so the closing tag cannot appear inside it (nor the opening one), and the
-  only way to end the reply is the real closing tag. Newlines and tabs are allowed.
-- The closing tag is always emitted within ``max_tokens``: every token a constrained server samples
-  is at least one byte of text (tokens that decode to nothing are masked), so a reply of at most B
-  bytes takes at most B tokens. BODY is bounded to ``body_chars`` characters; by default they are
-  printable ASCII (one byte each), so B = 39 bytes of tags + ``body_chars`` and ``max_tokens`` is
-  sent as that. With ``ascii_only=False`` any character but ``<`` is allowed and B counts 4 bytes per
-  character (the most UTF-8 needs).
-- For the JSON-schema kinds (Ollama, OpenAI) the reply is ``{"improved_variable": "..."}`` and
-  ``unwrap`` turns it back into the tagged text. A JSON string may escape one character as
-  ``\\uXXXX`` (6 bytes) and JSON allows whitespace between its parts, so ``max_tokens`` counts 6 bytes
-  per character plus the object around it. That bound holds where the schema is compiled by
-  llama.cpp's converter (whitespace at most 21 characters per gap: Ollama); hosted OpenAI accepts no
-  length keyword in strict mode, so there the bound is what we ask for, not what is enforced.
-
-Which request field each server reads, and the sources, are in /work/notes/constraints.md. A field
-a server does not know is ignored without an error (vLLM logs a warning, SGLang and Ollama say
-nothing), so a wrong kind fails open: the reply is simply unconstrained.
+TextGrad takes the new prompt from between these tags and small models rarely write them; a server
+that decodes under a grammar, regex or JSON schema can only produce the allowed shape. BODY is
+non-empty, holds no ``<`` (so only the real closing tag ends it) and is bounded, and ``max_tokens``
+is sent high enough that the closing tag always fits. The field each server kind reads, its
+sources and the guarantees are in docs/real-model.md, "Constrained rewrites". A field a server does
+not know is ignored without an error, so a wrong kind fails open: the reply is unconstrained.
 """
 
 from __future__ import annotations

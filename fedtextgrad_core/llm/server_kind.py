@@ -1,28 +1,11 @@
 """Which kind of server answers at an OpenAI-compatible base URL: llama.cpp, vLLM, SGLang, Ollama, OpenAI.
 
-Why it matters: every server kind constrains a reply through its own request field (a GBNF
-``grammar``, vLLM's ``structured_outputs``, SGLang's ``regex``, a JSON schema in
-``response_format``), and a field a server does not know is ignored without an error, so sending
-the wrong one fails silently. ``constraints.constraint_for`` picks the field from the kind found here.
-
-Detection reads the JSON of ``GET /v1/models``, which the transport already fetches once per
-endpoint, so it costs nothing. Each server fills ``owned_by`` with its own name (sources in
-/work/notes/constraints.md):
-
-=============  ===========================================================================
-``llamacpp``   llama.cpp's ``llama-server`` (and the ``xllamacpp`` wheel that runs it in-process)
-``vllm``       vLLM's OpenAI-compatible server (the default of its ``ModelCard``)
-``sglang``     SGLang (the default of its ``ModelCard``)
-``library``    Ollama: the namespace of the model name, ``library`` unless the model was pulled
-               from a user namespace (``user/model:tag``, ``hf.co/user/model:tag``)
-``openai``,    hosted OpenAI (with ``openai-internal``/``openai-dev``; fine-tunes are owned by the
-``system``     organisation); the host ``api.openai.com`` decides first
-=============  ===========================================================================
-
-When ``/v1/models`` says nothing recognisable, ``probe_kind`` may try a few cheap GETs with a short
-timeout (llama.cpp ``/props``, Ollama ``/api/version``, SGLang ``/get_model_info``, vLLM ``/version``).
-Anything still unrecognised is ``"unknown"``, for which no constraint is sent: the request stays as it
-was before constraints existed.
+Each kind constrains a reply through its own request field and ignores the others silently, so the
+kind decides what ``constraints.constraint_for`` sends. It is read from the ``owned_by`` of
+``GET /v1/models``, which the start-up check fetches anyway (``llamacpp``, ``vllm``, ``sglang``,
+Ollama's ``library``, OpenAI's ``openai``/``system``; docs/real-model.md, "Constrained rewrites"),
+then from a few cheap probes (``/props``, ``/api/version``, ``/get_model_info``, ``/version``);
+anything else is ``"unknown"`` and gets the plain request.
 """
 
 from __future__ import annotations

@@ -379,8 +379,8 @@ class Federation:
                 self.recorder.echo(
                     f"warning: client {self.labels.label(client.node_id)} runs other code than the server (code "
                     f"{reply.code}, the server's {mine} at {code_location()}): a site with another version, or a "
-                    "local SuperLink started in another folder, which serves the app from there (README: "
-                    "\"Which code runs\")")
+                    "local SuperLink started in another folder, which serves the app from there (docs/troubleshooting.md: "
+                    "\"Which SuperLink, which code\")")
 
     def failures(self, replies: Replies, phase: Phase) -> list[Failure]:
         return [Failure(self.labels.label(client.node_id), STAGES[phase], reason, client.node_id)

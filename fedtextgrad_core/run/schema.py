@@ -448,8 +448,8 @@ def check_known(config: Config, where: str = "run config") -> None:
     """Refuse a key no setting has: a typo would otherwise be ignored in silence."""
     for key in config:
         if key not in BY_KEY:
-            raise ConfigError(key, config[key], f"a known setting; '{key}' is not one (see the settings table in "
-                                                f"the README, or [tool.flwr.app.config] in pyproject.toml)")
+            raise ConfigError(key, config[key], f"a known setting; '{key}' is not one (see docs/settings.md, "
+                                                f"or [tool.flwr.app.config] in pyproject.toml)")
 
 
 def node_overrides(node_config: Config) -> dict[str, object]:
@@ -486,10 +486,15 @@ def by_section() -> list[tuple[str, list[Setting]]]:
 
 
 def markdown_table() -> str:
-    """The settings reference table, written from ``SETTINGS`` (``fedtextgrad settings --format markdown``)."""
-    lines = ["| key | default | accepted | set by | what |", "|---|---|---|---|---|"]
+    """The settings reference, written from ``SETTINGS`` (``fedtextgrad settings --format markdown``):
+    one heading and one table per section, so a reader can link to a section (docs/settings.md holds it
+    verbatim, checked by a test)."""
+    lines: list[str] = []
     for title, settings in by_section():
-        lines.append(f"| **{title}** | | | | |")
+        if lines:
+            lines.append("")
+        lines += [f"## {title[0].upper()}{title[1:]}", "", "| key | default | accepted | set by | what |",
+                  "|---|---|---|---|---|"]
         for setting in settings:
             lines.append(f"| `{setting.key}` | {setting.shown_default()} | {setting.shown_accepted()} | "
                          f"{WHO_SHOWN[setting.who]} | {setting.doc} |")

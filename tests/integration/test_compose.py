@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import time
@@ -268,16 +269,46 @@ def test_the_scripts_explain_themselves_and_refuse_a_wrong_argument():
         assert (COMPOSE_DIR / path).stat().st_mode & 0o111, path
 
 
-def test_the_readme_gives_the_three_commands_and_the_air_gapped_variant():
-    readme = (COMPOSE_DIR / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, re.DOTALL)
-    first = [line for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+# The demo's one set of instructions: the documentation page (deploy/compose/README.md points to it)
+PAGE = ROOT / "docs" / "docker.md"
+
+
+def _page_commands() -> list[list[str]]:
+    """The three commands of the page's first ```bash block, as argument lists."""
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", PAGE.read_text(), re.DOTALL)
+    return [shlex.split(line) for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_page_gives_the_three_commands_and_the_air_gapped_variant():
+    page = PAGE.read_text()
+    first = _page_commands()
     assert len(first) == 3, first
-    assert "--profile cpu up" in first[0] and "run --rm submit" in first[1]
-    assert "cp serverapp-runner:/results/. " in first[2]  # '/.': no ./results/results when ./results exists
+    assert " ".join(first[0]).endswith("--profile cpu up -d --build --wait") and "run --rm submit" in " ".join(first[1])
+    assert first[2][-2:] == ["serverapp-runner:/results/.", "./results"]  # '/.': no ./results/results
     for needed in ("Compose v2", "BASE_IMAGE=fedtextgrad-base:bookworm", "build-base-image.sh",
                    "build-wheelhouse.sh", "down -v", "--profile ollama", "--profile vllm", "LLM_MODEL="):
-        assert needed in readme, needed
+        assert needed in page, needed
+    assert "docs/docker.md" in (COMPOSE_DIR / "README.md").read_text()  # the folder's README points there
+
+
+def test_the_demo_test_runs_the_pages_commands():
+    """TestComposeDemo issues the page's commands, with a project name of its own (-p) added: `up` in two
+    steps (build, then up; the same as --build, timed apart), `run --rm submit` with its run config, and
+    the `cp` into a folder of its own."""
+    demo = Demo.__new__(Demo)
+    demo.name = "NAME"
+    up, submit, copy = _page_commands()
+    as_issued = [demo.command("build"), demo.command("up", "-d", "--wait"), demo.command("run", "--rm", "submit"),
+                 demo.command("cp", "serverapp-runner:/results/.", "./results")]
+
+    def page_to_issued(words: list[str]) -> list[str]:
+        f_at = words.index("-f")
+        words = [*words[:f_at], "-f", str(COMPOSE_FILE), "-p", "NAME", *words[f_at + 2:]]
+        return words if "--profile" in words else [*words[:6], "--profile", "cpu", *words[6:]]
+
+    issued_up = page_to_issued(up)
+    assert issued_up[:-3] == as_issued[1][:-2] and set(issued_up[-3:]) == {"-d", "--build", "--wait"}
+    assert page_to_issued(submit) == as_issued[2] and page_to_issued(copy) == as_issued[3]
 
 
 # --- for real -----------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The README's "Deploy across machines" walk-through, run as written, on 127.0.0.1.
+"""The deployment walk-through of docs/deploy.md, run as written, on 127.0.0.1.
 
-The walk-through's commands are read from the README section "## Deploy across machines" when it
-carries the marker line ``<!-- deploy-walkthrough -->``, else from the draft of that section in
-/work/notes/deploy-readme.md (skipped when neither has it). Every ```bash block of the section whose
-first line says where it runs (``# on the server machine``, ``# on site N``, ``# on the submitting
-machine``) is one step, run in document order by ``bash`` with ``set -euo pipefail``:
+The walk-through's commands are read from the page's section "## Across machines (TLS and node
+authentication)", which carries the marker line ``<!-- deploy-walkthrough -->`` (the test fails when
+the page or the marker is missing: a walk-through that is not run may have gone stale). Every
+```bash block of the section whose first line says where it runs (``# on the server machine``,
+``# on site N``, ``# on the submitting machine``) is one step, run in document order by ``bash`` with ``set -euo pipefail``:
 
 * each machine is a folder of its own holding a copy of the checkout (the files ``git ls-files``
   lists, as they are in the working tree), in which its commands run, with its own ``FLWR_HOME``;
@@ -64,9 +64,9 @@ from tests.support.deployment_helpers import (
 
 pytestmark = DEPLOYMENT_MARKS
 
-SECTION = "## Deploy across machines"
+PAGE = ROOT / "docs" / "deploy.md"
+SECTION = "## Across machines (TLS and node authentication)"
 MARKER = "<!-- deploy-walkthrough -->"
-NOTES = Path("/work/notes/deploy-readme.md")  # the draft of the section, until it is in README.md
 
 SITES = ("site-0", "site-1")
 MACHINES = ("server", *SITES, "submit")
@@ -91,7 +91,7 @@ TRANSFERS = (
 # --- the text ------------------------------------------------------------------------------------
 
 def _section(markdown: str) -> str:
-    """The "## Deploy across machines" section of a markdown text ('' if it has none)."""
+    """The walk-through's section of a markdown text ('' if it has none)."""
     lines = markdown.splitlines()
     try:
         start = lines.index(SECTION)
@@ -101,14 +101,11 @@ def _section(markdown: str) -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
-def walkthrough_text() -> tuple[str, Path] | None:
-    """The section and where it came from: README.md once it carries the marker, else the draft."""
-    for source in (ROOT / "README.md", NOTES):
-        if source.exists():
-            section = _section(source.read_text(encoding="utf-8"))
-            if MARKER in section:
-                return section, source
-    return None
+def walkthrough_text() -> str:
+    """The section of the page, which must carry the marker."""
+    section = _section(PAGE.read_text(encoding="utf-8"))
+    assert MARKER in section, f"{PAGE.relative_to(ROOT)} has no section '{SECTION}' carrying {MARKER}"
+    return section
 
 
 @dataclass(frozen=True)
@@ -133,10 +130,7 @@ def steps_of(section: str) -> list[Step]:
 
 @pytest.fixture(scope="module")
 def text():
-    found = walkthrough_text()
-    if found is None:
-        pytest.skip(f"neither README.md's '{SECTION}' nor {NOTES} carries the marker {MARKER}")
-    return found[0]
+    return walkthrough_text()
 
 
 # --- the machines ----------------------------------------------------------------------------------
@@ -574,18 +568,25 @@ class TestTheText:
     def test_the_text_states_the_versions_the_project_pins(self, text):
         project = tomli.loads((ROOT / "pyproject.toml").read_text())["project"]
         (pin,) = [d for d in project["dependencies"] if d.startswith("flwr")]
-        assert pin == "flwr[simulation]==1.42.0" and f"`{pin}`" in text
+        assert pin == "flwr==1.42.0" and f"`{pin}`" in text  # a site's Flower: no simulation extra
         assert project["requires-python"] == ">=3.11" and "Python 3.11 or newer" in text
 
     @pytest.mark.parametrize("said", [
         "min-train-clients=1", "fedtextgrad: the run stopped:", "llm-startup-wait", "--node-config \"llm-startup-wait=600\"",
         "0 (site-0)", "cannot pose as another", "received/site-0.pub", "mkdir -p certs", "--auth-key keys/site-1",
-        "pgrep -af", "ss -ltnp", "39091", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "deploy/stop.sh supernode-1", "deploy/stop.sh superlink",
-        "runs in the checkout", "`.gitignore`", "`local` connection", "--data-source",
+        "deploy/stop.sh supernode-1", "deploy/stop.sh superlink", "runs in the checkout", "`.gitignore`",
+        "`local` connection", "--data-source", "flwr run` exits 0",
     ])
     def test_the_text_says_it(self, text, said):
         assert said in text
+
+    @pytest.mark.parametrize("said", [
+        "pgrep -af", "ss -ltnp", "39091", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT", "FLWR_LOCAL_CONTROL_API_PORT",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "deploy/stop.sh superlink",
+    ])
+    def test_the_troubleshooting_page_says_how_to_find_the_local_superlink(self, said):
+        """`flwr run . local`'s background SuperLink is not part of a deployment: its page is troubleshooting."""
+        assert said in (ROOT / "docs" / "troubleshooting.md").read_text(encoding="utf-8")
 
     def test_the_scripts_help_names_the_node_config_pass_through(self):
         done = subprocess.run(["bash", str(ROOT / "deploy" / "start-supernode.sh"), "--help"], capture_output=True,

@@ -1,5 +1,5 @@
 """Run settings from Flower's flat config: defaults, every rejected value, endpoint resolution,
-and the one table of settings (run/schema.py) that pyproject.toml and the README must agree with."""
+and the one table of settings (run/schema.py) that pyproject.toml and docs/settings.md must agree with."""
 
 from __future__ import annotations
 
@@ -257,10 +257,10 @@ def test_pyproject_declares_every_setting_with_the_schemas_default() -> None:
         assert type(declared[key]) is type(default) and declared[key] == default, key
 
 
-def test_the_readme_holds_the_schemas_settings_table() -> None:
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+def test_the_configuration_page_holds_the_schemas_settings_tables() -> None:
+    lines = (ROOT / "docs" / "settings.md").read_text(encoding="utf-8").splitlines()
     start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
-    assert lines.count(start) == 1 and lines.count(end) == 1, "README.md needs one pair of settings-table markers"
+    assert lines.count(start) == 1 and lines.count(end) == 1, "docs/settings.md needs one pair of settings-table markers"
     between = "\n".join(lines[lines.index(start) + 1:lines.index(end)]).strip("\n")
     assert between == schema.markdown_table()  # verbatim: `fedtextgrad settings --format markdown`
 

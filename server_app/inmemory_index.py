@@ -1,21 +1,11 @@
 """A per-node index of pending messages for Flower 1.42's in-memory link state (simulation only).
 
-Flower's simulation engine hands messages to the simulated clients from one thread
-(``vce_api.add_messages_to_queue``): every 0.1 s it asks the link state, node by node, for that
-node's next undelivered message. ``InMemoryLinkState.get_message_ins`` answers by walking every
-stored message, and checking each one (expiry, federation) on the way, until it finds the node's.
-Delivered messages stay stored until their replies are pulled. One pass therefore costs
-(nodes x messages in flight) checks: with 1,000 clients that thread took 64% of the
-simulation process's CPU, and with 10,000 clients one pass would be 10^8 checks.
-
-This module gives the one link-state object of a simulation an index by destination node,
-kept up to date where messages are stored, so ``get_message_ins`` looks only at that node's
-own messages. What it returns is what Flower's method returns: the node's undelivered
-messages, oldest first, each checked and marked delivered as Flower does; a message that was
-deleted meanwhile (pulled, expired, its run stopped) is skipped. Only the object's own
-attributes are replaced, nothing of Flower's classes, and only on the exact Flower version
-and class it was written against; anything else is left as it is. Set
-``FEDTEXTGRAD_FLOWER_INDEX=0`` to leave Flower's own method in place.
+Why: Flower's ``InMemoryLinkState.get_message_ins`` walks every stored message to find one
+node's, and the simulation asks it for every node every 0.1 s, so a pass grows as nodes x
+messages in flight. This module indexes the one link-state object of a simulation by
+destination node and returns what Flower's method returns. It patches only that object's
+attributes, only on the exact Flower version it was written against;
+``FEDTEXTGRAD_FLOWER_INDEX=0`` turns it off. Details: docs/architecture.md, docs/performance.md.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ SIMULATION_REGISTRATION_CHECK = 0.5
 SIMULATION_REGISTRATION_SECONDS = 120.0
 # How often the strategy asks for replies. Flower's own send_and_receive waits a fixed 3 s between
 # asks in a deployment (a 1.5 s delay per message exchange on average) and 0.1 s in simulation,
-# where one ask costs time in proportion to the replies still awaited (0.1-0.3 s for 10,000 on two
-# busy cores, holding the GIL the simulated clients' dispatch needs). So: every POLL_SECONDS, but
+# where one ask costs time in proportion to the replies still awaited (a tenth of a second or more
+# for 10,000, holding the GIL the simulated clients' dispatch needs). So: every POLL_SECONDS, but
 # spending at most ~1/(1 + POLL_COST_RATIO) of the time asking, and never waiting more than
 # POLL_MAX_SECONDS. The wait adapts to what is still awaited: at the end of a phase, few replies are
 # outstanding, an ask is cheap and the interval is back to POLL_SECONDS.

@@ -1,21 +1,10 @@
 """JSON over HTTP for the llm/ layer's own requests: the server-kind probes and llama.cpp's native API.
 
 The chat calls go through the ``openai`` client; the few requests it has no method for
-(``GET /props``, ``POST /tokenize``, ...) come here. One ``httpx.Client`` per origin per
-process, shared by every thread, keeps connections alive between requests (the forced
-surprisal route sends one request per token). TLS verification and proxies follow the
-environment as httpx does by default; no cookies are kept.
-
-Failures are sorted like the transport's (``openai_transport.classify``): a route the server
-does not have (HTTP 404, 405, 501) is :class:`RouteUnsupported`, a lasting condition; 429,
-5xx, connection failures and timeouts are :class:`TransientLLMError` (:class:`LLMTimeout`);
-any other refusal is a final :class:`LLMError`.
-
-Redirects are followed only within the origin (scheme, host and port) that was asked. A
-redirect to another origin is refused, so the ``Authorization`` header, and the body, never
-reach a host the settings do not name. (httpx, when it follows redirects itself, drops
-``Authorization`` across origins except for an ``http``→``https`` upgrade on the default ports;
-this module does not rely on that.)
+(``GET /props``, ``POST /tokenize``, ...) come here, over one kept-alive ``httpx.Client`` per
+origin. Failures are sorted like the transport's (``openai_transport.classify``), and redirects
+are followed only within the asked origin, so the API key never reaches another host.
+Details: docs/architecture.md, "JSON over HTTP".
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class OpenAIChat:
         try:
             # the client's low-level post: the same request, error and response handling as
             # chat.completions.create, without its recursive type-driven transform of the
-            # request, which cost 2 of the 5 ms of CPU per call that clients hold the GIL for
+            # request, a large share of the CPU each call holds the GIL for (docs/performance.md)
             response = self.client.post("/chat/completions", body=body, cast_to=ChatCompletion,
                                         options={"timeout": self.timeout})
         except Exception as exc:  # every failure leaves here named and sorted

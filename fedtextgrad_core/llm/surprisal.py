@@ -27,15 +27,15 @@ _LN2 = math.log(2.0)
 ECHO_LOGPROBS = "echo-logprobs"
 FORCED_NEXT_TOKEN = "forced-next-token"
 METHODS = ("auto", ECHO_LOGPROBS, FORCED_NEXT_TOKEN)
-# Scored tokens per prompt: the forced route costs one request per token (8.3 s for 512 tokens
-# on SmolLM2 with one CPU thread), and merged prompts may run to a few thousand tokens.
+# Scored tokens per prompt: the forced route costs one request per token (seconds for a few
+# hundred tokens on a small CPU model), and merged prompts may run to a few thousand tokens.
 DEFAULT_MAX_TOKENS = 512
 # Added by llama.cpp to the forced token's logit. A small model's logits span a few tens, so
 # +100 makes that token the one "generated"; its reported probability is computed before the bias.
 FORCE_BIAS = 100.0
 # How far (nats) a forced token's log-probability may sit from its unforced one. The prompt
 # cache evaluates a token in a batch of another size than a fresh prompt would, which moves the
-# last digits (measured: 2e-7); a bias that leaked into the number would move it by whole nats.
+# last digits only; a bias that leaked into the number would move it by whole nats.
 FORCE_TOLERANCE_NATS = 0.05
 
 

@@ -1,7 +1,7 @@
 """Import TextGrad without its slow, unused LiteLLM dependency.
 
 ``import textgrad`` imports its experimental LiteLLM engine, which imports ``litellm``:
-about 7 seconds on a 2-core machine, plus an attempt to download a price list. We
+several seconds (docs/performance.md), plus an attempt to download a price list. We
 never use that engine (our engines subclass ``EngineLM`` directly), so unless
 LiteLLM was already imported we register a placeholder module for it. TextGrad's
 own log file goes to a temporary folder instead of ``./logs`` in the working
@@ -35,8 +35,8 @@ def _placeholder_experimental_engines() -> dict[str, types.ModuleType]:
     """Stand-ins for ``textgrad.engine_experimental``, whose package imports ``openai``.
 
     ``textgrad.engine`` imports only its LiteLLM engine from there, but the package's
-    ``__init__`` also imports its OpenAI engine and with it the ``openai`` client: about
-    1.1 of the ClientApp's 2.2 seconds of imports (tests/benchmarks/bench_startup.py).
+    ``__init__`` also imports its OpenAI engine and with it the ``openai`` client: about half
+    of the ClientApp's import time (docs/performance.md).
     Our own openai backend imports the client when an endpoint is first built, so a
     node on the sim never pays for it.
     """

@@ -1,20 +1,10 @@
 """Fitting prompt text into a token budget: count it, drop repeats, clip it, pack it in groups.
 
-Why this exists: with many clients, the concatenated client prompts overflow any
-context window, and one summarisation request cannot show the summariser every
-prompt. The merge (``merging.py``) therefore keeps every text it sends or returns
-under ``merge-token-budget`` with these helpers, and says what it had to leave out.
-
-Tokens are counted with :func:`fedtextgrad_core.text.count_tokens`, the same counter as the
-prompt metrics in the run folder (tiktoken's ``cl100k_base`` if it is already cached,
-else the regex word-piece split; never a download), so a budget and the recorded
-prompt lengths are in the same unit. A real model's tokenizer differs from either by
-some percent, and a chat request adds a few template tokens per message: leave that
-much headroom below the model's context window when choosing the budget.
-
-Text is cut only between sentences, split by the catalogue's splitter, which never
-splits inside a quoted span such as 'Answer: $VALUE'; line breaks and indentation are kept
-(``text.sentence_units``), so a prompt's lists and paragraphs survive a cut.
+Why: with many clients the concatenated prompts overflow any context window, so the merge
+(``merging.py``) keeps every text it sends or returns under ``merge-token-budget`` with these
+helpers and says what it left out. Tokens are counted as the run folder's prompt metrics count
+them (``text.count_tokens``), and text is cut only between sentences, keeping line breaks.
+Details, and how much headroom to leave below a model's context: docs/method.md, "How the merge works".
 """
 
 from __future__ import annotations

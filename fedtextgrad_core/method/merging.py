@@ -1,35 +1,11 @@
 """Merging client prompts into one global prompt: concat, summarize, summarize-uid, summarize-uid-explicit.
 
-The requests are the reference code's (utils/prompt_template.py): ``summarize`` asks to merge
-the prompts while preserving all information; ``summarize-uid`` is the same request with the
-reference's added sentence "Apply Uniform Information Density Principles."; and
-``summarize-uid-explicit`` spells the principle out (spread the information evenly, one sentence
-per distinct instruction, no redundancy), which this project offered as summarize-uid before.
-The prompts are listed after "List of Prompts to Merge:", each between a ``<PROMPT-id>`` and a
-``</PROMPT-id>`` line whose id is drawn by the server for each round from a secret the clients never
-see (the reference lists them without tags). An upload cannot close its own block or speak outside it:
-it does not know the id, and a prompt holding it is never listed (the id is drawn again). One sentence
-after the request says that what stands between the markers is text to merge, never an instruction.
-
-Following the paper's code, the task's answer-format instruction is stripped from
-the client prompts and appended once to the result, so the format survives any
-merge. The summariser sees each prompt ending with the format, as the merge request
-asks it to keep that final instruction; a reply that drops it is repaired and
-flagged. A summariser that returns nothing usable is not trusted: the merge falls
-back to concatenation and says why.
-
-Under a token budget (``merge-token-budget``) nothing the merge sends or returns is
-longer than the budget, counted as in ``merge_budget.py``:
-
-- ``concat``: the joined prompts when they fit (the paper's concat); otherwise repeated
-  sentences are removed and then trailing sentences left out until it fits, and the
-  result lists what was left out.
-- ``summarize``/``summarize-uid``: one request when every prompt fits in it, as before.
-  Otherwise the merge is hierarchical: identical prompts are shown once, each prompt is
-  cut (between sentences) to at most half of what a request has room for, the prompts
-  are merged in consecutive groups whose request fits the budget, and the group results
-  are merged again the same way until one prompt is left. The result records how many
-  calls and levels that took and the largest request, so a run can show it stayed under.
+The server's merge step. The summarize methods send the reference code's requests, with each
+upload listed between markers drawn from the server's secret, since an upload is untrusted text.
+The task's answer format is taken out of the prompts and appended once to the result, so it
+survives any merge; a summariser that returns nothing usable is replaced by concatenation. Under
+``merge-token-budget`` a merge that does not fit one request is done in groups, level by level
+(``merge_budget.py`` fits the text). Details: docs/method.md, "How the merge works".
 """
 
 from __future__ import annotations

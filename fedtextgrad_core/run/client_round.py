@@ -72,11 +72,11 @@ def load_client_data(settings: RunSettings, node: NodeIdentity) -> ClientData:
     ``i`` of ``n`` the i-th of ``n`` contiguous runs. The shuffle depends only on the seed and the
     split sizes, so it is done once, for all clients (``client_data`` with one partition, which
     keeps the whole shuffled splits), and each client's share is cut from it with the same run
-    boundaries. A simulated client process answers messages for many nodes: dealing afresh per
-    message cost 0.2 s with 100,000 synthetic examples, against ~20 ms for the message's own
-    work. Only for synthetic data: a data file is looked at again for every message (a site may
-    replace or remove it mid-run), and real splits are small. Anything else goes to ``client_data``
-    itself (and its errors).
+    boundaries. A simulated client process answers messages for many nodes, and with many
+    synthetic examples dealing afresh per message costs several times the message's own work
+    (docs/performance.md). Only for synthetic data: a data file is looked at again for every
+    message (a site may replace or remove it mid-run), and real splits are small. Anything else
+    goes to ``client_data`` itself (and its errors).
     """
     pid, n = node.partition_id, node.num_partitions
     if (settings.partitioning == "homogeneous" and settings.data_source == "synthetic" and _whole_number(pid)

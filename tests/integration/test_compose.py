@@ -230,7 +230,15 @@ def test_two_images_are_built_once_each_from_a_base_image_given_as_build_argumen
             assert name.startswith(("ollama-", "vllm-")), f"{name}: a Python service needs init: true"
 
 
-def test_the_dockerfile_installs_the_pyproject_dependencies_without_ray_from_the_wheelhouse():
+def pyproject_with_ray(folder: Path) -> Path:
+    """A copy of pyproject.toml whose Flower asks for its simulation extra (Ray)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    path = folder / "pyproject.toml"
+    path.write_text(re.sub(r'"flwr==', '"flwr[simulation]==', text, count=1))
+    return path
+
+
+def test_the_dockerfile_installs_the_pyproject_dependencies_without_ray_from_the_wheelhouse(tmp_path):
     dockerfile = (COMPOSE_DIR / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim\s*$", dockerfile, re.MULTILINE)
     assert re.search(r"^FROM \$\{BASE_IMAGE\} AS app\s*$", dockerfile, re.MULTILINE)
@@ -245,9 +253,14 @@ def test_the_dockerfile_installs_the_pyproject_dependencies_without_ray_from_the
     listed = subprocess.run(["python3", str(COMPOSE_DIR / "requirements.py"), "app", str(ROOT / "pyproject.toml")],
                             capture_output=True, text=True, check=True).stdout.split()
     declared = pyproject["project"]["dependencies"]
-    assert len(listed) == len(declared)
+    assert listed == declared  # a site's set, as pyproject declares it
     flwr = next(d for d in declared if re.match(r"flwr\b", d))
-    assert flwr.startswith("flwr[simulation]") and flwr.replace("[simulation]", "") in listed  # the same pin, no Ray
+    assert re.fullmatch(r"flwr==[\d.]+", flwr)  # Flower pinned, no extra: no Ray in any image
+    assert not any(re.match(r"matplotlib\b", d) for d in listed)  # the figures are the server's extra
+    ray = pyproject_with_ray(tmp_path)
+    refused = subprocess.run(["python3", str(COMPOSE_DIR / "requirements.py"), "app", str(ray)], capture_output=True,
+                             text=True, check=False)
+    assert refused.returncode == 1 and "never Ray" in refused.stderr and "Traceback" not in refused.stderr
     ignore = (COMPOSE_DIR / "Dockerfile.dockerignore").read_text().splitlines()
     assert ignore[next(i for i, line in enumerate(ignore) if not line.startswith("#"))] == "**"  # only what is named
 

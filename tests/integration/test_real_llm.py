@@ -79,7 +79,7 @@ def test_one_federated_round_through_the_real_model(llama: LlamaServer, tmp_path
         **{f"server-{k}": v for k, v in real.items()},
         "num-server-rounds": 1, "local-steps": 1, "batch-size": 2, "synthetic-size": 20,
         "max-val-examples": 4, "max-test-examples": 4,  # 2 training examples per client, few scored
-        "min-train-clients": 2, "client-val-eval": False, "merge": "summarize-uid", "test-prompts": "best",
+        "min-train-clients": 2, "client-val-eval": False, "merge": "summarize-uid", "test-prompts": "best,initial",
         "constrained-updates": "auto", "llm-max-tokens": MAX_TOKENS, "llm-timeout": TIMEOUT,
         "llm-max-retries": 1,
     }

@@ -69,7 +69,9 @@ def test_more_requests_in_flight_raise_requests_per_second(slow_sim: str, tmp_pa
     assert one["requests"] == eight["requests"] == 16 and one["errors"] == eight["errors"] == 0
     # one at a time cannot beat the server's latency; eight in flight overlap their waits
     assert one["requests_per_s"] <= 1000 / LATENCY_MS
-    assert eight["requests_per_s"] > 4 * one["requests_per_s"]
+    # (8 in flight would reach 8x on an idle machine; 2x is safe on 2 busy cores and still impossible
+    # for requests sent one after another)
+    assert eight["requests_per_s"] > 2 * one["requests_per_s"]
     assert one["wall_seconds"] >= 16 * LATENCY_MS / 1000
     for level in (one, eight):
         assert LATENCY_MS <= level["latency_p50_ms"] <= level["latency_p90_ms"] <= level["latency_p99_ms"]

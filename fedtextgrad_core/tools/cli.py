@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedtextgrad_core.data.tasks import TASKS
+from fedtextgrad_core.data.tasks import ANSWER_PARSERS, TASKS
 from fedtextgrad_core.errors import ConfigError, FedTextGradError
 from fedtextgrad_core.method.evaluation import Scores
 from fedtextgrad_core.stats import paired, wilson
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default="synthetic", help="'synthetic', 'hub', or a data file or folder")
     ev.add_argument("--gsm8k-split", default="textgrad", choices=["textgrad", "fedtextgrad"],
                     help="GSM8K's split (see the settings table)")
-    ev.add_argument("--answer-parser", default="answer-line", choices=["answer-line", "last-number"],
+    ev.add_argument("--answer-parser", default="answer-line", choices=ANSWER_PARSERS,
                     help="how an answer is read from a reply (see the settings table)")
     ev.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
     ev.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")

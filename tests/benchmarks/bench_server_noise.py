@@ -11,8 +11,7 @@ the same examples scores differently from one run to the next. This script score
 
 Printed per set-up: each scoring's accuracy with its 95% interval, the examples whose reply text
 and whose outcome changed at least once, the last scoring against the first (McNemar), and the
-wall time. Not a
-timed test; the figures are docs/statistics.md's.
+wall time. Not a timed test; the figures are docs/statistics.md's.
 
     python -m tests.benchmarks.bench_server_noise                       # SmolLM2-135M, 40 examples, 3 repeats
     python -m tests.benchmarks.bench_server_noise --model qwen1.5b.gguf --examples 60
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from fedtextgrad_core.data.synthetic import generate
-from fedtextgrad_core.data.tasks import get_task
+from fedtextgrad_core.data.tasks import ANSWER_PARSERS, get_task
 from fedtextgrad_core.llm.engine import make_engine
 from fedtextgrad_core.method.evaluation import answer_all, score_replies
 from fedtextgrad_core.stats import paired, wilson
@@ -37,8 +36,14 @@ from tests.support.settings_helpers import endpoint
 
 @dataclass(frozen=True)
 class Scoring:
+    """One scoring's replies kept beside its outcomes: the reply text can change where the outcome does not."""
+
+    ids: list[str]
     replies: list[str]
     correct: list[bool]
+
+    def outcomes(self) -> dict[str, bool]:
+        return dict(zip(self.ids, self.correct))
 
 
 def score_repeatedly(base_url: str, alias: str, in_flight: int, args: argparse.Namespace
@@ -51,7 +56,8 @@ def score_repeatedly(base_url: str, alias: str, in_flight: int, args: argparse.N
     runs = []
     for _ in range(args.repeats):
         replies = answer_all(engine, task.start_prompt, [e.question for e in examples])
-        runs.append(Scoring(replies, [right for right, _ in score_replies(task, replies, examples, args.parser)]))
+        correct = [right for right, _ in score_replies(task, replies, examples, args.parser)]
+        runs.append(Scoring([e.id for e in examples], replies, correct))
     return runs, time.perf_counter() - started
 
 
@@ -65,8 +71,7 @@ def report(name: str, runs: list[Scoring], seconds: float) -> None:
         print(f"  scoring {number}: {wilson(sum(scoring.correct), n).shown()}")
     print(f"  examples whose reply text changed at least once: {text_changed} of {n}")
     print(f"  examples scored differently at least once: {outcome_changed} of {n}")
-    outcomes = [{str(i): right for i, right in enumerate(r.correct)} for r in (runs[-1], first)]
-    print(f"  last against first: {paired(*outcomes).shown()}")
+    print(f"  last against first: {paired(runs[-1].outcomes(), first.outcomes()).shown()}")
 
 
 def main() -> None:
@@ -78,7 +83,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=4, help="slots (and requests in flight) of the batched set-up")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parser", default="last-number", choices=["answer-line", "last-number"],
+    parser.add_argument("--parser", default="last-number", choices=ANSWER_PARSERS,
                         help="how an answer is read (last-number: a small model rarely writes the answer line)")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")

@@ -17,7 +17,7 @@ from typing import Any
 from fedtextgrad_core.errors import ConfigError, LLMError, TransientLLMError
 from fedtextgrad_core.llm.endpoint import EndpointSettings
 from fedtextgrad_core.llm.http import RouteUnsupported, post_json
-from fedtextgrad_core.llm.openai_transport import api_key_for, classify
+from fedtextgrad_core.llm.openai_transport import api_key_for, classify, shared_client
 from fedtextgrad_core.llm.server_kind import probe_kind
 
 log = logging.getLogger(__name__)
@@ -172,10 +172,8 @@ class SurprisalClient:
         self._client = None
         self._api_key = ""
         if not self._state.unsupported:
-            import openai
-
             self._api_key = api_key_for(api_key_env, key_setting)
-            self._client = openai.OpenAI(base_url=base_url, api_key=self._api_key, timeout=timeout, max_retries=0)
+            self._client = shared_client(base_url, self._api_key)
 
     @classmethod
     def from_endpoint(cls, settings: EndpointSettings, key_setting: str = "server-api-key-env",
@@ -384,7 +382,7 @@ class SurprisalClient:
         assert self._client is not None  # built in __init__ for every endpoint that is asked
         try:
             response = self._client.completions.create(
-                model=self.model, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0)
+                model=self.model, prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0, timeout=self.timeout)
         except Exception as exc:
             error = classify(exc, self.base_url, self.model)
             if "logits_all" in str(error):  # llama-cpp-python answers HTTP 500 for this lasting condition

@@ -24,11 +24,18 @@ measured in the same run by bench_llama_server (same model, threads, slots, cont
 its prompt is a real feedback request of this run), and the step time the issue asks for:
 before / that gain.
 
+``--backward-server vllm`` makes the feedback server a real vLLM (``deploy/vllm-cpu.sh``, SmolLM2
+converted for it, float32 on this CPU): a server whose throughput grows with requests in flight,
+which a one-thread llama.cpp server on this CPU does not. Its busy requests come from
+``vllm:num_requests_running`` and its cache reuse from ``vllm:prefix_cache_hits`` over
+``vllm:prefix_cache_queries`` (tokens), both in its ``/metrics``.
+
 Clients run as threads of this process, so they share the per-endpoint limit
 ``llm-concurrency`` (set to ``--parallel``, the servers' slots); simulated ClientApps would each
 have their own. The reply cache is off. Not a timed test: a shared machine moves these figures.
 
     python -m tests.benchmarks.bench_real_round                                 # SmolLM2-135M on both servers
+    python -m tests.benchmarks.bench_real_round --phases local --backward-server vllm   # vLLM writes feedback
     python -m tests.benchmarks.bench_real_round --model qwen0.5b.gguf --backward-model qwen1.5b.gguf --repeats 1
 """
 
@@ -39,9 +46,10 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -57,9 +65,12 @@ from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.method.local_training import LocalResult, train_prompt
 from fedtextgrad_core.method.merging import merge_prompts
 from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.tools.endpoint_bench import EndpointBench
 from fedtextgrad_core.tools.serve import ServedModel, start_server
 from tests.benchmarks.bench_llama_server import bench_one_server
 from tests.support.llama_server import missing_requirement
+from tests.support.vllm_server import missing_requirement as vllm_missing
+from tests.support.vllm_server import start_vllm_server
 
 HERE = Path(__file__).resolve().parent
 SHARED_BBH = HERE.parents[2] / "shared" / "data" / "bbh"
@@ -71,12 +82,55 @@ PATHS = ("before", "after")
 # --------------------------------------------------------------------------- the servers' own counters
 
 
-class SlotSampler:
-    """Samples how many slots each server is processing, every ``every`` seconds, in a thread."""
+@dataclass
+class BenchServer:
+    """One server of a cell, whichever program serves it: ``serve`` (llama.cpp) or ``vllm``."""
 
-    def __init__(self, origins: dict[str, str], every: float):
-        self.origins, self.every = origins, every
-        self.samples: dict[str, list[tuple[float, int]]] = {name: [] for name in origins}
+    base_url: str
+    kind: str
+    pids: Callable[[], list[int]]  # the processes doing its work (vLLM's engine core is a child process)
+    stop: Callable[[], object]
+
+    @property
+    def origin(self) -> str:
+        return self.base_url.rsplit("/v1", 1)[0]
+
+
+def llama_server(model: str, alias: str, args: argparse.Namespace) -> BenchServer:
+    extra = [arg for param in ["endpoint_metrics=true", *args.llama_param] for arg in ("--llama-param", param)]
+    served: ServedModel = start_server(model, parallel=args.parallel, threads=args.threads, ctx=args.ctx,
+                                       alias=alias, quiet=True, extra_args=extra)
+    return BenchServer(served.base_url, "serve", lambda: [served.pid], served.stop)
+
+
+def vllm_server(alias: str, folder: Path) -> BenchServer:
+    served = start_vllm_server(folder, name=alias)
+    return BenchServer(served.base_url, "vllm", served.pids, served.stop)
+
+
+def metric_sums(text: str, prefix: str) -> dict[str, float]:
+    """Prometheus lines under ``prefix``, summed over their labels, by name without the prefix."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            key = name.split("{", 1)[0].removeprefix(prefix)
+            values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def busy_now(client: httpx.Client, server: BenchServer) -> int:
+    if server.kind == "vllm":
+        return round(metric_sums(client.get(f"{server.origin}/metrics").text, "vllm:")["num_requests_running"])
+    return sum(bool(slot.get("is_processing")) for slot in client.get(f"{server.origin}/slots").json())
+
+
+class SlotSampler:
+    """Samples how many requests each server is processing, every ``every`` seconds, in a thread."""
+
+    def __init__(self, servers: dict[str, BenchServer], every: float):
+        self.servers, self.every = servers, every
+        self.samples: dict[str, list[tuple[float, int]]] = {name: [] for name in servers}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="slot-sampler", daemon=True)
         self._client = httpx.Client(timeout=5.0)
@@ -92,11 +146,10 @@ class SlotSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name, origin in self.origins.items():
+            for name, server in self.servers.items():
                 try:
-                    slots = self._client.get(f"{origin}/slots").json()
-                    busy = sum(bool(slot.get("is_processing")) for slot in slots)
-                except (httpx.HTTPError, ValueError):
+                    busy = busy_now(self._client, server)
+                except (httpx.HTTPError, ValueError, KeyError):
                     continue
                 self.samples[name].append((time.monotonic(), busy))
             self._stop.wait(self.every)
@@ -110,20 +163,20 @@ class SlotSampler:
                 if counts else 0.0, "samples": len(counts)}
 
 
-def counters(origin: str) -> dict[str, float]:
-    """llama.cpp's ``/metrics`` counters (the server runs with ``endpoint_metrics=true``)."""
-    text = httpx.get(f"{origin}/metrics", timeout=10.0).text
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("llamacpp:"):
-            name, _, value = line.partition(" ")
-            values[name.removeprefix("llamacpp:")] = float(value)
-    return values
+def counters(server: BenchServer) -> dict[str, float]:
+    """Prompt tokens the server computed and took from its cache so far, from its ``/metrics``
+    (llama.cpp runs with ``endpoint_metrics=true``; vLLM counts cache queries and hits in tokens)."""
+    text = httpx.get(f"{server.origin}/metrics", timeout=10.0).text
+    if server.kind == "vllm":
+        values = metric_sums(text, "vllm:")
+        hits = values["prefix_cache_hits_total"]
+        return {"computed": values["prefix_cache_queries_total"] - hits, "cached": hits}
+    values = metric_sums(text, "llamacpp:")
+    return {"computed": values["prompt_tokens_total"], "cached": values["prompt_tokens_cached_total"]}
 
 
 def cache_reuse(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    computed = after["prompt_tokens_total"] - before["prompt_tokens_total"]
-    cached = after["prompt_tokens_cached_total"] - before["prompt_tokens_cached_total"]
+    computed, cached = after["computed"] - before["computed"], after["cached"] - before["cached"]
     return {"prompt_tokens_computed": computed, "prompt_tokens_cached": cached,
             "cached_share": cached / (computed + cached) if computed + cached else 0.0}
 
@@ -214,11 +267,14 @@ class PhaseResult:
     server_cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time each server process used
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far (Linux /proc): the work a server did, whatever else
-    competed for the cores meanwhile."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time of a server's processes so far (Linux /proc): the work it did, whatever
+    else competed for the cores meanwhile."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _usage_of(result: LocalResult) -> Usage:
@@ -227,20 +283,20 @@ def _usage_of(result: LocalResult) -> Usage:
 
 
 @contextmanager
-def measured(phase: str, path: str, repeat: int, servers: dict[str, ServedModel], sampler: SlotSampler,
+def measured(phase: str, path: str, repeat: int, servers: dict[str, BenchServer], sampler: SlotSampler,
              sent: Sent, out: list[PhaseResult]) -> Iterator[dict[str, Any]]:
     """Time a phase and read the servers' counters around it; the body fills ``acc``."""
-    origins = {name: s.base_url.rsplit("/v1", 1)[0] for name, s in servers.items()}
-    before = {name: counters(origin) for name, origin in origins.items()}
+    before = {name: counters(server) for name, server in servers.items()}
     first_call = len(sent.calls)
     acc: dict[str, Any] = {"usage": Usage(), "steps": 0, "step_seconds": 0.0, "accepted": 0, "reverted": 0,
                            "prompts": []}
     load = os.getloadavg()[0]
-    cpu = {name: cpu_seconds(server.pid) for name, server in servers.items()}
+    pids = {name: server.pids() for name, server in servers.items()}
+    cpu = {name: cpu_seconds(pids[name]) for name in servers}
     start = time.monotonic()
     yield acc
     end = time.monotonic()
-    cpu = {name: cpu_seconds(server.pid) - cpu[name] for name, server in servers.items()}
+    cpu = {name: cpu_seconds(pids[name]) - cpu[name] for name in servers}
     time.sleep(sampler.every)  # one more sample past the end
     usage: Usage = acc["usage"]
     result = PhaseResult(
@@ -248,7 +304,7 @@ def measured(phase: str, path: str, repeat: int, servers: dict[str, ServedModel]
         step_seconds=acc["step_seconds"], calls=usage.calls, prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens, accepted=acc["accepted"], reverted=acc["reverted"],
         busy={name: sampler.busy(name, start, end) for name in servers},
-        cache={name: cache_reuse(before[name], counters(origin)) for name, origin in origins.items()},
+        cache={name: cache_reuse(before[name], counters(server)) for name, server in servers.items()},
         feedback_in_flight=in_flight(sent.calls[first_call:], "feedback"), prompts=acc["prompts"],
         call_seconds=mean_seconds(sent.calls[first_call:]), load_1min=(load, os.getloadavg()[0]),
         server_cpu_seconds=cpu)
@@ -266,12 +322,12 @@ def phase_name(phase: str, args: argparse.Namespace) -> str:
 def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: list[PhaseResult]) -> str:
     """One phase of one path on freshly started servers; returns a feedback request it sent (for the
     server bench)."""
-    extra = [arg for param in ["endpoint_metrics=true", *args.llama_param] for arg in ("--llama-param", param)]
-    servers: dict[str, ServedModel] = {}
+    servers: dict[str, BenchServer] = {}
+    state = tempfile.TemporaryDirectory(prefix="bench-real-round-")
     try:
-        for name, model in (("forward", args.model), ("backward", args.backward_model)):
-            servers[name] = start_server(model, parallel=args.parallel, threads=args.threads, ctx=args.ctx,
-                                         alias=name, quiet=True, extra_args=extra)
+        servers["forward"] = llama_server(args.model, "forward", args)
+        servers["backward"] = (vllm_server("backward", Path(state.name)) if args.backward_server == "vllm"
+                               else llama_server(args.backward_model, "backward", args))
         config = {"task": args.task, "data-source": args.data_source, "seed": args.seed,
                   "local-steps": args.steps, "batch-size": args.batch_size, "max-val-examples": args.val_examples,
                   "llm-backend": "openai", "llm-base-url": servers["forward"].base_url, "llm-model": "forward",
@@ -283,7 +339,6 @@ def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: 
         local = replace(settings.local, sequential_feedback=path == "before")
         task = get_task(args.task)
         sent = Sent()
-        origins = {name: s.base_url.rsplit("/v1", 1)[0] for name, s in servers.items()}
 
         def engines() -> tuple[ChatEngine, ChatEngine]:
             return (sent.watch(make_engine(settings.forward)),
@@ -303,7 +358,7 @@ def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: 
             acc["prompts"].append(result.prompt)
 
         source = {"source": args.data_source, "seed": args.seed, "val_limit": args.val_examples}
-        with SlotSampler(origins, args.sample_every) as sampler:
+        with SlotSampler(servers, args.sample_every) as sampler:
             if phase == "local":
                 central = client_data("centralized", [args.task], 0, 1, **source)
                 with measured(phase_name(phase, args), path, repeat, servers, sampler, sent, out) as acc:
@@ -345,6 +400,7 @@ def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: 
     finally:
         for server in servers.values():
             server.stop()
+        state.cleanup()
 
 
 # --------------------------------------------------------------------------- report
@@ -401,8 +457,20 @@ def server_gain(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
     levels = sorted({1, args.batch_size, args.parallel})
     # a first, discarded level at full concurrency puts the prompt in every slot's cache, so no level
     # pays for its first requests' prompts and the others' not
-    rows = bench_one_server(args.backward_model, args.parallel, args.threads, args.ctx, [args.parallel, *levels],
-                            args.bench_requests, args.max_tokens, prompt, args.llama_param)[1:]
+    if args.backward_server == "vllm":
+        with tempfile.TemporaryDirectory(prefix="bench-real-round-") as folder:
+            server = vllm_server("backward", Path(folder))
+            try:
+                bench = EndpointBench(server.base_url, "backward", "unused", max_tokens=args.max_tokens,
+                                      prompt=prompt, timeout=600.0)
+                bench.check()
+                rows = [{"parallel": args.parallel, **bench.measure(level, args.bench_requests).__dict__}
+                        for level in [args.parallel, *levels]][1:]
+            finally:
+                server.stop()
+    else:
+        rows = bench_one_server(args.backward_model, args.parallel, args.threads, args.ctx, [args.parallel, *levels],
+                                args.bench_requests, args.max_tokens, prompt, args.llama_param)[1:]
     by_level = {r["concurrency"]: r["completion_tokens_per_s"] for r in rows}
     one = by_level.get(1) or 0.0
     return {"rows": rows, "tokens_per_s": by_level,
@@ -433,7 +501,7 @@ def report(args: argparse.Namespace, results: list[PhaseResult], gain: dict[str,
                   f"step {line['step_after_over_before']:.2f}x")
     target = None
     if gain is not None:
-        print("feedback server alone (bench_llama_server, same settings, a feedback request of this run as prompt): "
+        print(f"feedback server alone ({args.backward_server}, same settings, a feedback request of this run as prompt): "
               + ", ".join(f"{level} in flight {tps:.1f} tok/s" for level, tps in gain["tokens_per_s"].items() if tps))
         batch_gain = gain["gain"].get(args.batch_size)
         local = next((line for line in summary if line["phase"] == "centralized local phase"), None)
@@ -450,6 +518,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="the answering model: a GGUF file, or smollm2 (default)")
     parser.add_argument("--backward-model", default="", help="the feedback model (default: --model)")
+    parser.add_argument("--backward-server", choices=("serve", "vllm"), default="serve",
+                        help="what serves the feedback model: serve (llama.cpp, --backward-model; the default) or vllm "
+                             "(a real vLLM on SmolLM2, deploy/vllm-cpu.sh; installed and converted beforehand)")
     parser.add_argument("--threads", type=int, default=1, help="threads per server (default 1: two servers, 2 cores)")
     parser.add_argument("--parallel", type=int, default=4, help="slots per server, and llm-concurrency (default 4)")
     parser.add_argument("--ctx", type=int, default=4096, help="context per slot (default 4096)")
@@ -471,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=str(HERE / "bench_real_round.json"), help="JSON results ('' for none)")
     args = parser.parse_args(argv)
     args.backward_model = args.backward_model or args.model
-    reason = missing_requirement()
+    reason = missing_requirement() or (vllm_missing() if args.backward_server == "vllm" else "")
     if reason:
         raise SystemExit(f"cannot run real models here: {reason}")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

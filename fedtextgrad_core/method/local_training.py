@@ -54,8 +54,9 @@ class LocalSettings:
     constrained_updates: bool  # ask the server to constrain the optimizer's reply to a well-formed rewrite
     max_prompt_chars: int  # the longest rewrite asked for (the server refuses longer uploads)
     parser: str = "answer-line"  # how a reply's answer is read (data/tasks.py)
-    # TextGrad's own backward pass, one feedback call after another instead of overlapped:
-    # kept for the equivalence test and tests/benchmarks/bench_real_round.py
+    # TextGrad's own backward pass, one feedback call after another instead of side by side
+    # (the setting sequential-feedback): a server that gains nothing from requests in flight
+    # does the sequence faster (docs/performance.md)
     sequential_feedback: bool = False
 
 

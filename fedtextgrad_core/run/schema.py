@@ -332,6 +332,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(llama.cpp grammar, vLLM/SGLang regex, Ollama/OpenAI JSON schema) to a well-formed "
             "<IMPROVED_VARIABLE> rewrite; off: plain requests", choices=lambda: ("auto", "off"), who=NODE,
             section="local"),
+    Setting("sequential-feedback", "bool", False, "send a batch's feedback calls one after another, as "
+            "TextGrad does, instead of side by side up to llm-concurrency: faster on a server that gains nothing "
+            "from requests in flight (llama.cpp on one CPU thread); the feedback, rewrites and decisions are the "
+            "same either way", who=NODE, section="local"),
     # --- merging on the server ---
     Setting("merge", "choice", "summarize-uid", "how the server merges client prompts",
             choices=lambda: MERGE_METHODS, section="merge"),

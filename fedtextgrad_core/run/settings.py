@@ -90,6 +90,7 @@ class RunSettings:
     client_val_eval: bool
     test_prompts: tuple[str, ...]
     constrained_updates: str
+    sequential_feedback: bool
     # merging
     merge: str
     best_rule: str
@@ -142,7 +143,8 @@ class RunSettings:
         """What a client's local steps need."""
         return LocalSettings(steps=self.local_steps, batch_size=self.batch_size, keep_rule=self.keep_rule,
                              seed=self.seed, constrained_updates=self.constrained_updates == "auto",
-                             max_prompt_chars=self.max_prompt_chars, parser=self.answer_parser)
+                             max_prompt_chars=self.max_prompt_chars, parser=self.answer_parser,
+                             sequential_feedback=self.sequential_feedback)
 
     @property
     def robust(self) -> RobustSettings:

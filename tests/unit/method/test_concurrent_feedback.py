@@ -29,7 +29,7 @@ from fedtextgrad_core.llm.engine import ChatEngine, ChatFn
 from fedtextgrad_core.llm.textgrad_adapter import tg
 from fedtextgrad_core.method.judge import Judge
 from fedtextgrad_core.method.local_training import batches, train_prompt
-from fedtextgrad_core.run.settings import RunSettings
+from fedtextgrad_core.run.settings import RunSettings, client_settings
 from fedtextgrad_core.sim import SimLLM, approx_tokens
 from tests.support.concurrency_probe import InFlightProbe
 from tests.support.settings_helpers import endpoint, local
@@ -284,11 +284,14 @@ def test_the_feedback_calls_keep_to_llm_concurrency() -> None:
 
 @pytest.mark.parametrize("sequential, peak", [(False, 3), (True, 1)])
 def test_the_sequential_feedback_setting_chooses_the_path(sequential: bool, peak: int) -> None:
-    """The run setting (or a site's node config) reaches the local steps: one feedback call at a time
-    when it is true, the batch's three together when it is false."""
+    """The setting reaches the local steps, from a run config or from a site's node config over the
+    run's: one feedback call at a time when it is true, the batch's three together when it is false."""
     run = RunSettings.from_config({"sequential-feedback": sequential, "local-steps": 1, "batch-size": 3,
                                    "keep-rule": "reference", "seed": 1})
     assert run.local.sequential_feedback is sequential
+    site = client_settings({"sequential-feedback": not sequential},
+                           {"partition-id": 0, "num-partitions": 2, "sequential-feedback": sequential})
+    assert site.local.sequential_feedback is sequential
     probe = InFlightProbe(target=3)
     task = get_task("object_counting")
     train = load_splits(task.name, "synthetic", seed=0, synthetic_size=60).train

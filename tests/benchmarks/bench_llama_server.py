@@ -37,17 +37,22 @@ def bench_one_server(model: str, parallel: int, threads: int, ctx: int, levels: 
                      max_tokens: int, prompt: str, llama_params: list[str]) -> list[dict]:
     """One server with ``parallel`` slots, every concurrency level against it; one dict per cell."""
     extra = [arg for param in llama_params for arg in ("--llama-param", param)]
-    rows = []
     with serving(model, parallel=parallel, threads=threads, ctx=ctx, quiet=True, extra_args=extra) as server:
-        bench = EndpointBench(server.base_url, server.alias, "unused", max_tokens=max_tokens, prompt=prompt,
-                              timeout=600.0)
-        bench.check()  # one untimed request: warms the server and its prompt cache
-        for level in levels:
-            before = _load()
-            result: LevelResult = bench.measure(level, requests)
-            rows.append({"parallel": parallel, "load_1min": [before, _load()], **result.__dict__})
-            print(f"  parallel {parallel}, concurrency {level}: {result.completion_tokens_per_s or 0:.1f} tok/s, "
-                  f"{result.errors} errors", flush=True)
+        return bench_levels(server.base_url, server.alias, parallel, levels, requests, max_tokens, prompt)
+
+
+def bench_levels(base_url: str, model: str, parallel: int, levels: list[int], requests: int, max_tokens: int,
+                 prompt: str) -> list[dict]:
+    """Every concurrency level against a running server (any OpenAI-compatible one); one dict per cell."""
+    bench = EndpointBench(base_url, model, "unused", max_tokens=max_tokens, prompt=prompt, timeout=600.0)
+    bench.check()  # one untimed request: warms the server and its prompt cache
+    rows = []
+    for level in levels:
+        before = _load()
+        result: LevelResult = bench.measure(level, requests)
+        rows.append({"parallel": parallel, "load_1min": [before, _load()], **result.__dict__})
+        print(f"  parallel {parallel}, concurrency {level}: {result.completion_tokens_per_s or 0:.1f} tok/s, "
+              f"{result.errors} errors", flush=True)
     return rows
 
 

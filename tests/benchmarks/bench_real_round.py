@@ -65,9 +65,8 @@ from fedtextgrad_core.method.evaluation import evaluate_prompt
 from fedtextgrad_core.method.local_training import LocalResult, train_prompt
 from fedtextgrad_core.method.merging import merge_prompts
 from fedtextgrad_core.run.settings import RunSettings
-from fedtextgrad_core.tools.endpoint_bench import EndpointBench
 from fedtextgrad_core.tools.serve import ServedModel, start_server
-from tests.benchmarks.bench_llama_server import bench_one_server
+from tests.benchmarks.bench_llama_server import bench_levels, bench_one_server
 from tests.support.llama_server import missing_requirement
 from tests.support.vllm_server import missing_requirement as vllm_missing
 from tests.support.vllm_server import start_vllm_server
@@ -458,16 +457,10 @@ def server_gain(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
     # a first, discarded level at full concurrency puts the prompt in every slot's cache, so no level
     # pays for its first requests' prompts and the others' not
     if args.backward_server == "vllm":
-        with tempfile.TemporaryDirectory(prefix="bench-real-round-") as folder:
-            server = vllm_server("backward", Path(folder))
-            try:
-                bench = EndpointBench(server.base_url, "backward", "unused", max_tokens=args.max_tokens,
-                                      prompt=prompt, timeout=600.0)
-                bench.check()
-                rows = [{"parallel": args.parallel, **bench.measure(level, args.bench_requests).__dict__}
-                        for level in [args.parallel, *levels]][1:]
-            finally:
-                server.stop()
+        with tempfile.TemporaryDirectory(prefix="bench-real-round-") as folder, \
+                start_vllm_server(Path(folder), name="backward") as vllm:
+            rows = bench_levels(vllm.base_url, "backward", args.parallel, [args.parallel, *levels],
+                                args.bench_requests, args.max_tokens, prompt)[1:]
     else:
         rows = bench_one_server(args.backward_model, args.parallel, args.threads, args.ctx, [args.parallel, *levels],
                                 args.bench_requests, args.max_tokens, prompt, args.llama_param)[1:]

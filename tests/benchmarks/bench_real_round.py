@@ -163,7 +163,6 @@ class SlotSampler:
                 "peak": max(counts, default=0), "share_2_or_more": sum(n >= 2 for n in counts) / len(counts)
                 if counts else 0.0, "samples": len(counts)}
 
-
     def busy_during(self, name: str, spans: list[tuple[float, float]]) -> float:
         """Mean busy requests over the samples taken while one of ``spans`` was open."""
         counts = [n for t, n in self.samples[name] if any(s <= t <= e for s, e in spans)]
@@ -537,7 +536,7 @@ def report(args: argparse.Namespace, results: list[PhaseResult], gain: dict[str,
         if "seconds_after_over_before" in line:
             print(f"  after/before: wall {line['seconds_after_over_before']:.2f}x, "
                   f"step {line['step_after_over_before']:.2f}x")
-    target = feedback_target = reach = None
+    target = feedback_target = reach = realised = None
     if gain is not None:
         print(f"feedback server alone ({args.backward_server}, same settings, a feedback request of this run as prompt): "
               + ", ".join(f"{level} in flight {tps:.1f} tok/s" for level, tps in gain["tokens_per_s"].items() if tps))
@@ -564,7 +563,8 @@ def report(args: argparse.Namespace, results: list[PhaseResult], gain: dict[str,
     return {"benchmark": "real_round", "args": vars(args), "cpus": os.cpu_count(), "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": [asdict(r) for r in results],
             "medians": summary, "server_gain": gain, "target_step_seconds": target,
-            "feedback_target_step_seconds": feedback_target, "whole_step_reach": reach}
+            "feedback_target_step_seconds": feedback_target, "whole_step_reach": reach,
+            "feedback_gain_on_own_calls": realised}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -244,9 +244,8 @@ def covered(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def in_flight(calls: list[tuple[str, float, float]], kind: str) -> float:
-    """Mean calls of ``kind`` in flight while at least one was (client side)."""
-    spans = spans_of(calls, kind)
+def in_flight(spans: list[tuple[float, float]]) -> float:
+    """Mean calls in flight while at least one of ``spans`` was (client side)."""
     wall = covered(spans)
     return sum(e - s for s, e in spans) / wall if wall else 0.0
 
@@ -337,7 +336,7 @@ def measured(phase: str, path: str, repeat: int, servers: dict[str, BenchServer]
         completion_tokens=usage.completion_tokens, accepted=acc["accepted"], reverted=acc["reverted"],
         busy={name: sampler.busy(name, start, end) for name in servers},
         cache={name: cache_reuse(before[name], counters(server)) for name, server in servers.items()},
-        feedback_in_flight=in_flight(sent.calls[first_call:], "feedback"), prompts=acc["prompts"],
+        feedback_in_flight=in_flight(feedback), prompts=acc["prompts"],
         call_seconds=mean_seconds(sent.calls[first_call:]), load_1min=(load, os.getloadavg()[0]),
         server_cpu_seconds=cpu, feedback_seconds=covered(feedback),
         feedback_busy=sampler.busy_during("backward", feedback))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.bench_real_round import covered, in_flight, whole_step_reach
+from tests.benchmarks.bench_real_round import covered, in_flight, spans_of, whole_step_reach
 
 
 def test_covered_counts_overlapping_calls_once_and_gaps_not_at_all() -> None:
@@ -15,8 +15,8 @@ def test_covered_counts_overlapping_calls_once_and_gaps_not_at_all() -> None:
 
 def test_in_flight_is_call_seconds_over_wall_seconds_of_one_kind() -> None:
     calls = [("feedback", 0.0, 4.0), ("feedback", 0.0, 4.0), ("feedback", 2.0, 6.0), ("rewrite", 6.0, 9.0)]
-    assert in_flight(calls, "feedback") == pytest.approx(12.0 / 6.0)
-    assert in_flight(calls, "other") == 0.0
+    assert in_flight(spans_of(calls, "feedback")) == pytest.approx(12.0 / 6.0)
+    assert in_flight(spans_of(calls, "other")) == 0.0
 
 
 def test_whole_step_reach_shows_when_the_step_goal_cannot_be_met() -> None:

@@ -271,19 +271,30 @@ def _script_options(script: str) -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
 
 
+@cache
+def _benchmark_options(module: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, f"python -m {module} --help failed: {done.stderr}"
+    return set(re.findall(r"--[a-z][a-z0-9-]*", done.stdout))
+
+
 def _commands(text: str) -> list[tuple[str, str]]:
-    """(program, the rest of the line) of every `fedtextgrad ...` and `deploy/*.sh ...` in a page's code."""
+    """(program, the rest of the line) of every `fedtextgrad ...`, `deploy/*.sh ...` and
+    `python -m tests.benchmarks.* ...` in a page's code."""
     found = []
     for code in _code(text):
         for line in code.splitlines():
             line = line.split(" #", 1)[0]
-            for match in re.finditer(r"(?:^|[\s;&|(])(fedtextgrad|deploy/[a-z-]+\.sh)((?: [^;&|]*)?)", line):
+            for match in re.finditer(r"(?:^|[\s;&|(])(fedtextgrad|deploy/[a-z-]+\.sh|python -m tests\.benchmarks\.\w+)"
+                                     r"((?: [^;&|]*)?)", line):
                 found.append((match.group(1), match.group(2)))
     return found
 
 
 def wrong_options(text: str) -> list[str]:
-    """`fedtextgrad` commands and options, and `deploy/` scripts and options, that do not exist."""
+    """`fedtextgrad` commands and options, `deploy/` scripts and options, and benchmarks and their
+    options, that do not exist."""
     wrong = []
     for program, rest in _commands(text):
         words = rest.split()
@@ -300,6 +311,12 @@ def wrong_options(text: str) -> list[str]:
                     wrong.append(f"fedtextgrad {words[0]} (no such command)")
                 continue
             wrong += [f"fedtextgrad {command} {o}" for o in given - commands[command] - {"--help"}]
+        elif program.startswith("python -m "):
+            module = program.removeprefix("python -m ")
+            if not (ROOT / (module.replace(".", "/") + ".py")).exists():
+                wrong.append(f"{program} (no such benchmark)")
+                continue
+            wrong += [f"{program} {o}" for o in given - _benchmark_options(module) - {"--help"}]
         else:
             script = program.split("/", 1)[1]
             if not (ROOT / "deploy" / script).exists():
@@ -319,14 +336,19 @@ def test_the_checks_catch_wrong_names() -> None:
     """The checks above, fed a page with a mistake of each kind (and the same page put right)."""
     page = ("```bash\nflwr run . local --run-config \"merge='concat' llm-bakend='openai'\"\n"
             "fedtextgrad serve --model smollm2 --no-such-option 1\nfedtextgrad evaluate --task x\n"
-            "deploy/start-supernode.sh --partition-id 0 --no-such-flag\ndeploy/no-such-script.sh\n```\n"
+            "deploy/start-supernode.sh --partition-id 0 --no-such-flag\ndeploy/no-such-script.sh\n"
+            "python -m tests.benchmarks.bench_real_round --phases local --no-such-knob\n"
+            "python -m tests.benchmarks.bench_no_such_thing --repeats 1\n```\n"
             "Inline: `seed = 1`, `robust-margn=0.2`.\n")
     assert unknown_settings(page) == ["llm-bakend", "robust-margn"]
     assert wrong_options(page) == ["deploy/no-such-script.sh (no such script)", "deploy/start-supernode.sh --no-such-flag",
-                                   "fedtextgrad evaluate (no such command)", "fedtextgrad serve --no-such-option"]
+                                   "fedtextgrad evaluate (no such command)", "fedtextgrad serve --no-such-option",
+                                   "python -m tests.benchmarks.bench_no_such_thing (no such benchmark)",
+                                   "python -m tests.benchmarks.bench_real_round --no-such-knob"]
     right = (page.replace("llm-bakend", "llm-backend").replace("robust-margn", "robust-margin")
              .replace(" --no-such-option 1", "").replace("evaluate", "eval").replace(" --no-such-flag", "")
-             .replace("deploy/no-such-script.sh", "deploy/stop.sh"))
+             .replace("deploy/no-such-script.sh", "deploy/stop.sh").replace(" --no-such-knob", "")
+             .replace("bench_no_such_thing", "bench_real_round"))
     assert unknown_settings(right) == [] and wrong_options(right) == []
     with pytest.raises(ConfigError):
         schema.BY_KEY["merge"].read({"merge": "average"})
